@@ -1,0 +1,112 @@
+"""The one interface everything that answers goes through.
+
+The Discord layer, the console chat, the HTTP API and the demo talk to an
+:class:`Engine` and never to torch: :class:`bot.local_engine.LocalEngine`
+serves from the quantized model on this machine, and
+:class:`bot.openai_engine.OpenAIEngine` from any OpenAI-compatible server
+(vLLM with the adapter loaded as a LoRA module, or another Freeski bot's API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+Variant = Literal["base", "finetuned"]
+VARIANTS: tuple[Variant, ...] = ("base", "finetuned")
+
+
+class Message(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+# Called on the event loop with each newly generated piece of text (a delta).
+OnText = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One finished answer and what it cost."""
+
+    text: str
+    variant: Variant
+    finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0  # waiting for a batch slot
+    first_token_s: float | None = None  # request accepted → first text
+    total_s: float = 0.0  # request accepted → answer complete
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What ``/status`` shows and what the metrics endpoint exports."""
+
+    backend: str
+    model: str
+    adapter: str | None
+    device: str
+    ready: bool
+    queue_depth: int
+    queue_size: int
+    max_batch: int
+    batches_served: int
+    requests_served: int
+    tokens_generated: int
+    tokens_per_s: float  # over the recent window
+    uptime_s: float
+
+
+class EngineError(Exception):
+    """A request failed; the message is safe and useful to show the asking user."""
+
+
+class EngineBusy(EngineError):
+    """The queue is full: try again later. Carries a hint for ``Retry-After``."""
+
+    def __init__(self, retry_after_s: float, message: str | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message or f"I'm busy right now, try again in {retry_after_s:.0f} s.")
+
+
+class EngineTimeout(EngineError):
+    """The request was not answered before its deadline."""
+
+
+class EngineUnavailable(EngineError):
+    """The model or the inference server cannot be reached at all."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Answers chat messages with the base or the finetuned model."""
+
+    async def start(self) -> None:
+        """Load the model / open connections; idempotent."""
+
+    async def close(self) -> None:
+        """Stop taking work, end in-flight requests, release the model."""
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        variant: Variant = "finetuned",
+        max_new_tokens: int | None = None,
+        on_text: OnText | None = None,
+    ) -> Answer:
+        """Answer ``messages`` (oldest first) with one variant, streaming through ``on_text``."""
+
+    async def compare(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[Variant, str], None] | None = None,
+    ) -> tuple[Answer, Answer]:
+        """Base and finetuned answers to the same messages: ``(base, finetuned)``."""
+
+    def status(self) -> EngineStatus:
+        """A snapshot of the engine's health and counters; never blocks."""

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the inference path, shared by every engine.
+
+Defined once at import (prometheus-client registries reject duplicates), so
+engines, the API and the bot just update them; ``METRICS_PORT`` exposes them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_DEPTH = Gauge("freeski_queue_depth", "Requests waiting for the inference worker")
+BATCH_SIZE = Histogram(
+    "freeski_batch_size", "Rows per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+QUEUE_SECONDS = Histogram(
+    "freeski_queue_seconds",
+    "Time a request waited before its batch started",
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FIRST_TOKEN_SECONDS = Histogram(
+    "freeski_time_to_first_token_seconds",
+    "Time from accepting a request to its first streamed text",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+GENERATED_TOKENS = Counter("freeski_generated_tokens_total", "Tokens generated", ["variant"])
+TOKENS_PER_SECOND = Gauge(
+    "freeski_tokens_per_second", "Generation throughput over the recent window"
+)
+ANSWERS = Counter("freeski_answers_total", "Finished requests", ["variant", "outcome"])
+ERRORS = Counter("freeski_errors_total", "Errors by kind", ["kind"])
+GPU_MEMORY_BYTES = Gauge("freeski_gpu_memory_allocated_bytes", "CUDA memory allocated by torch")

@@ -1,0 +1,169 @@
+"""The bot's settings, read once from the environment and ``.env``.
+
+Everything is validated here, before torch or discord.py are imported, so a
+bad value stops ``python -m bot`` with one line that names the variable.
+Secrets (the Discord token, API keys) are kept out of ``repr`` and logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.env import (
+    env_bool,
+    env_float,
+    env_id_list,
+    env_int,
+    env_str,
+    load_env_file,
+)
+from finetune.errors import UserError
+
+DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+BACKENDS = ("local", "openai")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What answers: the local single-GPU worker or an OpenAI-compatible server."""
+
+    backend: str = "local"
+    base_model: str = DEFAULT_BASE_MODEL
+    adapter_path: Path | None = None
+    load_in_4bit: bool = True
+    max_batch: int = 8
+    queue_size: int = 64
+    batch_wait_ms: float = 5.0
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.15
+    request_timeout_s: float = 120.0
+    system_prompt: str = ""
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: str = field(default="", repr=False)
+    base_model_name: str = "base"
+    finetuned_model_name: str = "finetuned"
+
+    @classmethod
+    def from_env(cls) -> EngineSettings:
+        load_env_file()
+        backend = (env_str("INFERENCE_BACKEND", "local") or "local").lower()
+        if backend not in BACKENDS:
+            raise UserError(
+                f"INFERENCE_BACKEND={backend!r} is unknown: use one of {', '.join(BACKENDS)}"
+            )
+        base_model = env_str("BASE_MODEL", DEFAULT_BASE_MODEL) or DEFAULT_BASE_MODEL
+        if (
+            backend == "local"
+            and base_model.startswith((".", "/", "~"))
+            and not Path(base_model).expanduser().exists()
+        ):
+            raise UserError(
+                f"BASE_MODEL={base_model}: no such directory; point it at a model or use a Hugging Face id"
+            )
+        adapter = env_str("ADAPTER_PATH")
+        adapter_path = Path(adapter).expanduser() if adapter else None
+        if (
+            backend == "local"
+            and adapter_path is not None
+            and not (adapter_path / "adapter_config.json").is_file()
+        ):
+            raise UserError(
+                f"ADAPTER_PATH={adapter}: no adapter_config.json there; point it at a finetune run's adapter/ directory"
+            )
+        temperature = env_float("TEMPERATURE", cls.temperature, minimum=0.0)
+        top_p = env_float("TOP_P", cls.top_p, minimum=0.0)
+        if top_p > 1.0:
+            raise UserError(f"TOP_P={top_p} is too large: it must be between 0 and 1")
+        return cls(
+            backend=backend,
+            base_model=base_model,
+            adapter_path=adapter_path,
+            load_in_4bit=env_bool("LOAD_IN_4BIT", cls.load_in_4bit),
+            max_batch=env_int("MAX_BATCH", cls.max_batch, minimum=1),
+            queue_size=env_int("QUEUE_SIZE", cls.queue_size, minimum=1),
+            batch_wait_ms=env_float("BATCH_WAIT_MS", cls.batch_wait_ms, minimum=0.0),
+            max_new_tokens=env_int("MAX_NEW_TOKENS", cls.max_new_tokens, minimum=1),
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=env_float("REPETITION_PENALTY", cls.repetition_penalty, minimum=1.0),
+            request_timeout_s=env_float("REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1.0),
+            system_prompt=env_str("SYSTEM_PROMPT", "") or "",
+            openai_base_url=env_str("OPENAI_BASE_URL", cls.openai_base_url) or cls.openai_base_url,
+            openai_api_key=env_str("OPENAI_API_KEY", "") or "",
+            base_model_name=env_str("BASE_MODEL_NAME", cls.base_model_name) or cls.base_model_name,
+            finetuned_model_name=env_str("FINETUNED_MODEL_NAME", cls.finetuned_model_name)
+            or cls.finetuned_model_name,
+        )
+
+
+@dataclass(frozen=True)
+class BotSettings:
+    """The Discord side: who may ask, how often, and where commands are registered."""
+
+    discord_token: str = field(repr=False)
+    engine: EngineSettings
+    guild_id: int | None = None
+    rate_limit_per_minute: int = 6
+    max_question_chars: int = 1500
+    allowed_channel_ids: tuple[int, ...] = ()
+    allowed_role_ids: tuple[int, ...] = ()
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, *, require_token: bool = True) -> BotSettings:
+        load_env_file()
+        token = env_str("DISCORD_TOKEN", required=require_token) or ""
+        if token and (" " in token or len(token) < 20):
+            raise UserError(
+                "DISCORD_TOKEN does not look like a bot token: copy it from the Developer Portal's Bot page"
+            )
+        guild = env_str("DISCORD_GUILD_ID")
+        if guild is not None and not guild.isdigit():
+            raise UserError(
+                f"DISCORD_GUILD_ID={guild!r} is not a server id: use the numeric id, or leave it unset"
+            )
+        metrics_port = env_int("METRICS_PORT", 0, minimum=0) or None
+        log_level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise UserError(
+                f"LOG_LEVEL={log_level!r} is unknown: use DEBUG, INFO, WARNING or ERROR"
+            )
+        return cls(
+            discord_token=token,
+            engine=EngineSettings.from_env(),
+            guild_id=int(guild) if guild else None,
+            rate_limit_per_minute=env_int(
+                "RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, minimum=0
+            ),
+            max_question_chars=env_int("MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
+            allowed_channel_ids=tuple(env_id_list("ALLOWED_CHANNEL_IDS")),
+            allowed_role_ids=tuple(env_id_list("ALLOWED_ROLE_IDS")),
+            metrics_port=metrics_port,
+            log_level=log_level,
+        )
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The OpenAI-compatible HTTP API. Without a token it only listens on loopback."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str = field(default="", repr=False)
+    max_request_bytes: int = 64 * 1024
+    max_tokens_cap: int = 1024
+
+    @classmethod
+    def from_env(cls) -> ApiSettings:
+        load_env_file()
+        return cls(
+            host=env_str("API_HOST", cls.host) or cls.host,
+            port=env_int("API_PORT", cls.port, minimum=1),
+            token=env_str("API_TOKEN", "") or "",
+            max_request_bytes=env_int("API_MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
+            max_tokens_cap=env_int("API_MAX_TOKENS", cls.max_tokens_cap, minimum=1),
+        )

@@ -1,0 +1,106 @@
+"""Typed reads of environment variables (and ``.env``), failing with one clear line.
+
+Every package's settings go through these helpers so that a bad value always
+names the variable, what was found and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from finetune.errors import UserError
+
+_loaded = False
+
+
+def load_env_file(path: str | os.PathLike[str] | None = None) -> None:
+    """Load ``.env`` once; real environment variables always win over the file."""
+    global _loaded
+    if path is not None:
+        load_dotenv(path, override=False)
+        return
+    if not _loaded:
+        load_dotenv(override=False)
+        _loaded = True
+
+
+def env_str(name: str, default: str | None = None, *, required: bool = False) -> str | None:
+    value = os.environ.get(name, "").strip()
+    if value:
+        return value
+    if required:
+        raise UserError(
+            f"{name} is not set: set it in the environment or in .env (see .env.example)"
+        )
+    return default
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not a whole number: set it to e.g. {default}") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"{name}={value} is too small: it must be at least {minimum}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not a number: set it to e.g. {default}") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"{name}={value} is too small: it must be at least {minimum}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise UserError(f"{name}={raw!r} is not a yes/no value: use true or false")
+
+
+def env_list(name: str) -> list[str]:
+    """Comma-separated values, blanks dropped (for allow lists of ids)."""
+    raw = os.environ.get(name, "")
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def env_id_list(name: str) -> list[int]:
+    ids = []
+    for part in env_list(name):
+        if not part.isdigit():
+            raise UserError(
+                f"{name} holds {part!r}, which is not a Discord id: use numeric ids, comma-separated"
+            )
+        ids.append(int(part))
+    return ids
+
+
+def env_existing_path(name: str, default: str | None = None) -> Path | None:
+    value = env_str(name, default)
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise UserError(f"{name}={value}: no such file or directory; point it at an existing path")
+    return path

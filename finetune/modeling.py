@@ -1,0 +1,214 @@
+"""The one way every stage loads a base model, its tokenizer and a LoRA adapter.
+
+Training, evaluation, the demo and the bot's inference worker all call these
+functions, so the real Mistral-7B and the tiny test model go through exactly
+the same code: 4-bit NF4 with double quantization via bitsandbytes (or plain
+weights), the Mistral chat template, and PEFT adapters kept unmerged so one
+model can serve base and finetuned rows in one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported lazily: settings errors must not wait for it
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER_NAME = "finetuned"
+BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
+
+
+def _quiet_bitsandbytes() -> None:
+    """bitsandbytes logs a CPU-kernel warning on every import; keep user output clean."""
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def resolve_model_source(name_or_path: str | os.PathLike[str]) -> str:
+    """Return what ``from_pretrained`` should be given, or explain where we looked.
+
+    A local directory must hold a ``config.json``. A Hugging Face id is fine
+    online; offline it must already be in the local cache.
+    """
+    name = str(name_or_path).strip()
+    if not name:
+        raise UserError("no model given: pass a Hugging Face id or a local model directory")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json: is it a saved model?")
+        return str(path)
+    if _looks_like_path(name):
+        raise UserError(
+            f"model {name!r} not found: no such directory (looked at {path.resolve()}); "
+            "pass an existing model directory or a Hugging Face id like mistralai/Mistral-7B-Instruct-v0.2"
+        )
+    if hub_offline():
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise UserError(
+                f"model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                "and HF_HUB_OFFLINE=1 forbids downloading it: download it first "
+                "(huggingface-cli download), unset HF_HUB_OFFLINE, or pass a local directory"
+            )
+    return name
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str | None = None) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU.
+
+    On CPU fp32 is both the safest and, without AVX512-BF16, the fastest choice.
+    """
+    import torch
+
+    device = device or best_device()
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How to hold the frozen base weights."""
+
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+    def bnb_config(self, dtype: torch.dtype) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """Load a tokenizer ready for batched, left-padded generation and for training.
+
+    Mistral ships no pad token; padding with ``<unk>`` (never with ``</s>``)
+    keeps the trained end-of-sequence token out of the padding mask.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise UserError(f"tokenizer at {name_or_path} has no chat template: use an Instruct model")
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    quant: QuantOptions | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Load the frozen base, 4-bit NF4 by default, on the best device there is."""
+    source = resolve_model_source(name_or_path)
+    _quiet_bitsandbytes()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quant = quant if quant is not None else QuantOptions()
+    device = device or best_device()
+    dtype = dtype or compute_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = quant.bnb_config(dtype)
+    if device.startswith("cuda"):
+        kwargs["device_map"] = {"": torch.device(device).index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise UserError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from exc
+    if not device.startswith("cuda") and not quant.load_in_4bit:
+        model.to(device)
+    return model
+
+
+def attach_new_adapter(model: PreTrainedModel, lora_config: Any, name: str = DEFAULT_ADAPTER_NAME):
+    """Wrap ``model`` with a fresh, trainable LoRA adapter."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config, adapter_name=name)
+
+
+def load_adapter(
+    model: PreTrainedModel,
+    adapter_path: str | os.PathLike[str],
+    *,
+    name: str = DEFAULT_ADAPTER_NAME,
+    trainable: bool = False,
+) -> PeftModel:
+    """Attach a saved adapter, unmerged, so base and finetuned rows can share a batch."""
+    from peft import PeftModel
+
+    path = Path(adapter_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"no adapter at {path} (adapter_config.json missing): point it at a run's adapter/ directory"
+        )
+    peft_model = PeftModel.from_pretrained(
+        model, str(path), adapter_name=name, is_trainable=trainable
+    )
+    if not trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def load_for_inference(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str] | None = None,
+    *,
+    load_in_4bit: bool = True,
+    device: str | None = None,
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """Base model (+ adapter, unmerged, eval mode) and the tokenizer to prompt it with.
+
+    The tokenizer saved with the adapter wins: its chat template is the one the
+    adapter was trained with.
+    """
+    tokenizer_source = (
+        adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
+    )
+    tokenizer = load_tokenizer(tokenizer_source)
+    model = load_base_model(base, quant=QuantOptions(load_in_4bit=load_in_4bit), device=device)
+    if adapter:
+        model = load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer
