@@ -161,11 +161,40 @@ def load_base_model(
     return model
 
 
-def attach_new_adapter(model: PreTrainedModel, lora_config: Any, name: str = DEFAULT_ADAPTER_NAME):
+TRAINING_ADAPTER_NAME = "default"  # peft saves this name flat, other names in a subfolder
+
+
+def attach_new_adapter(model: PreTrainedModel, lora_config: Any) -> PeftModel:
     """Wrap ``model`` with a fresh, trainable LoRA adapter."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config, adapter_name=name)
+    return get_peft_model(model, lora_config, adapter_name=TRAINING_ADAPTER_NAME)
+
+
+def save_adapter(
+    peft_model: PeftModel,
+    out_dir: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Write a run's ``adapter/``: the adapter weights and config at the top, plus the tokenizer.
+
+    The tokenizer (with its chat template) travels with the adapter because it
+    is the prompt format the adapter was trained on.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(peft_model.peft_config)
+    if len(names) != 1:
+        raise ValueError(f"expected one adapter to save, found {names}")
+    peft_model.save_pretrained(str(out))
+    nested = out / names[0]
+    if names[0] != TRAINING_ADAPTER_NAME and nested.is_dir():
+        for item in nested.iterdir():
+            item.replace(out / item.name)
+        nested.rmdir()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
 
 
 def load_adapter(

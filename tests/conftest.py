@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny Mistral model and a LoRA adapter for it, built once per run.
+
+Nothing here touches a network: the Hub is forced offline before any Hugging
+Face library is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly built tiny Mistral (random weights, seed 0) with its tokenizer."""
+    from finetune.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with random (non-zero) weights, saved with the tokenizer like a run's adapter/.
+
+    Random B matrices make the finetuned variant differ from the base without training.
+    """
+    import torch
+    from peft import LoraConfig
+
+    from finetune.modeling import (
+        QuantOptions,
+        attach_new_adapter,
+        load_base_model,
+        load_tokenizer,
+        save_adapter,
+    )
+
+    torch.manual_seed(0)
+    model = load_base_model(tiny_model_dir, quant=QuantOptions(load_in_4bit=False))
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = attach_new_adapter(model, config)
+    with torch.no_grad():  # make the adapter's effect clearly visible in greedy output
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    return save_adapter(
+        peft_model, tmp_path_factory.mktemp("tiny-adapter"), load_tokenizer(tiny_model_dir)
+    )
