@@ -43,10 +43,12 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def resolve_model_source(name_or_path: str | os.PathLike[str]) -> str:
+def resolve_model_source(
+    name_or_path: str | os.PathLike[str], required_file: str = "config.json"
+) -> str:
     """Return what ``from_pretrained`` should be given, or explain where we looked.
 
-    A local directory must hold a ``config.json``. A Hugging Face id is fine
+    A local directory must hold ``required_file``. A Hugging Face id is fine
     online; offline it must already be in the local cache.
     """
     name = str(name_or_path).strip()
@@ -54,8 +56,8 @@ def resolve_model_source(name_or_path: str | os.PathLike[str]) -> str:
         raise UserError("no model given: pass a Hugging Face id or a local model directory")
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model directory {path} has no config.json: is it a saved model?")
+        if not (path / required_file).is_file():
+            raise UserError(f"{path} has no {required_file}: is it a saved model directory?")
         return str(path)
     if _looks_like_path(name):
         raise UserError(
@@ -65,7 +67,7 @@ def resolve_model_source(name_or_path: str | os.PathLike[str]) -> str:
     if hub_offline():
         from huggingface_hub import constants, try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, required_file)
         if not isinstance(cached, str):
             raise UserError(
                 f"model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
@@ -122,7 +124,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     """
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(name_or_path)
+    source = resolve_model_source(name_or_path, required_file="tokenizer_config.json")
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
