@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 from finetune.errors import UserError
 
@@ -17,13 +17,13 @@ _loaded = False
 
 
 def load_env_file(path: str | os.PathLike[str] | None = None) -> None:
-    """Load ``.env`` once; real environment variables always win over the file."""
+    """Load ``.env`` (from the working directory up) once; the real environment wins."""
     global _loaded
     if path is not None:
         load_dotenv(path, override=False)
         return
     if not _loaded:
-        load_dotenv(override=False)
+        load_dotenv(find_dotenv(usecwd=True), override=False)
         _loaded = True
 
 

@@ -1,0 +1,153 @@
+"""Bad or missing configuration stops the program with one line naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.settings import ApiSettings, BotSettings, EngineSettings
+from finetune.errors import UserError, cli_entry
+
+TOKEN = "x" * 24 + ".abcdef.ghijklmnopqrstuvwxyz"
+ALL_VARS = [
+    "DISCORD_TOKEN",
+    "DISCORD_GUILD_ID",
+    "BASE_MODEL",
+    "ADAPTER_PATH",
+    "LOAD_IN_4BIT",
+    "MAX_BATCH",
+    "QUEUE_SIZE",
+    "MAX_NEW_TOKENS",
+    "RATE_LIMIT_PER_MINUTE",
+    "TOP_P",
+    "INFERENCE_BACKEND",
+    "ALLOWED_CHANNEL_IDS",
+    "METRICS_PORT",
+    "LOG_LEVEL",
+    "API_PORT",
+    "TEMPERATURE",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Isolate from the developer's shell and from any .env in the checkout."""
+    for name in ALL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_load_with_a_token(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    settings = BotSettings.from_env()
+    assert settings.engine.max_batch == 8
+    assert settings.guild_id is None
+    assert TOKEN not in repr(settings), "the token must never appear in logs"
+
+
+def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DISCORD_TOKEN", TOKEN)
+    monkeypatch.setenv("DISCORD_GUILD_ID", "1234")
+    monkeypatch.setenv("MAX_BATCH", "16")
+    monkeypatch.setenv("LOAD_IN_4BIT", "false")
+    monkeypatch.setenv("ALLOWED_CHANNEL_IDS", "1, 2,3")
+    settings = BotSettings.from_env()
+    assert settings.guild_id == 1234
+    assert settings.engine.max_batch == 16
+    assert settings.engine.load_in_4bit is False
+    assert settings.allowed_channel_ids == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({}, "DISCORD_TOKEN is not set"),
+        ({"DISCORD_TOKEN": "short"}, "DISCORD_TOKEN does not look like"),
+        ({"DISCORD_TOKEN": TOKEN, "MAX_BATCH": "eight"}, "MAX_BATCH='eight' is not a whole number"),
+        ({"DISCORD_TOKEN": TOKEN, "MAX_BATCH": "0"}, "MAX_BATCH=0 is too small"),
+        ({"DISCORD_TOKEN": TOKEN, "LOAD_IN_4BIT": "maybe"}, "LOAD_IN_4BIT='maybe' is not a yes/no"),
+        (
+            {"DISCORD_TOKEN": TOKEN, "BASE_MODEL": "./no/such/model"},
+            "BASE_MODEL=./no/such/model: no such",
+        ),
+        (
+            {"DISCORD_TOKEN": TOKEN, "ADAPTER_PATH": "/nonexistent/adapter"},
+            "ADAPTER_PATH=/nonexistent",
+        ),
+        ({"DISCORD_TOKEN": TOKEN, "DISCORD_GUILD_ID": "my-server"}, "DISCORD_GUILD_ID='my-server'"),
+        ({"DISCORD_TOKEN": TOKEN, "TOP_P": "1.5"}, "TOP_P=1.5 is too large"),
+        (
+            {"DISCORD_TOKEN": TOKEN, "INFERENCE_BACKEND": "tpu"},
+            "INFERENCE_BACKEND='tpu' is unknown",
+        ),
+        (
+            {"DISCORD_TOKEN": TOKEN, "ALLOWED_CHANNEL_IDS": "general"},
+            "ALLOWED_CHANNEL_IDS holds 'general'",
+        ),
+        ({"DISCORD_TOKEN": TOKEN, "LOG_LEVEL": "loud"}, "LOG_LEVEL='LOUD' is unknown"),
+    ],
+)
+def test_bad_config_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, env: dict, needle: str):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as info:
+        BotSettings.from_env()
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_token_read_from_dotenv_but_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    import finetune.env
+
+    (tmp_path / ".env").write_text(f"DISCORD_TOKEN={TOKEN}\nMAX_BATCH=3\n")
+    monkeypatch.setenv("MAX_BATCH", "5")
+    monkeypatch.setattr(finetune.env, "_loaded", False)
+    settings = BotSettings.from_env()
+    assert settings.discord_token == TOKEN
+    assert settings.engine.max_batch == 5
+
+
+def test_api_and_engine_settings_read_their_variables(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("API_PORT", "9001")
+    monkeypatch.setenv("INFERENCE_BACKEND", "openai")
+    assert ApiSettings.from_env().port == 9001
+    assert EngineSettings.from_env().backend == "openai"
+
+
+def test_cli_entry_reports_user_errors_without_traceback(capsys: pytest.CaptureFixture[str]):
+    @cli_entry
+    def main() -> int:
+        raise UserError("MAX_BATCH='x' is not a whole number: set it to e.g. 8")
+
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert err == "error: MAX_BATCH='x' is not a whole number: set it to e.g. 8\n"
+
+
+def test_cli_bad_option_value_exits_with_one_line(tmp_path: Path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune",
+            "tiny-model",
+            "--out",
+            str(tmp_path),
+            "--hidden-size",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "error: hidden size 100 is not a multiple of 32 (bitsandbytes' CPU kernel needs it)"
+    ]
