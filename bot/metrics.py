@@ -6,7 +6,11 @@ engines, the API and the bot just update them; ``METRICS_PORT`` exposes them.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from bot.engine import Answer, EngineBusy, EngineTimeout, EngineUnavailable
 
 QUEUE_DEPTH = Gauge("freeski_queue_depth", "Requests waiting for the inference worker")
 BATCH_SIZE = Histogram(
@@ -29,3 +33,24 @@ TOKENS_PER_SECOND = Gauge(
 ANSWERS = Counter("freeski_answers_total", "Finished requests", ["variant", "outcome"])
 ERRORS = Counter("freeski_errors_total", "Errors by kind", ["kind"])
 GPU_MEMORY_BYTES = Gauge("freeski_gpu_memory_allocated_bytes", "CUDA memory allocated by torch")
+
+
+def outcome_of(result: Answer | BaseException) -> str:
+    """The ``outcome`` label of :data:`ANSWERS` for a request that ended with ``result``.
+
+    An answer is labelled by how it finished (``stop``, ``length``,
+    ``cancelled``), as the local worker does; a failure by its kind (``busy``,
+    ``timeout``, ``unavailable``, ``cancelled``, ``error``). One mapping for
+    every engine, so a dashboard reads the same whichever backend answers.
+    """
+    if isinstance(result, Answer):
+        return result.finish_reason
+    if isinstance(result, EngineBusy):
+        return "busy"
+    if isinstance(result, EngineTimeout):
+        return "timeout"
+    if isinstance(result, EngineUnavailable):
+        return "unavailable"
+    if isinstance(result, asyncio.CancelledError):
+        return "cancelled"
+    return "error"

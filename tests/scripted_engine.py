@@ -1,0 +1,128 @@
+"""A scripted :class:`~bot.engine.Engine` for testing what sits on top of engines.
+
+Its answers are words derived from the question, streamed one per step, so a
+test can tell which question and which variant an answer belongs to without
+a model. Failures are queued up front and raised by the next requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from bot.engine import VARIANTS, Answer, EngineStatus, EngineUnavailable, Message, OnText, Variant
+
+
+def scripted_words(messages: Sequence[Message], variant: Variant) -> list[str]:
+    """The full answer, word by word: the variant's name, then the last question's words."""
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    words = question.split() or ["nothing"]
+    if variant == "finetuned":
+        words = list(reversed(words))
+    return [f"{variant}:", *words, "end."]
+
+
+class ScriptedEngine:
+    backend = "scripted"
+
+    def __init__(self, *, step_s: float = 0.0, max_new_tokens: int = 64) -> None:
+        self.step_s = step_s
+        self.max_new_tokens = max_new_tokens
+        self.failures: list[BaseException] = []  # raised by the next requests, first first
+        self.fail_after_words: tuple[int, BaseException] | None = None
+        self.requests: list[tuple[Variant, list[Message], int | None]] = []
+        self.cancelled = 0
+        self.in_flight = 0
+        self.ready = False
+        self._served = 0
+        self._tokens = 0
+        self._started_at = time.monotonic()
+
+    async def start(self) -> None:
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        variant: Variant = "finetuned",
+        max_new_tokens: int | None = None,
+        on_text: OnText | None = None,
+    ) -> Answer:
+        if not self.ready:
+            raise EngineUnavailable("The scripted engine is stopped.")
+        self.requests.append((variant, list(messages), max_new_tokens))
+        if self.failures:
+            raise self.failures.pop(0)
+        started = time.monotonic()
+        limit = max_new_tokens or self.max_new_tokens
+        words = scripted_words(messages, variant)
+        pieces = [word if i == 0 else f" {word}" for i, word in enumerate(words[:limit])]
+        first_token_s = None
+        self.in_flight += 1
+        try:
+            for i, piece in enumerate(pieces):
+                await asyncio.sleep(self.step_s)
+                if self.fail_after_words and i == self.fail_after_words[0]:
+                    raise self.fail_after_words[1]
+                if first_token_s is None:
+                    first_token_s = time.monotonic() - started
+                if on_text is not None:
+                    on_text(piece)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+        self._served += 1
+        self._tokens += len(pieces)
+        return Answer(
+            text="".join(pieces),
+            variant=variant,
+            finish_reason="length" if len(words) > limit else "stop",
+            prompt_tokens=sum(len(m["content"].split()) for m in messages),
+            completion_tokens=len(pieces),
+            first_token_s=first_token_s,
+            total_s=time.monotonic() - started,
+        )
+
+    async def compare(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[Variant, str], None] | None = None,
+    ) -> tuple[Answer, Answer]:
+        base, finetuned = await asyncio.gather(
+            *(
+                self.generate(
+                    messages,
+                    variant=variant,
+                    max_new_tokens=max_new_tokens,
+                    on_text=None if on_text is None else (lambda t, v=variant: on_text(v, t)),
+                )
+                for variant in VARIANTS
+            )
+        )
+        return base, finetuned
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            backend=self.backend,
+            model="scripted-base",
+            adapter="scripted-adapter",
+            device="none",
+            ready=self.ready,
+            queue_depth=self.in_flight,
+            queue_size=64,
+            max_batch=8,
+            batches_served=self._served,
+            requests_served=self._served,
+            tokens_generated=self._tokens,
+            tokens_per_s=0.0,
+            uptime_s=time.monotonic() - self._started_at,
+        )
