@@ -1,0 +1,261 @@
+"""``python -m crawl``: crawl a forum into a store, build the Q/A dataset, serve the sample forum.
+
+python -m crawl fetch [--forum-url URL] --db FILE [--max-threads N] [--pages-per-thread 10]
+                      [--concurrency 4] [--delay SECONDS] [--refresh]
+python -m crawl dataset --db FILE --out DIR [--test-fraction 0.1] [--seed 0]
+                        [--min-answer-chars N] [--max-chars N] [--tokenizer NAME_OR_DIR]
+python -m crawl serve-sample [--host 127.0.0.1] [--port 0] [--dir DIR]
+
+The option names are a stable interface: operators' scripts depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from crawl.errors import CrawlError, cli_entry
+from crawl.fetcher import DEFAULT_USER_AGENT, FetchOptions
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error: …`` line like every other failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CrawlError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from crawl.newschoolers import DEFAULT_FORUM_URL
+    from crawl.site import SITES
+
+    parser = _Parser(prog="python -m crawl", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser("fetch", help="crawl a forum into a SQLite store (resumable)")
+    fetch.add_argument(
+        "--forum-url",
+        default=DEFAULT_FORUM_URL,
+        help="the forum's first listing page (default: %(default)s)",
+    )
+    fetch.add_argument(
+        "--db", required=True, type=Path, help="the SQLite store to write (created if missing)"
+    )
+    fetch.add_argument(
+        "--max-threads", type=_positive_int, help="stop after this many threads (default: all)"
+    )
+    fetch.add_argument(
+        "--pages-per-thread",
+        type=_positive_int,
+        default=10,
+        help="pages to fetch per thread (default: %(default)s)",
+    )
+    fetch.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        help="requests in flight at most (default: %(default)s)",
+    )
+    fetch.add_argument(
+        "--delay",
+        type=_seconds,
+        default=1.0,
+        help="seconds between requests to the host; robots.txt Crawl-delay wins when longer (default: %(default)s)",
+    )
+    fetch.add_argument(
+        "--refresh",
+        action="store_true",
+        help="fetch pages again even if the store has them (conditional requests)",
+    )
+    fetch.add_argument(
+        "--user-agent",
+        default=DEFAULT_USER_AGENT,
+        help="User-Agent header, also matched against robots.txt",
+    )
+    fetch.add_argument(
+        "--timeout", type=_seconds, default=30.0, help="seconds per request (default: %(default)s)"
+    )
+    fetch.add_argument(
+        "--max-tries",
+        type=_positive_int,
+        default=5,
+        help="tries per page before it is recorded as failed (default: %(default)s)",
+    )
+    fetch.add_argument(
+        "--site",
+        choices=sorted(SITES),
+        default="newschoolers",
+        help="the site module that parses the pages (default: %(default)s)",
+    )
+
+    dataset = commands.add_parser(
+        "dataset", help="build train.jsonl / test.jsonl / stats.json from a store"
+    )
+    dataset.add_argument("--db", required=True, type=Path, help="the store `fetch` wrote")
+    dataset.add_argument(
+        "--out", required=True, type=Path, help="directory for train.jsonl, test.jsonl, stats.json"
+    )
+    dataset.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of threads in test.jsonl (default: %(default)s)",
+    )
+    dataset.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    dataset.add_argument(
+        "--min-answer-chars",
+        type=_positive_int,
+        default=20,
+        help="drop shorter answers (default: %(default)s)",
+    )
+    dataset.add_argument(
+        "--max-chars",
+        type=_positive_int,
+        default=4000,
+        help="drop longer answers and prompts (default: %(default)s)",
+    )
+    dataset.add_argument(
+        "--tokenizer", help="tokenizer name or directory for token-length stats (optional)"
+    )
+
+    serve = commands.add_parser(
+        "serve-sample", help="serve the bundled sample forum on a local port"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=0, help="port, 0 for any free one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--dir",
+        type=Path,
+        help="a directory of pages in the sample layout (default: the bundled forum)",
+    )
+    return parser
+
+
+def fetch_main(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from crawl.crawler import CrawlOptions, crawl
+    from crawl.site import get_site
+    from crawl.store import Store
+
+    fetch_options = FetchOptions(
+        user_agent=args.user_agent,
+        concurrency=args.concurrency,
+        delay=args.delay,
+        timeout=args.timeout,
+        max_tries=args.max_tries,
+    )
+    options = CrawlOptions(
+        forum_url=args.forum_url,
+        max_threads=args.max_threads,
+        pages_per_thread=args.pages_per_thread,
+        refresh=args.refresh,
+    )
+    with Store.open(args.db) as store, logging_redirect_tqdm():
+        summary = asyncio.run(crawl(get_site(args.site), store, options, fetch_options))
+        counts = store.counts()
+    print(summary.describe())
+    print(
+        f"store {args.db}: {counts['threads']} threads, {counts['posts']} posts, {counts['pages']} pages"
+    )
+    return 0
+
+
+def dataset_main(args: argparse.Namespace) -> int:
+    from crawl.dataset import DatasetOptions, build_dataset
+
+    options = DatasetOptions(
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        min_answer_chars=args.min_answer_chars,
+        max_chars=args.max_chars,
+        tokenizer=args.tokenizer,
+    )
+    stats = build_dataset(args.db, args.out, options)
+    dropped = ", ".join(f"{rule} {n}" for rule, n in stats["dropped"].items() if n) or "none"
+    print(
+        f"wrote {stats['rows']} rows from {stats['threads']} threads to {args.out} "
+        f"(train {stats['splits']['train']['rows']}, test {stats['splits']['test']['rows']}); "
+        f"dropped: {dropped}"
+    )
+    return 0
+
+
+def serve_sample_main(args: argparse.Namespace) -> int:
+    from crawl.sample_site import SAMPLE_FORUM_DIR, first_listing_path, serve_forum
+
+    root = args.dir or SAMPLE_FORUM_DIR
+    try:
+        listing = first_listing_path(root)
+    except FileNotFoundError as exc:
+        raise CrawlError(f"--dir: {exc}") from None
+
+    async def serve() -> None:
+        try:
+            async with serve_forum(root, host=args.host, port=args.port) as base_url:
+                print(f"serving sample forum at {base_url}{listing}", flush=True)
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                await stop.wait()
+        except OSError as exc:
+            raise CrawlError(
+                f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})"
+            ) from None
+
+    asyncio.run(serve())
+    return 0
+
+
+COMMANDS = {"fetch": fetch_main, "dataset": dataset_main, "serve-sample": serve_sample_main}
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The crawl: walk a forum's listing, then each thread's pages, storing everything as it arrives.
+
+One producer walks the listing pages in order (so thread ranks, and therefore
+``--max-threads``, mean the same on every run); ``concurrency`` workers take
+threads from a queue and walk their pages one after the other. Before any
+request the store is asked whether the page is already settled: that check is
+the whole of resuming, and it makes a rerun of a finished crawl cost no
+request but robots.txt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit, urlunsplit
+
+from tqdm import tqdm
+
+from crawl.errors import CrawlError
+from crawl.fetcher import Fetcher, FetchOptions, FetchResult
+from crawl.site import ForumSite, ParseError
+from crawl.store import PageRecord, Store, ThreadRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CrawlOptions:
+    forum_url: str
+    max_threads: int | None = None
+    pages_per_thread: int = 10
+    refresh: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+@dataclass
+class CrawlSummary:
+    """What one run did; ``describe()`` is the end-of-crawl report."""
+
+    threads: int = 0
+    thread_states: dict[str, int] = field(default_factory=dict)
+    pages_fetched: int = 0
+    pages_from_store: int = 0
+    errors: int = 0
+    requests: int = 0
+    max_in_flight: int = 0
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(self.thread_states.items())) or "none"
+        rate = self.pages_fetched / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"crawled {self.threads} threads ({states}); {self.pages_fetched} pages fetched, "
+            f"{self.pages_from_store} already in the store, {self.errors} errors; "
+            f"{self.requests} requests in {self.seconds:.1f} s ({rate:.1f} pages/s)"
+        )
+
+
+def url_rebaser(site: ForumSite, forum_url: str):
+    """Map a link onto the crawled host: the site's canonical hosts become ``forum_url``'s,
+    so a mirror or a local copy is crawled exactly like the site. Off-site links give None."""
+    base = urlsplit(forum_url)
+
+    def rebase(url: str) -> str | None:
+        parts = urlsplit(url)
+        if parts.netloc != base.netloc and parts.hostname not in site.canonical_hosts:
+            return None
+        return urlunsplit((base.scheme, base.netloc, parts.path, parts.query, ""))
+
+    return rebase
+
+
+async def crawl(
+    site: ForumSite, store: Store, options: CrawlOptions, fetch_options: FetchOptions
+) -> CrawlSummary:
+    """Crawl ``options.forum_url`` into ``store``; raises CrawlError for a forum URL it cannot use."""
+    try:
+        forum = site.check_forum_url(options.forum_url)
+    except ValueError as exc:
+        raise CrawlError(f"--forum-url: {exc}") from None
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(options.forum_url))
+    async with Fetcher.open(origin, fetch_options, url_rebaser(site, options.forum_url)) as fetcher:
+        return await Crawler(site, store, fetcher, options, forum).run()
+
+
+class Crawler:
+    def __init__(
+        self, site: ForumSite, store: Store, fetcher: Fetcher, options: CrawlOptions, forum: str
+    ) -> None:
+        self.site = site
+        self.store = store
+        self.fetcher = fetcher
+        self.options = options
+        self.forum = forum
+        self.rebase = url_rebaser(site, options.forum_url)
+        self.summary = CrawlSummary()
+        self._bar: tqdm | None = None
+
+    async def run(self) -> CrawlSummary:
+        started = time.monotonic()
+        workers = max(1, self.fetcher.options.concurrency)
+        queue: asyncio.Queue[ThreadRow | None] = asyncio.Queue(maxsize=2 * workers)
+        self._bar = tqdm(
+            total=0, unit="thread", desc="threads", disable=_bar_disabled(self.options.progress)
+        )
+        tasks = [asyncio.create_task(self._walk_listing(queue, workers))]
+        tasks += [asyncio.create_task(self._work(queue)) for _ in range(workers)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._bar.close()
+            self.summary.seconds = time.monotonic() - started
+            self.summary.requests = self.fetcher.requests
+            self.summary.max_in_flight = self.fetcher.max_in_flight
+        return self.summary
+
+    # --- listing -------------------------------------------------------------------
+    async def _walk_listing(self, queue: asyncio.Queue[ThreadRow | None], workers: int) -> None:
+        limit = self.options.max_threads
+        seen: set[str] = set()
+        number = 1
+        while limit is None or len(seen) < limit:
+            url = self.site.listing_url(self.options.forum_url, number)
+            record = await self._listing_page(url, number)
+            if record.state != "ok":
+                break
+            for thread in self.store.listed_threads(url):
+                if thread.id in seen or (limit is not None and len(seen) >= limit):
+                    continue
+                seen.add(thread.id)
+                self._bar.total += 1
+                self._bar.refresh()
+                await queue.put(thread)
+            if not record.has_next:
+                break
+            number += 1
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def _listing_page(self, url: str, number: int) -> PageRecord:
+        stored = self.store.page(url)
+        if stored is not None and stored.settled and not self.options.refresh:
+            self.summary.pages_from_store += 1
+            return stored
+        result = await self._fetch(url, stored)
+        if result.state == "not_modified" and stored is not None:
+            self.store.save_page(stored)
+            return stored
+        record = PageRecord(
+            url=url, kind="listing", number=number, state=result.state, status=result.status,
+            etag=result.etag, last_modified=result.last_modified, attempts=result.attempts,
+            error=result.error,
+        )  # fmt: skip
+        if result.state != "ok":
+            self._error(record)
+            self.store.save_page(record)
+            return record
+        try:
+            listing = self.site.parse_listing(result.text, result.final_url)
+        except ParseError as exc:
+            record = replace(record, state="parse_error", error=str(exc))
+            self._error(record)
+            self.store.save_page(record)
+            return record
+        links = []
+        for link in listing.threads:
+            on_host = self.rebase(link.url)
+            if on_host is not None:
+                links.append((link, on_host))
+        record = replace(record, has_next=listing.has_next)
+        self.store.save_listing(record, self.forum, links)
+        return record
+
+    # --- threads -------------------------------------------------------------------
+    async def _work(self, queue: asyncio.Queue[ThreadRow | None]) -> None:
+        while (thread := await queue.get()) is not None:
+            state = await self._crawl_thread(thread)
+            self.store.set_thread_state(thread.id, state)
+            self.summary.threads += 1
+            self.summary.thread_states[state] = self.summary.thread_states.get(state, 0) + 1
+            self._bar.update(1)
+            self._bar.set_postfix(
+                pages=self.summary.pages_fetched,
+                stored=self.summary.pages_from_store,
+                errors=self.summary.errors,
+                refresh=False,
+            )
+
+    async def _crawl_thread(self, thread: ThreadRow) -> str:
+        """Walk one thread's pages; returns its crawl state."""
+        first_url = thread.url
+        for number in range(1, self.options.pages_per_thread + 1):
+            url = self.site.thread_url(first_url, number)
+            record = await self._thread_page(thread, url, number)
+            if number == 1 and record.state == "ok":
+                first_url = self.store.thread(thread.id).url  # moved, if page 1 redirected
+            if record.state == "not_found":
+                return "not_found" if number == 1 else "done"
+            if record.state == "disallowed":
+                return "disallowed" if number == 1 else "partial"
+            if record.state != "ok":
+                return "error"
+            if not record.has_next:
+                return "done"
+        return "partial"  # more pages than --pages-per-thread
+
+    async def _thread_page(self, thread: ThreadRow, url: str, number: int) -> PageRecord:
+        stored = self.store.page(url)
+        if stored is not None and stored.settled and not self.options.refresh:
+            self.summary.pages_from_store += 1
+            return stored
+        result = await self._fetch(url, stored)
+        if result.state == "not_modified" and stored is not None:
+            self.store.save_page(stored)
+            return stored
+        record = PageRecord(
+            url=url, kind="thread", thread_id=thread.id, number=number, state=result.state,
+            status=result.status, etag=result.etag, last_modified=result.last_modified,
+            attempts=result.attempts, error=result.error,
+        )  # fmt: skip
+        if result.state != "ok":
+            if result.state not in ("disallowed", "not_found") or number == 1:
+                self._error(record)
+            self.store.save_thread_page(record, None)
+            return record
+        try:
+            page = self.site.parse_thread(result.text, result.final_url)
+            if page.thread_id != thread.id:
+                raise ParseError(f"the page is thread {page.thread_id}, not {thread.id}")
+        except ParseError as exc:
+            record = replace(record, state="parse_error", error=str(exc))
+            self._error(record)
+            self.store.save_thread_page(record, None)
+            return record
+        moved = None
+        if number == 1 and result.final_url != url:
+            moved = urlunsplit(urlsplit(result.final_url)._replace(query="", fragment=""))
+        record = replace(record, has_next=page.has_next)
+        self.store.save_thread_page(record, page, thread_url=moved)
+        return record
+
+    async def _fetch(self, url: str, stored: PageRecord | None) -> FetchResult:
+        conditional = stored is not None and stored.state == "ok"
+        result = await self.fetcher.fetch(
+            url,
+            etag=stored.etag if conditional else None,
+            last_modified=stored.last_modified if conditional else None,
+        )
+        if result.state != "disallowed":
+            self.summary.pages_fetched += 1
+        return result
+
+    def _error(self, record: PageRecord) -> None:
+        if record.state == "disallowed":
+            log.info("skipped (robots.txt): %s", record.url)
+            return
+        self.summary.errors += 1
+        log.warning("%s: %s: %s", record.state, record.url, record.error)
+
+
+def _bar_disabled(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress

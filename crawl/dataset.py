@@ -1,0 +1,273 @@
+"""The question/answer dataset: store → cleaned prompt/completion rows → train/test JSONL + stats.
+
+One thread gives one prompt (its title and opening post) and one row per reply
+that answers it. The split is by thread, so no question is seen in training
+and then tested on; which split a thread lands in depends only on the seed and
+its id, so crawling more threads later moves none of the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from crawl.clean import EDITS, clean_text, content_drop, normalise, repeats
+from crawl.errors import CrawlError
+from crawl.store import Store, StoredPost, ThreadRow
+
+# Drop rules in the order they are tried; stats.json lists every one, zero or not.
+DROP_RULES = (
+    "deleted",
+    "empty",
+    "image_only",
+    "url_only",
+    "emoji_only",
+    "too_short",
+    "too_long",
+    "repeats_question",
+    "by_question_author",
+    "duplicate",
+    "near_duplicate",
+    "prompt_too_long",
+)
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    test_fraction: float = 0.1
+    seed: int = 0
+    min_answer_chars: int = 20
+    max_chars: int = 4000
+    tokenizer: str | None = None
+
+
+class _Builder:
+    """Turns threads into rows, keeping the counts stats.json reports."""
+
+    def __init__(self, store: Store, options: DatasetOptions) -> None:
+        self.store = store
+        self.options = options
+        self.dropped: Counter[str] = Counter({rule: 0 for rule in DROP_RULES})
+        self.edited: Counter[str] = Counter({name: 0 for name, _ in EDITS})
+        self.seen_exact: set[str] = set()
+        self.seen_near: set[str] = set()
+        self.threads = 0
+        self.posts = 0
+        self.quote_context = 0
+
+    def rows(self, thread: ThreadRow, posts: list[StoredPost]) -> list[dict]:
+        self.threads += 1
+        self.posts += len(posts)
+        opening, replies = posts[0], posts[1:]
+        question = self._clean(opening).text if not opening.deleted else ""
+        title = thread.title.strip()
+        base_prompt = f"{title}\n\n{question}" if question else title
+        by_id = {post.id: post for post in posts}
+        rows = []
+        for reply in replies:
+            reason, answer = self._answer(reply, base_prompt, opening)
+            if reason is None:
+                prompt = base_prompt + self._quote_context(reply, opening, by_id)
+                if len(prompt) > self.options.max_chars:
+                    reason = "prompt_too_long"
+            if reason is not None:
+                self.dropped[reason] += 1
+                continue
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                    "thread_id": thread.id,
+                    "post_id": reply.id,
+                    "source_url": self._source_url(thread, reply),
+                }
+            )
+        return rows
+
+    def _clean(self, post: StoredPost):
+        cleaned = clean_text(post.text, quotes=len(post.quotes), signature=post.signature)
+        self.edited.update(cleaned.edits)
+        return cleaned
+
+    def _answer(
+        self, reply: StoredPost, prompt: str, opening: StoredPost
+    ) -> tuple[str | None, str]:
+        """(the drop rule that rejects ``reply``, or None; its cleaned text)."""
+        if reply.deleted:
+            return "deleted", ""
+        cleaned = self._clean(reply)
+        text = cleaned.text
+        reason = content_drop(cleaned)
+        if reason is None and len(text) < self.options.min_answer_chars:
+            reason = "too_short"
+        if reason is None and len(text) > self.options.max_chars:
+            reason = "too_long"
+        if reason is None and repeats(text, prompt):
+            reason = "repeats_question"
+        if reason is None and opening.author and reply.author == opening.author:
+            reason = "by_question_author"  # follow-ups and thanks from the asker are not answers
+        if reason is None and text in self.seen_exact:
+            reason = "duplicate"
+        if reason is None and normalise(text) in self.seen_near:
+            reason = "near_duplicate"
+        if reason is None:
+            self.seen_exact.add(text)
+            self.seen_near.add(normalise(text))
+        return reason, text
+
+    def _quote_context(
+        self, reply: StoredPost, opening: StoredPost, by_id: dict[str, StoredPost]
+    ) -> str:
+        """A reply to another reply is answered in the light of it: keep the quote in the prompt."""
+        for quote in reply.quotes:
+            if quote.get("post_id") == opening.id:
+                continue  # already the question
+            quoted = by_id.get(quote.get("post_id") or "")
+            author = quote.get("author") or (quoted.author if quoted else None) or "someone"
+            text = clean_text(quote.get("text") or "").text
+            if text:
+                self.quote_context += 1
+                return f"\n\n{author} wrote:\n{text}"
+        return ""
+
+    def _source_url(self, thread: ThreadRow, post: StoredPost) -> str:
+        page_url = self.store.page_url(thread.id, post.page) or thread.url
+        return f"{page_url}#post-{post.id}"
+
+
+def split_key(thread_id: str, seed: int) -> float:
+    """The thread's place in the seeded order of the split (lowest go to test)."""
+    digest = hashlib.sha256(f"{seed}:{thread_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_threads(thread_ids: Iterable[str], test_fraction: float, seed: int) -> set[str]:
+    """The ids of the test threads: ``test_fraction`` of them, at least one when there are two."""
+    ids = sorted(set(thread_ids))
+    count = round(len(ids) * test_fraction)
+    if test_fraction > 0 and len(ids) >= 2:
+        count = min(max(count, 1), len(ids) - 1)
+    ranked = sorted(ids, key=lambda thread_id: (split_key(thread_id, seed), thread_id))
+    return set(ranked[:count])
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(q: float) -> int:  # nearest-rank percentile
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+    return {
+        "min": ordered[0],
+        "p50": rank(0.5),
+        "p90": rank(0.9),
+        "p95": rank(0.95),
+        "p99": rank(0.99),
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 1),
+    }
+
+
+def _length_stats(rows: list[dict], measure) -> dict[str, dict[str, float]]:
+    return {
+        "prompt": percentiles([measure(r["prompt"][0]["content"]) for r in rows]),
+        "completion": percentiles([measure(r["completion"][0]["content"]) for r in rows]),
+    }
+
+
+def _token_counter(name: str):
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CrawlError(
+            f"--tokenizer {name}: cannot load it ({first_line}); give a local tokenizer directory"
+        ) from None
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _sort_key(thread_id: str) -> tuple[int, int, str]:
+    return (0, int(thread_id), "") if thread_id.isdigit() else (1, 0, thread_id)
+
+
+def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) -> dict:
+    """Write ``train.jsonl``, ``test.jsonl`` and ``stats.json`` into ``out_dir``; returns the stats."""
+    if not 0 <= options.test_fraction < 1:
+        raise CrawlError(f"--test-fraction {options.test_fraction}: give a number in [0, 1)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CrawlError(f"--out {out} is a file: give a directory")
+    count_tokens = _token_counter(options.tokenizer) if options.tokenizer else None
+    with Store.open(db, create=False) as store:
+        threads = sorted(store.threads(), key=lambda t: _sort_key(t.id))
+        builder = _Builder(store, options)
+        rows: list[dict] = []
+        for thread in tqdm(threads, unit="thread", desc="dataset", disable=None):
+            posts = store.posts(thread.id)
+            if posts and posts[0].position == 1:
+                rows.extend(builder.rows(thread, posts))
+    if builder.threads == 0:
+        raise CrawlError(
+            f"the store {db} holds no thread with its opening post: run `python -m crawl fetch` first"
+        )
+    if not rows:
+        top = ", ".join(f"{rule} {n}" for rule, n in builder.dropped.most_common(3) if n)
+        raise CrawlError(f"every reply in {db} was dropped ({top}): nothing to write")
+
+    test_ids = split_threads((r["thread_id"] for r in rows), options.test_fraction, options.seed)
+    splits = {
+        "train": [r for r in rows if r["thread_id"] not in test_ids],
+        "test": [r for r in rows if r["thread_id"] in test_ids],
+    }
+    stats = {
+        "threads": builder.threads,
+        "posts": builder.posts,
+        "rows": len(rows),
+        "splits": {
+            name: {"rows": len(split), "threads": len({r["thread_id"] for r in split})}
+            for name, split in splits.items()
+        },
+        "dropped": dict(builder.dropped),
+        "edited": dict(builder.edited),
+        "quote_context": builder.quote_context,
+        "lengths": {"chars": _length_stats(rows, len)},
+        "options": asdict(options),
+    }
+    if count_tokens is not None:
+        stats["lengths"]["tokens"] = _length_stats(rows, count_tokens)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        _write_atomically(out / f"{name}.jsonl", "".join(_jsonl(r) for r in split))
+    _write_atomically(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return stats
+
+
+def _jsonl(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside ``path`` and rename over it: readers see the old file or the new one, whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,332 @@
+"""Polite HTTP for one site: robots.txt, a request budget, pacing, retries.
+
+All the crawl's requests go through one :class:`Fetcher`, bound to one origin,
+so politeness is enforced in one place rather than trusted to every caller:
+
+* a URL that robots.txt disallows is never requested, redirects included;
+* at most ``concurrency`` requests are in flight, and request starts are at
+  least ``delay`` seconds apart (robots.txt ``Crawl-delay`` wins when longer);
+* timeouts, connection errors, 5xx and 429 are retried with exponential
+  backoff and jitter; a ``Retry-After`` is obeyed and holds back every
+  request to the host, not only the one retried;
+* a page that keeps failing is given up after ``max_tries`` and reported,
+  never raised: one bad page does not stop a crawl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from urllib.parse import urljoin, urlsplit
+from urllib.robotparser import RobotFileParser
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base
+
+from crawl.errors import CrawlError
+
+DEFAULT_USER_AGENT = (
+    "freeski-bot-crawler/0.1 (builds a ski Q&A dataset; obeys robots.txt; one request per second)"
+)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRYABLE_ERRORS = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How hard the crawl may push a site; defaults are the polite ones."""
+
+    user_agent: str = DEFAULT_USER_AGENT
+    concurrency: int = 4
+    delay: float = 1.0  # seconds between request starts to the host
+    timeout: float = 30.0  # per request, connect to last byte
+    max_tries: int = 5
+    backoff: float = 1.0  # the first retry waits about this long, doubling after
+    max_backoff: float = 60.0
+    max_retry_after: float = 300.0  # a longer Retry-After is capped, not obeyed for hours
+    max_redirects: int = 5
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The outcome for one URL. ``state`` is one of ok, not_modified, not_found, http_error,
+    fetch_error (retries exhausted) or disallowed (robots.txt)."""
+
+    url: str
+    final_url: str
+    state: str
+    status: int | None = None
+    text: str = ""
+    etag: str | None = None
+    last_modified: str | None = None
+    attempts: int = 0
+    error: str | None = None
+
+
+class RetryableResponse(Exception):
+    """A 429 or 5xx: worth asking again, after ``retry_after`` seconds when the server says."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    text: str
+    headers: Mapping[str, str]
+
+
+class _Backoff(wait_base):
+    """Exponential backoff with jitter, unless the server said how long to wait."""
+
+    def __init__(self, base: float, maximum: float, max_retry_after: float) -> None:
+        self.base = base
+        self.maximum = maximum
+        self.max_retry_after = max_retry_after
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, RetryableResponse) and error.retry_after is not None:
+            return min(error.retry_after, self.max_retry_after)
+        exponential = self.base * 2 ** (retry_state.attempt_number - 1)
+        return min(self.maximum, exponential + random.uniform(0, self.base))
+
+
+class _Pacer:
+    """Spaces request starts to one host at least ``interval`` seconds apart."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next_start = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            delay = self._next_start - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._next_start = loop.time() + self.interval
+
+    def hold_off(self, seconds: float) -> None:
+        """Push the next start back: the server asked every client to wait."""
+        self._next_start = max(self._next_start, asyncio.get_running_loop().time() + seconds)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class Fetcher:
+    """Fetches pages of one origin politely. Create with :meth:`open`."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        origin: str,
+        options: FetchOptions,
+        map_url: Callable[[str], str | None] = lambda url: url,
+    ) -> None:
+        self.origin = origin
+        self.options = options
+        self._session = session
+        self._map_url = map_url
+        self._robots: RobotFileParser | None = None
+        self._slots = asyncio.Semaphore(options.concurrency)
+        self._pacer = _Pacer(options.delay)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        origin: str,
+        options: FetchOptions,
+        map_url: Callable[[str], str | None] = lambda url: url,
+    ) -> AsyncIterator[Fetcher]:
+        """A fetcher with its own session, robots.txt already read (raises CrawlError if unreadable)."""
+        timeout = aiohttp.ClientTimeout(total=options.timeout)
+        connector = aiohttp.TCPConnector(limit=options.concurrency)
+        headers = {"User-Agent": options.user_agent}
+        async with aiohttp.ClientSession(
+            headers=headers, timeout=timeout, connector=connector
+        ) as session:
+            fetcher = cls(session, origin, options, map_url)
+            await fetcher.load_robots()
+            yield fetcher
+
+    @property
+    def crawl_delay(self) -> float:
+        """The delay between requests in force: ours, or robots.txt's when longer."""
+        return self._pacer.interval
+
+    async def load_robots(self) -> None:
+        url = f"{self.origin}/robots.txt"
+        result = await self._fetch_following(url, {}, check_robots=False)
+        robots = RobotFileParser(url)
+        if result.state == "ok":
+            robots.parse(result.text.splitlines())
+        elif result.status is not None and 400 <= result.status < 500:
+            robots.parse([])  # RFC 9309: no robots.txt (4xx) means no restrictions
+        else:
+            raise CrawlError(
+                f"cannot read {url} ({result.error or result.state}): the crawl does not start "
+                "without the site's rules; check --forum-url and that the site is up"
+            )
+        self._robots = robots
+        declared = robots.crawl_delay(self.options.user_agent)
+        if declared is not None:
+            self._pacer.interval = max(self._pacer.interval, float(declared))
+
+    def allowed(self, url: str) -> bool:
+        """Whether robots.txt lets this crawler fetch ``url`` (and it is on the crawled origin)."""
+        if origin_of(url) != self.origin:
+            return False
+        return self._robots is None or self._robots.can_fetch(self.options.user_agent, url)
+
+    async def fetch(
+        self, url: str, *, etag: str | None = None, last_modified: str | None = None
+    ) -> FetchResult:
+        """GET ``url`` (conditionally when validators are given), following on-site redirects."""
+        headers = {}
+        if etag:
+            headers["If-None-Match"] = etag
+        if last_modified:
+            headers["If-Modified-Since"] = last_modified
+        return await self._fetch_following(url, headers, check_robots=True)
+
+    async def _fetch_following(
+        self, url: str, headers: dict[str, str], *, check_robots: bool
+    ) -> FetchResult:
+        current = url
+        attempts = 0
+        for _ in range(self.options.max_redirects + 1):
+            if check_robots and not self.allowed(current):
+                return FetchResult(url, current, "disallowed", error="disallowed by robots.txt")
+            outcome = await self._get_with_retries(current, headers)
+            if isinstance(outcome, FetchResult):
+                return FetchResult(
+                    url, current, outcome.state, outcome.status,
+                    attempts=attempts + outcome.attempts, error=outcome.error,
+                )  # fmt: skip
+            response, tries = outcome
+            attempts += tries
+            if response.status in REDIRECT_STATUSES:
+                location = response.headers.get("Location", "")
+                target = self._map_url(urljoin(current, location)) if location else None
+                if target is None or origin_of(target) != self.origin:
+                    return FetchResult(
+                        url, current, "http_error", response.status, attempts=attempts,
+                        error=f"redirected off the crawled site to {location!r}",
+                    )  # fmt: skip
+                current = target
+                headers = {}
+                continue
+            return FetchResult(
+                url=url,
+                final_url=current,
+                state=_state_of(response.status),
+                status=response.status,
+                text=response.text,
+                etag=response.headers.get("ETag"),
+                last_modified=response.headers.get("Last-Modified"),
+                attempts=attempts,
+                error=None if response.status in (200, 304) else f"HTTP {response.status}",
+            )
+        return FetchResult(
+            url, current, "http_error", attempts=attempts,
+            error=f"more than {self.options.max_redirects} redirects",
+        )  # fmt: skip
+
+    async def _get_with_retries(
+        self, url: str, headers: dict[str, str]
+    ) -> tuple[_Response, int] | FetchResult:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((RetryableResponse, *RETRYABLE_ERRORS)),
+            stop=stop_after_attempt(self.options.max_tries),
+            wait=_Backoff(
+                self.options.backoff, self.options.max_backoff, self.options.max_retry_after
+            ),
+            reraise=True,
+        )
+        tries = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    tries += 1
+                    return await self._get_once(url, headers), tries
+        except RetryableResponse as exc:
+            return FetchResult(
+                url, url, "fetch_error", exc.status, attempts=tries,
+                error=f"HTTP {exc.status} after {tries} tries",
+            )  # fmt: skip
+        except RETRYABLE_ERRORS as exc:
+            reason = (
+                "timed out" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else str(exc)
+            )
+            return FetchResult(
+                url, url, "fetch_error", attempts=tries,
+                error=f"{reason or type(exc).__name__} after {tries} tries",
+            )  # fmt: skip
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _get_once(self, url: str, headers: dict[str, str]) -> _Response:
+        async with self._slots:
+            await self._pacer.wait()
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.requests += 1
+            try:
+                async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                    if resp.status == 429 or resp.status >= 500:
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                        if retry_after is not None:
+                            self._pacer.hold_off(min(retry_after, self.options.max_retry_after))
+                        raise RetryableResponse(resp.status, retry_after)
+                    text = await resp.text(errors="replace") if resp.status == 200 else ""
+                    return _Response(resp.status, text, resp.headers.copy())
+            finally:
+                self.in_flight -= 1
+
+
+def _state_of(status: int) -> str:
+    if status == 200:
+        return "ok"
+    if status == 304:
+        return "not_modified"
+    if status in (404, 410):
+        return "not_found"
+    return "http_error"

@@ -1,0 +1,387 @@
+"""The forum store: one SQLite file (WAL) that the crawl writes as it goes and the dataset reads.
+
+Every page is committed together with what was parsed from it, in one
+transaction, so a crawl killed at any moment leaves either the whole page or
+none of it; ``pages`` is the crawl's memory of what it already has, which is
+what makes a restarted crawl continue instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from crawl.errors import CrawlError
+from crawl.site import Post, ThreadLink, ThreadPage
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS threads (
+    id          TEXT PRIMARY KEY,           -- the site's thread id
+    forum       TEXT NOT NULL,              -- e.g. forum/1/Ski-Gabber
+    rank        INTEGER NOT NULL UNIQUE,    -- order of discovery in the listing walk
+    title       TEXT NOT NULL,
+    url         TEXT NOT NULL,              -- first page, on the crawled host
+    listing_url TEXT NOT NULL,              -- the listing page that first listed it
+    sticky      INTEGER NOT NULL DEFAULT 0,
+    author      TEXT,
+    created     TEXT,                       -- ISO 8601, site local time
+    page_count  INTEGER,                    -- as the thread's pagination says
+    state       TEXT NOT NULL DEFAULT 'pending'
+                -- pending | partial | done | not_found | disallowed | error
+);
+CREATE TABLE IF NOT EXISTS posts (
+    id         TEXT PRIMARY KEY,            -- the site's post id
+    thread_id  TEXT NOT NULL REFERENCES threads(id),
+    page       INTEGER NOT NULL,
+    position   INTEGER NOT NULL,            -- 1 = the opening post
+    author     TEXT,
+    created    TEXT,
+    html       TEXT NOT NULL,               -- the post's element as served
+    text       TEXT NOT NULL,               -- its own text: quotes and signature held apart
+    quoted_ids TEXT NOT NULL DEFAULT '[]',  -- JSON list of the post ids it quotes
+    quotes     TEXT NOT NULL DEFAULT '[]',  -- JSON list of {post_id, author, text}
+    signature  TEXT NOT NULL DEFAULT '',
+    edited     INTEGER NOT NULL DEFAULT 0,
+    deleted    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS posts_by_thread ON posts(thread_id, position);
+CREATE TABLE IF NOT EXISTS pages (
+    url           TEXT PRIMARY KEY,         -- as requested, on the crawled host
+    kind          TEXT NOT NULL,            -- listing | thread
+    thread_id     TEXT,
+    number        INTEGER NOT NULL,         -- page number within the listing or thread
+    state         TEXT NOT NULL,
+                  -- ok | not_found | http_error | parse_error | fetch_error | disallowed
+    status        INTEGER,                  -- last HTTP status, if any
+    has_next      INTEGER NOT NULL DEFAULT 0,
+    fetched_at    TEXT NOT NULL,
+    etag          TEXT,
+    last_modified TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    error         TEXT
+);
+"""
+
+# Pages in these states are kept on a rerun: the answer would not change by asking again.
+# fetch_error (retries exhausted) and disallowed (robots.txt may change) are looked at again.
+SETTLED_STATES = frozenset({"ok", "not_found", "http_error", "parse_error"})
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """What the crawl learned from one URL."""
+
+    url: str
+    kind: str
+    number: int
+    state: str
+    thread_id: str | None = None
+    status: int | None = None
+    has_next: bool = False
+    etag: str | None = None
+    last_modified: str | None = None
+    attempts: int = 0
+    error: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.state in SETTLED_STATES
+
+
+@dataclass(frozen=True)
+class ThreadRow:
+    id: str
+    forum: str
+    rank: int
+    title: str
+    url: str
+    sticky: bool
+    author: str | None
+    created: str | None
+    page_count: int | None
+    state: str
+
+
+@dataclass(frozen=True)
+class StoredPost:
+    id: str
+    thread_id: str
+    page: int
+    position: int
+    author: str | None
+    created: str | None
+    text: str
+    quotes: list[dict]
+    signature: str
+    edited: bool
+    deleted: bool
+
+
+class Store:
+    """The crawl's SQLite file. Not thread-safe: one event loop owns it."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path, *, create: bool = True) -> Store:
+        path = Path(path)
+        if not create and not path.is_file():
+            raise CrawlError(
+                f"no forum store at {path}: run `python -m crawl fetch --db {path}` first"
+            )
+        if create and not path.parent.is_dir():
+            raise CrawlError(
+                f"the directory for --db {path} does not exist: create {path.parent} first"
+            )
+        try:
+            db = sqlite3.connect(path)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            with db:
+                db.executescript(SCHEMA)
+                db.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (SCHEMA_VERSION,),
+                )
+            version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise CrawlError(
+                f"{path} is not a forum store ({exc}): give a new file or the one `fetch` wrote"
+            ) from None
+        if version != SCHEMA_VERSION:
+            db.close()
+            raise CrawlError(
+                f"{path} was written with store schema {version}, this crawler reads {SCHEMA_VERSION}: "
+                "crawl into a new file"
+            )
+        return cls(db, path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- pages -----------------------------------------------------------------------
+    def page(self, url: str) -> PageRecord | None:
+        row = self._db.execute("SELECT * FROM pages WHERE url = ?", (url,)).fetchone()
+        if row is None:
+            return None
+        return PageRecord(
+            url=row["url"],
+            kind=row["kind"],
+            number=row["number"],
+            state=row["state"],
+            thread_id=row["thread_id"],
+            status=row["status"],
+            has_next=bool(row["has_next"]),
+            etag=row["etag"],
+            last_modified=row["last_modified"],
+            attempts=row["attempts"],
+            error=row["error"],
+        )
+
+    def _put_page(self, record: PageRecord) -> None:
+        self._db.execute(
+            """INSERT INTO pages(url, kind, thread_id, number, state, status, has_next, fetched_at,
+                                 etag, last_modified, attempts, error)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(url) DO UPDATE SET
+                 kind=excluded.kind, thread_id=excluded.thread_id, number=excluded.number,
+                 state=excluded.state, status=excluded.status, has_next=excluded.has_next,
+                 fetched_at=excluded.fetched_at, etag=excluded.etag,
+                 last_modified=excluded.last_modified, attempts=excluded.attempts,
+                 error=excluded.error""",
+            (
+                record.url,
+                record.kind,
+                record.thread_id,
+                record.number,
+                record.state,
+                record.status,
+                int(record.has_next),
+                datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                record.etag,
+                record.last_modified,
+                record.attempts,
+                record.error,
+            ),
+        )
+
+    def save_page(self, record: PageRecord) -> None:
+        """Record a page that brought nothing to store (an error, a 404, a disallowed URL)."""
+        with self._db:
+            self._put_page(record)
+
+    # --- listings and threads --------------------------------------------------------
+    def save_listing(
+        self, record: PageRecord, forum: str, links: Sequence[tuple[ThreadLink, str]]
+    ) -> None:
+        """Record a listing page and the threads it introduced (``(link, url on the crawled host)``)."""
+        with self._db:
+            self._put_page(record)
+            rank = self._db.execute("SELECT COALESCE(MAX(rank), 0) FROM threads").fetchone()[0]
+            for link, url in links:
+                exists = self._db.execute("SELECT 1 FROM threads WHERE id = ?", (link.thread_id,))
+                if exists.fetchone():
+                    continue
+                rank += 1
+                self._db.execute(
+                    """INSERT INTO threads(id, forum, rank, title, url, listing_url, sticky)
+                       VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    (link.thread_id, forum, rank, link.title, url, record.url, int(link.sticky)),
+                )
+
+    def listed_threads(self, listing_url: str) -> list[ThreadRow]:
+        """The threads first discovered on ``listing_url``, in discovery order."""
+        rows = self._db.execute(
+            "SELECT * FROM threads WHERE listing_url = ? ORDER BY rank", (listing_url,)
+        )
+        return [_thread_row(row) for row in rows]
+
+    def threads(self) -> list[ThreadRow]:
+        return [_thread_row(row) for row in self._db.execute("SELECT * FROM threads ORDER BY rank")]
+
+    def save_thread_page(
+        self, record: PageRecord, page: ThreadPage | None, *, thread_url: str | None = None
+    ) -> None:
+        """Record a thread page and, when it parsed, its posts and what it says about the thread.
+
+        ``thread_url`` moves the thread to the URL its first page redirected to, in the same
+        transaction, so a rerun asks for later pages at the same URLs as the first run did.
+        """
+        with self._db:
+            self._put_page(record)
+            if thread_url is not None and record.thread_id is not None:
+                self._db.execute(
+                    "UPDATE threads SET url = ? WHERE id = ?", (thread_url, record.thread_id)
+                )
+            if page is None or record.thread_id is None:
+                return
+            if record.number == 1:
+                self._db.execute(
+                    """UPDATE threads SET title = ?, author = ?, created = ?, page_count = ?
+                       WHERE id = ?""",
+                    (page.title, page.author, page.created, page.page_count, record.thread_id),
+                )
+            for post in page.posts:
+                self._put_post(record.thread_id, record.number, post)
+
+    def _put_post(self, thread_id: str, page: int, post: Post) -> None:
+        quotes = [{"post_id": q.post_id, "author": q.author, "text": q.text} for q in post.quotes]
+        quoted_ids = [q.post_id for q in post.quotes if q.post_id]
+        self._db.execute(
+            """INSERT INTO posts(id, thread_id, page, position, author, created, html, text,
+                                 quoted_ids, quotes, signature, edited, deleted)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(id) DO UPDATE SET
+                 thread_id=excluded.thread_id, page=excluded.page, position=excluded.position,
+                 author=excluded.author, created=excluded.created, html=excluded.html,
+                 text=excluded.text, quoted_ids=excluded.quoted_ids, quotes=excluded.quotes,
+                 signature=excluded.signature, edited=excluded.edited, deleted=excluded.deleted""",
+            (
+                post.post_id,
+                thread_id,
+                page,
+                post.position,
+                post.author,
+                post.created,
+                post.html,
+                post.text,
+                json.dumps(quoted_ids),
+                json.dumps(quotes, ensure_ascii=False),
+                post.signature,
+                int(post.edited),
+                int(post.deleted),
+            ),
+        )
+
+    def set_thread_state(self, thread_id: str, state: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE threads SET state = ? WHERE id = ?", (state, thread_id))
+
+    def thread(self, thread_id: str) -> ThreadRow | None:
+        row = self._db.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()
+        return _thread_row(row) if row else None
+
+    # --- reading for the dataset -----------------------------------------------------
+    def posts(self, thread_id: str) -> list[StoredPost]:
+        rows = self._db.execute(
+            "SELECT * FROM posts WHERE thread_id = ? ORDER BY position, id", (thread_id,)
+        )
+        return [
+            StoredPost(
+                id=row["id"],
+                thread_id=row["thread_id"],
+                page=row["page"],
+                position=row["position"],
+                author=row["author"],
+                created=row["created"],
+                text=row["text"],
+                quotes=json.loads(row["quotes"]),
+                signature=row["signature"],
+                edited=bool(row["edited"]),
+                deleted=bool(row["deleted"]),
+            )
+            for row in rows
+        ]
+
+    def page_url(self, thread_id: str, number: int) -> str | None:
+        row = self._db.execute(
+            "SELECT url FROM pages WHERE kind = 'thread' AND thread_id = ? AND number = ?",
+            (thread_id, number),
+        ).fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table and pages per state: the crawl summary and ``stats.json`` use these."""
+        result = {
+            table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("threads", "posts", "pages")
+        }
+        for state, count in self._db.execute("SELECT state, COUNT(*) FROM pages GROUP BY state"):
+            result[f"pages_{state}"] = count
+        return result
+
+    def dump(self) -> Iterator[tuple]:
+        """Every stored row except fetch times, in a fixed order: equal dumps, equal stores."""
+        queries = (
+            "SELECT * FROM threads ORDER BY id",
+            "SELECT * FROM posts ORDER BY id",
+            """SELECT url, kind, thread_id, number, state, status, has_next, etag, last_modified, error
+               FROM pages ORDER BY url""",
+        )
+        for query in queries:
+            yield from (tuple(row) for row in self._db.execute(query))
+
+
+def _thread_row(row: sqlite3.Row) -> ThreadRow:
+    return ThreadRow(
+        id=row["id"],
+        forum=row["forum"],
+        rank=row["rank"],
+        title=row["title"],
+        url=row["url"],
+        sticky=bool(row["sticky"]),
+        author=row["author"],
+        created=row["created"],
+        page_count=row["page_count"],
+        state=row["state"],
+    )
