@@ -1,0 +1,129 @@
+"""Text shaping between the model and Discord: splitting long answers and building context.
+
+Pure functions, no discord.py and no torch, so the rules that users notice
+(a word or a code block is never cut in half; the oldest context goes first)
+are tested on their own, and the worker and the bot trim context the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from bot.engine import Message
+
+DISCORD_MESSAGE_LIMIT = 2000
+FENCE = "```"
+
+
+def split_message(text: str, limit: int = DISCORD_MESSAGE_LIMIT) -> list[str]:
+    """Split ``text`` into parts of at most ``limit`` characters for Discord.
+
+    Cuts at the last paragraph break, else line break, else space before the
+    limit, so no word is cut unless it alone is longer than a message. A code
+    block that has to be cut is closed at the end of one part and reopened
+    (with its language) at the start of the next, so every part renders.
+    """
+    if limit < 20:
+        raise ValueError("limit must leave room for code fences")
+    text = text.strip()
+    parts: list[str] = []
+    reopen = ""  # the fence line to restart an open code block with, if any
+    while text:
+        budget = limit - len(reopen)
+        if len(text) <= budget:
+            parts.append(reopen + text)
+            break
+        # Reserve room to close a code block that is open at the cut.
+        cut = _cut_point(text, budget - len(FENCE) - 1)
+        head, text = text[:cut].rstrip(), text[cut:].lstrip()
+        if not head:  # nothing but whitespace before the cut: drop it
+            continue
+        fence = _open_fence(reopen + head)
+        parts.append(reopen + head + ("\n" + FENCE if fence is not None else ""))
+        reopen = (fence + "\n") if fence is not None else ""
+    return parts
+
+
+def _cut_point(text: str, budget: int) -> int:
+    """Where to end a part of at most ``budget`` characters: the last break that is not inside a word."""
+    window = text[: budget + 1]  # a break right at the limit still counts
+    for separator in ("\n\n", "\n", " "):
+        index = window.rfind(separator)
+        if index > 0:
+            return index
+    return budget  # one word longer than a message: cutting it is the only way
+
+
+_FENCE_LINE = re.compile(r"^```(\S*)", re.MULTILINE)
+
+
+def _open_fence(text: str) -> str | None:
+    """The opening fence (with its language) of a code block left open at the end of ``text``."""
+    opened: str | None = None
+    for match in _FENCE_LINE.finditer(text):
+        opened = match.group(0) if opened is None else None
+    return opened
+
+
+@dataclass(frozen=True)
+class ChainMessage:
+    """One message of a Discord reply chain, as the model should see it."""
+
+    from_bot: bool
+    content: str
+
+
+def chain_to_messages(
+    chain: Iterable[ChainMessage], *, max_chars: int, system_prompt: str = ""
+) -> list[Message]:
+    """Turn a reply chain (oldest first) into a chat the Mistral template accepts.
+
+    The template wants user/assistant turns alternating and starting with the
+    user, so consecutive messages of one side are joined and a leading bot
+    message is dropped; then the oldest turns go first until the rest fits in
+    ``max_chars`` (the worker trims again, exactly, in tokens).
+    """
+    turns: list[Message] = []
+    for message in chain:
+        content = message.content.strip()
+        if not content:
+            continue
+        role = "assistant" if message.from_bot else "user"
+        if turns and turns[-1]["role"] == role:
+            turns[-1] = {"role": role, "content": turns[-1]["content"] + "\n\n" + content}
+        else:
+            turns.append({"role": role, "content": content})
+    while turns and turns[0]["role"] != "user":
+        turns.pop(0)
+    while turns and turns[-1]["role"] != "user":  # the newest turn is the question
+        turns.pop()
+    system: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + trim_oldest_first(
+        turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars
+    )
+
+
+def trim_oldest_first(
+    messages: Sequence[Message], fits: Callable[[list[Message]], bool]
+) -> list[Message]:
+    """Drop the oldest user/assistant exchanges until ``fits`` says the rest fits.
+
+    A leading system message is always kept, and so is the last user turn (the
+    question itself) even when it alone is too long: cutting the question is
+    the caller's decision, not the context's. Turns go in pairs so the chat
+    still starts with the user.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = list(messages[len(system) :])
+    while len(turns) > 1 and not fits(system + turns):
+        del turns[: 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1]
+        while turns and turns[0]["role"] != "user":
+            turns.pop(0)
+    return system + turns
+
+
+def strip_mentions_of(text: str, user_id: int) -> str:
+    """The question without the ``<@id>`` / ``<@!id>`` that addressed the bot."""
+    return re.sub(rf"<@!?{user_id}>", "", text).strip()
