@@ -129,6 +129,11 @@ class Crawler:
         while limit is None or len(seen) < limit:
             url = self.site.listing_url(self.options.forum_url, number)
             record = await self._listing_page(url, number)
+            if record.state != "ok" and number == 1:
+                raise CrawlError(
+                    f"cannot read the forum listing {url} ({record.error or record.state}): "
+                    "check --forum-url"
+                )
             if record.state != "ok":
                 break
             for thread in self.store.listed_threads(url):
@@ -239,10 +244,12 @@ class Crawler:
             self._error(record)
             self.store.save_thread_page(record, None)
             return record
+        record = replace(record, has_next=page.has_next)
         moved = None
         if number == 1 and result.final_url != url:
+            # Stored under where it lives, so the next run looks for it there and finds it.
             moved = urlunsplit(urlsplit(result.final_url)._replace(query="", fragment=""))
-        record = replace(record, has_next=page.has_next)
+            record = replace(record, url=moved)
         self.store.save_thread_page(record, page, thread_url=moved)
         return record
 

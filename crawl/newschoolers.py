@@ -34,6 +34,7 @@ THREAD_MAIN = "main#thread"  # carries data-thread-id
 THREAD_ID_ATTR = "data-thread-id"
 THREAD_TITLE = "h1.thread-title"  # verified that the title must come from the heading
 POST = "div.posts > div.post"
+POST_ELEMENT = "div.post"
 POST_ID_ATTR = "data-post-id"
 FIRST_POST_CLASS = "first-post"
 DELETED_POST_CLASS = "post-deleted"
@@ -196,6 +197,8 @@ def _parse_post(element: Tag, fallback_position: int) -> Post:
     body = element.select_one(POST_BODY)
     if body is None:
         raise ParseError(f"post {post_id} has no {POST_BODY}")
+    if element.select_one(POST_ELEMENT) is not None:
+        raise ParseError(f"post {post_id} contains another post: unclosed tags swallowed it")
     number = _text_of(element, POST_NUMBER).lstrip("#").strip()
     position = int(number) if number.isdigit() else fallback_position
     author = _text_of(element, POST_AUTHOR) or None

@@ -73,6 +73,7 @@ def render(content_path: Path, out_dir: Path) -> int:
         for i, t in enumerate(spec["threads"])
     ]
     by_id = {t.id: t for t in threads}
+    spec_by_id = {int(t["id"]): t for t in spec["threads"]}
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -97,6 +98,8 @@ def render(content_path: Path, out_dir: Path) -> int:
     for thread in threads:
         ids = list(range(post_id, post_id + len(thread.posts)))
         post_id += len(thread.posts)
+        if spec_by_id[thread.id].get("missing"):
+            continue  # listed, but the site answers 404 for it
         chunks = [range(i, min(i + per_page, len(ids))) for i in range(0, len(ids), per_page)]
         thread_dir = out_dir / thread.path().lstrip("/")
         thread_dir.mkdir(parents=True)

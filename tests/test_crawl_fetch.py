@@ -1,0 +1,270 @@
+"""The crawler against a loopback copy of the forum, with faults injected in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from crawl.crawler import CrawlOptions, crawl
+from crawl.errors import CrawlError
+from crawl.fetcher import Fetcher, FetchOptions, parse_retry_after
+from crawl.newschoolers import NewschoolersSite
+from crawl.sample_site import serve_forum
+from crawl.store import Store
+
+pytestmark = pytest.mark.timeout(60)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "forum"
+SITE_DIR = FIXTURES / "site"
+LISTING = "/forum/1/Ski-Gabber"
+T1 = "/forum/thread/700001/Forum-rules---read-before-posting"
+T2 = "/forum/thread/700002/Wax-for-cold-snow-"
+T3 = "/forum/thread/700003/Park-skis-in-powder---too-soft-"
+T5 = "/forum/thread/700005/Linked-without-its-slug"
+T7 = "/forum/thread/700007/Goggles-fogging"
+FAST = FetchOptions(
+    concurrency=2, delay=0, timeout=0.4, max_tries=3, backoff=0.01, max_backoff=0.05
+)
+
+
+@dataclass
+class FaultyServer:
+    """Counts every request and answers the planned fault for the n-th hit of a path."""
+
+    plan: dict[str, list] = field(default_factory=dict)
+    hits: Counter = field(default_factory=Counter)
+    times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    in_flight: int = 0
+    max_in_flight: int = 0
+    stop_after: int | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        key = request.path_qs
+        self.hits[key] += 1
+        self.times[key].append(time.monotonic())
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.02)  # long enough for concurrent requests to overlap
+            if self.stop_after is not None and self.pages_requested() >= self.stop_after:
+                self.stopped.set()
+            planned = self.plan.get(key, [])
+            action = planned[self.hits[key] - 1] if self.hits[key] <= len(planned) else None
+            if action == 503:
+                return web.Response(status=503, text="overloaded")
+            if action == 429:
+                return web.Response(status=429, headers={"Retry-After": "1"})
+            if action == "hang":
+                await asyncio.sleep(1.0)  # past the client's timeout
+            if action == "challenge":
+                return web.Response(
+                    text=(FIXTURES / "pages/challenge.html").read_text(), content_type="text/html"
+                )
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+    def reset(self, *, stop_after: int | None = None) -> None:
+        """Start counting afresh for the next run against the same server (same URLs)."""
+        self.hits.clear()
+        self.times.clear()
+        self.max_in_flight = 0
+        self.stop_after = stop_after
+        self.stopped = asyncio.Event()
+
+    def pages_requested(self) -> int:
+        return sum(n for path, n in self.hits.items() if path != "/robots.txt")
+
+
+async def run_crawl(base: str, db: Path, *, options: FetchOptions = FAST, **kw) -> tuple:
+    with Store.open(db) as store:
+        summary = await crawl(
+            NewschoolersSite(),
+            store,
+            CrawlOptions(forum_url=base + LISTING, progress=False, **kw),
+            options,
+        )
+        return summary, store.counts(), {t.id: t for t in store.threads()}, list(store.dump())
+
+
+def page_states(db: Path) -> dict[str, str]:
+    with Store.open(db) as store:
+        return {row[0].split("/", 3)[3]: row[4] for row in store.dump() if len(row) == 10}
+
+
+async def test_faults_retries_robots_404_redirects_and_the_concurrency_limit(tmp_path):
+    server = FaultyServer(
+        plan={
+            LISTING: [503],  # then success
+            T1: [503, 503, 503],  # gives up after max_tries
+            T2: [429],  # Retry-After: 1
+            T2 + "?page=2": ["challenge"],  # a page the parser does not recognise
+            T7: ["hang"],  # a timeout, then success
+        }
+    )
+    async with serve_forum(SITE_DIR, middlewares=[server.middleware]) as base:
+        summary, counts, threads, _ = await run_crawl(base, tmp_path / "f.sqlite")
+
+    hits = server.hits
+    assert hits[LISTING] == 2 and hits[LISTING + "?page=2"] == 1
+    assert hits[LISTING + "?page=3"] == 0  # page 2 has no next link
+    assert hits[T1] == FAST.max_tries
+    assert hits[T2] == 2
+    retry_gap = server.times[T2][1] - server.times[T2][0]
+    assert retry_gap >= 0.95, f"Retry-After: 1 was not honoured ({retry_gap:.2f} s)"
+    assert hits[T7] == 2
+    assert hits["/forum/thread/700006/Deleted-thread"] == 1  # 404: recorded, not retried
+    assert not any("700004" in path for path in hits)  # robots.txt disallows it
+    assert not any(
+        path.startswith(("/forum/print/", "/forum/reply/", "/members/")) for path in hits
+    )
+    # Listed on both listing pages, fetched once per page.
+    assert [hits[T3], hits[T3 + "?page=2"], hits[T3 + "?page=3"]] == [1, 1, 1]
+    assert hits["/forum/thread/700005"] == 1 and hits[T5] == 1  # 301 followed
+    assert server.max_in_flight == 2 and summary.max_in_flight == 2
+
+    assert {tid: t.state for tid, t in threads.items()} == {
+        "700001": "error",
+        "700002": "error",
+        "700003": "done",
+        "700004": "disallowed",
+        "700005": "done",
+        "700006": "not_found",
+        "700007": "done",
+    }
+    assert threads["700005"].url == base + T5  # moved to where the redirect pointed
+    assert threads["700003"].page_count == 3 and threads["700001"].sticky
+    states = page_states(tmp_path / "f.sqlite")
+    assert states[T1.lstrip("/")] == "fetch_error"
+    assert states[T2.lstrip("/") + "?page=2"] == "parse_error"
+    assert states["forum/thread/700004/Disallowed-thread"] == "disallowed"
+    assert states["forum/thread/700006/Deleted-thread"] == "not_found"
+    assert counts["posts"] == 3 + 9 + 2 + 2  # 700002 p1, 700003, 700005, 700007
+    assert summary.errors == 3  # 700001 gave up, 700002 page 2 unparsable, 700006 gone
+    assert summary.thread_states["done"] == 3
+
+
+async def test_max_threads_and_pages_per_thread(tmp_path):
+    server = FaultyServer()
+    async with serve_forum(SITE_DIR, middlewares=[server.middleware]) as base:
+        _, counts, threads, _ = await run_crawl(
+            base, tmp_path / "f.sqlite", max_threads=3, pages_per_thread=2
+        )
+    assert server.hits[LISTING + "?page=2"] == 0  # three threads are on the first page
+    assert [t.state for t in sorted(threads.values(), key=lambda t: t.rank)][:3] == [
+        "done",
+        "done",
+        "partial",
+    ]
+    assert server.hits[T3 + "?page=2"] == 1 and server.hits[T3 + "?page=3"] == 0
+    assert {t.state for t in threads.values() if t.rank > 3} == {"pending"}
+
+
+async def test_kill_and_resume_ends_identical_and_fetches_no_stored_page_again(tmp_path):
+    server = FaultyServer()
+    async with serve_forum(SITE_DIR, middlewares=[server.middleware]) as base:
+        _, _, _, uninterrupted = await run_crawl(base, tmp_path / "whole.sqlite")
+
+        server.reset(stop_after=6)
+        task = asyncio.create_task(run_crawl(base, tmp_path / "resumed.sqlite"))
+        await asyncio.wait_for(server.stopped.wait(), timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stored_after_kill = {
+            path
+            for path, state in page_states(tmp_path / "resumed.sqlite").items()
+            if state == "ok"
+        }
+        assert 0 < len(stored_after_kill) < len(page_states(tmp_path / "whole.sqlite"))
+
+        server.reset()
+        summary, _, _, resumed = await run_crawl(base, tmp_path / "resumed.sqlite")
+    refetched = {path.lstrip("/") for path in server.hits} & stored_after_kill
+    assert refetched == set()
+    assert summary.pages_from_store >= len(stored_after_kill)
+    assert resumed == uninterrupted
+
+
+async def test_rerun_of_a_finished_crawl_asks_only_for_robots_and_refresh_asks_again(tmp_path):
+    server = FaultyServer()
+    async with serve_forum(SITE_DIR, middlewares=[server.middleware]) as base:
+        await run_crawl(base, tmp_path / "f.sqlite")
+        server.reset()
+        await run_crawl(base, tmp_path / "f.sqlite")
+        # A crawl's fetch errors are tried again on a rerun; this one had none.
+        assert list(server.hits) == ["/robots.txt"]
+        server.reset()
+        _, counts, _, _ = await run_crawl(base, tmp_path / "f.sqlite", refresh=True)
+    assert server.hits[T3] == 1 and server.hits[LISTING] == 1
+    assert counts["posts"] == 3 + 6 + 9 + 2 + 2
+
+
+async def test_robots_crawl_delay_spaces_requests(tmp_path):
+    async def robots(_: web.Request) -> web.Response:
+        return web.Response(text="User-agent: *\nCrawl-delay: 1\n")
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/robots.txt", robots)
+    app.router.add_get("/p/{n}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    origin = "http://127.0.0.1:{}".format(runner.addresses[0][1])
+    try:
+        async with Fetcher.open(origin, FAST) as fetcher:
+            assert fetcher.crawl_delay == 1.0
+            started = time.monotonic()
+            results = await asyncio.gather(
+                fetcher.fetch(f"{origin}/p/1"), fetcher.fetch(f"{origin}/p/2")
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        await runner.cleanup()
+    assert [r.state for r in results] == ["ok", "ok"]
+    assert elapsed >= 0.95
+
+
+async def test_unreadable_robots_txt_stops_the_crawl_with_one_clear_error(tmp_path):
+    @web.middleware
+    async def down(request: web.Request, handler):
+        return web.Response(status=503)
+
+    async with serve_forum(SITE_DIR, middlewares=[down]) as base:
+        with pytest.raises(
+            CrawlError,
+            match=r"cannot read http://127\.0\.0\.1:\d+/robots.txt \(HTTP 503 after 3 tries\)",
+        ):
+            await run_crawl(base, tmp_path / "f.sqlite")
+
+
+async def test_a_forum_whose_first_listing_is_missing_is_an_error(tmp_path):
+    async with serve_forum(SITE_DIR) as base:
+        with Store.open(tmp_path / "f.sqlite") as store:
+            with pytest.raises(CrawlError, match="cannot read the forum listing"):
+                await crawl(
+                    NewschoolersSite(),
+                    store,
+                    CrawlOptions(forum_url=base + "/forum/9/Nope", progress=False),
+                    FAST,
+                )
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("120", 120.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), ("soon", None), (None, None)],
+)
+def test_retry_after_header(header, seconds):
+    assert parse_retry_after(header) == seconds
