@@ -1,18 +1,100 @@
 """``python -m finetune``: train (the default), or one of the subcommands below.
 
-python -m finetune --config configs/tiny-cpu.yaml [--key value ...]   train
-python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]     build the test model
+python -m finetune --config configs/tiny-cpu.yaml [--key value ...]          train
+python -m finetune estimate --config configs/mistral-7b-8gb.yaml [...]     GPU memory needed
+python -m finetune evaluate --run DIR [--prompts FILE]                      loss and answers
+python -m finetune merge --run DIR --out DIR                                16-bit merged model
+python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          build the test model
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from finetune.errors import UserError, cli_entry
 
-SUBCOMMANDS = ("tiny-model",)
+SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers whose mistakes come back as one ``error:`` line."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def train_main(argv: Sequence[str]) -> int:
+    from finetune.config import parse_config
+
+    config = parse_config(argv)
+    config.run_dir  # noqa: B018 - fail on a missing --output-dir before the slow imports
+
+    from finetune.train import train
+
+    result = train(config)
+    print(f"run written to {result.run_dir}")
+    return 0
+
+
+def estimate_main(argv: Sequence[str]) -> int:
+    from finetune.config import ConfigParser
+
+    config = ConfigParser(prog="python -m finetune estimate").parse(argv)
+    from finetune.estimate import estimate_for, format_estimate, visible_gpu
+
+    shape, estimate = estimate_for(config)
+    print(format_estimate(shape, config, estimate, visible_gpu()))
+    return 0
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    parser = _Parser(
+        prog="python -m finetune evaluate",
+        description="Test-split loss and perplexity of base and finetuned, and both models' "
+        "answers to a prompt set; writes evaluation.json and evaluation.md into the run.",
+    )
+    parser.add_argument("--run", required=True, help="run directory written by training")
+    parser.add_argument("--prompts", help="prompt set (.json or .md; default: the shipped ski set)")
+    parser.add_argument(
+        "--max-rows", type=int, default=200, help="test rows for the loss (0 = all)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    args = parser.parse_args(argv)
+
+    from finetune.evaluate import evaluate_run
+
+    report = evaluate_run(
+        args.run, prompts=args.prompts, max_rows=args.max_rows, max_new_tokens=args.max_new_tokens
+    )
+    print(report.summary())
+    return 0
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    parser = _Parser(
+        prog="python -m finetune merge",
+        description="Merge a run's adapter into a 16-bit copy of its base model, for servers "
+        "that do not load LoRA adapters.",
+    )
+    parser.add_argument("--run", required=True, help="run directory written by training")
+    parser.add_argument("--out", required=True, help="directory for the merged model")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="weight type",
+    )
+    args = parser.parse_args(argv)
+
+    from finetune.merge import merge_run
+
+    out = merge_run(args.run, args.out, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0
 
 
 def tiny_model_main(argv: Sequence[str]) -> int:
@@ -55,16 +137,38 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     return 0
 
 
+COMMANDS = {
+    "estimate": estimate_main,
+    "evaluate": evaluate_main,
+    "merge": merge_main,
+    "tiny-model": tiny_model_main,
+}
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to our progress bar and log lines.
+
+    datasets draws a bar for every map over a few hundred in-memory rows, and
+    trl calls a transformers method that warns about its own rename.
+    """
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings(
+        "ignore", message=r".*is_gradient_checkpointing", category=FutureWarning
+    )
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "tiny-model":
-        return tiny_model_main(argv[1:])
+    _quiet_libraries()
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     if argv and not argv[0].startswith("-"):
         raise UserError(
-            f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)} or --config"
+            f"unknown command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}, "
+            "or train with --config FILE"
         )
-    raise UserError("training is not built yet: only `python -m finetune tiny-model` works so far")
+    return train_main(argv)
 
 
 if __name__ == "__main__":

@@ -95,14 +95,19 @@ def generate_texts(
     settings: GenerationSettings,
     *,
     variants: Sequence[str] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
 ) -> list[str]:
-    """Answer each conversation in one ``generate`` call; ``variants`` mixes base/finetuned rows."""
+    """Answer each conversation in one ``generate`` call; ``variants`` mixes base/finetuned rows.
+
+    ``adapter_name`` is the adapter "finetuned" rows use: a loaded run's adapter by
+    default, or the one still being trained when the report is written.
+    """
     import torch
 
     batch = encode_chats(tokenizer, conversations, device=model.device)
     kwargs = settings.generate_kwargs(tokenizer)
     if variants is not None:
-        kwargs["adapter_names"] = adapter_names_for(variants)
+        kwargs["adapter_names"] = adapter_names_for(variants, adapter_name)
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs)
     new_tokens = output[:, batch["input_ids"].shape[1] :]
