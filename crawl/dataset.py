@@ -144,19 +144,26 @@ class _Builder:
 
 
 def split_key(thread_id: str, seed: int) -> float:
-    """The thread's place in the seeded order of the split (lowest go to test)."""
+    """A thread's uniform draw in [0, 1) for ``seed``: a pure function of the two."""
     digest = hashlib.sha256(f"{seed}:{thread_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def split_threads(thread_ids: Iterable[str], test_fraction: float, seed: int) -> set[str]:
-    """The ids of the test threads: ``test_fraction`` of them, at least one when there are two."""
-    ids = sorted(set(thread_ids))
-    count = round(len(ids) * test_fraction)
-    if test_fraction > 0 and len(ids) >= 2:
-        count = min(max(count, 1), len(ids) - 1)
-    ranked = sorted(ids, key=lambda thread_id: (split_key(thread_id, seed), thread_id))
-    return set(ranked[:count])
+    """The test threads: those whose draw falls under ``test_fraction``.
+
+    A threshold rather than "the first N of a shuffle" keeps a thread's split
+    independent of the others, so a bigger crawl later moves no old thread from
+    test into train (no leak between dataset versions). At least one thread is
+    kept on each side when there are two or more.
+    """
+    ids = sorted(set(thread_ids), key=lambda thread_id: (split_key(thread_id, seed), thread_id))
+    test = {thread_id for thread_id in ids if split_key(thread_id, seed) < test_fraction}
+    if len(ids) >= 2 and test_fraction > 0 and not test:
+        test = {ids[0]}
+    if len(ids) >= 2 and len(test) == len(ids):
+        test.discard(ids[-1])
+    return test
 
 
 def percentiles(values: list[int]) -> dict[str, float]:

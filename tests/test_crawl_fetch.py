@@ -166,6 +166,7 @@ async def test_max_threads_and_pages_per_thread(tmp_path):
     ]
     assert server.hits[T3 + "?page=2"] == 1 and server.hits[T3 + "?page=3"] == 0
     assert {t.state for t in threads.values() if t.rank > 3} == {"pending"}
+    assert counts["posts"] == 3 + 6 + 6  # 700001, 700002 (both pages), 700003's first two
 
 
 async def test_kill_and_resume_ends_identical_and_fetches_no_stored_page_again(tmp_path):
@@ -222,7 +223,7 @@ async def test_robots_crawl_delay_spaces_requests(tmp_path):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    origin = "http://127.0.0.1:{}".format(runner.addresses[0][1])
+    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         async with Fetcher.open(origin, FAST) as fetcher:
             assert fetcher.crawl_delay == 1.0
@@ -252,14 +253,12 @@ async def test_unreadable_robots_txt_stops_the_crawl_with_one_clear_error(tmp_pa
 
 async def test_a_forum_whose_first_listing_is_missing_is_an_error(tmp_path):
     async with serve_forum(SITE_DIR) as base:
-        with Store.open(tmp_path / "f.sqlite") as store:
-            with pytest.raises(CrawlError, match="cannot read the forum listing"):
-                await crawl(
-                    NewschoolersSite(),
-                    store,
-                    CrawlOptions(forum_url=base + "/forum/9/Nope", progress=False),
-                    FAST,
-                )
+        options = CrawlOptions(forum_url=base + "/forum/9/Nope", progress=False)
+        with (
+            Store.open(tmp_path / "f.sqlite") as store,
+            pytest.raises(CrawlError, match="cannot read the forum listing"),
+        ):
+            await crawl(NewschoolersSite(), store, options, FAST)
 
 
 @pytest.mark.parametrize(

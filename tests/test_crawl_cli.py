@@ -1,0 +1,113 @@
+"""``python -m crawl`` as an operator runs it: the demo path, and failures as one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crawl.__main__ import main
+from crawl.errors import EXIT_USER_ERROR
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["crawl-everything"], "invalid choice: 'crawl-everything'"),
+        (["fetch"], "the following arguments are required: --db"),
+        (["fetch", "--db", "x.sqlite", "--concurrency", "0"], "--concurrency: 0 is not at least 1"),
+        (["fetch", "--db", "x.sqlite", "--delay", "-1"], "--delay: -1 is negative"),
+        (["dataset", "--db", "x", "--out", "y", "--test-fraction", "1.5"], "1.5 is not in [0, 1)"),
+    ],
+)
+def test_usage_mistakes_are_one_line(capsys, argv, says):
+    assert says in one_line_error(capsys, argv)
+
+
+def test_fetch_errors_are_one_line(capsys, tmp_path):
+    db = str(tmp_path / "f.sqlite")
+    err = one_line_error(
+        capsys, ["fetch", "--db", db, "--forum-url", "ftp://example.org/forum/1/x"]
+    )
+    assert "is not a forum listing URL" in err
+    err = one_line_error(capsys, ["fetch", "--db", str(tmp_path / "no/such/dir/f.sqlite")])
+    assert "does not exist" in err
+    # Nothing listens on port 9 of the loopback: robots.txt cannot be read.
+    err = one_line_error(
+        capsys,
+        [
+            "fetch",
+            "--db",
+            db,
+            "--forum-url",
+            "http://127.0.0.1:9/forum/1/Ski-Gabber",
+            "--max-tries",
+            "1",
+        ],
+    )
+    assert "cannot read http://127.0.0.1:9/robots.txt" in err
+
+
+def test_dataset_errors_are_one_line(capsys, tmp_path):
+    err = one_line_error(
+        capsys, ["dataset", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]
+    )
+    assert "no forum store at" in err and "python -m crawl fetch" in err
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database, just bytes" * 100)
+    err = one_line_error(capsys, ["dataset", "--db", str(garbage), "--out", str(tmp_path / "o")])
+    assert "is not a forum store" in err
+
+
+def test_serve_sample_fetch_and_dataset_the_demo_way(tmp_path):
+    """The lead's demo: serve the bundled forum, crawl it with --delay 0, build the dataset."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving sample forum at http://127.0.0.1:"), line
+        forum_url = line.split(" at ", 1)[1].strip()
+        assert forum_url.endswith("/forum/1/Ski-Gabber")
+        db, out = tmp_path / "forum.sqlite", tmp_path / "dataset"
+        assert main(["fetch", "--forum-url", forum_url, "--db", str(db), "--delay", "0"]) == 0
+        assert main(["dataset", "--db", str(db), "--out", str(out)]) == 0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert 80 <= stats["rows"] <= 200
+    assert stats["threads"] == 30 and stats["splits"]["test"]["rows"] > 0
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert set(row) == {"prompt", "completion", "thread_id", "post_id", "source_url"}
+        assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
+        answer = row["completion"][0]["content"]
+        for leak in ("This post was edited", "[URL]", "[img]", "[INST]", "<s>", "&#039;", "wrote:"):
+            assert leak not in answer, (leak, answer)
+    assert all(
+        n > 0 for rule, n in stats["dropped"].items() if rule not in ("too_long", "prompt_too_long")
+    )
