@@ -64,35 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     from crawl.newschoolers import DEFAULT_FORUM_URL
     from crawl.site import SITES
 
-    parser = _Parser(prog="python -m crawl", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="python -m crawl",
+        description="Crawl a forum into a store, build the Q/A dataset, serve the sample forum.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = commands.add_parser("fetch", help="crawl a forum into a SQLite store (resumable)")
     fetch.add_argument(
         "--forum-url",
+        metavar="URL",
         default=DEFAULT_FORUM_URL,
         help="the forum's first listing page (default: %(default)s)",
     )
     fetch.add_argument(
-        "--db", required=True, type=Path, help="the SQLite store to write (created if missing)"
+        "--db",
+        metavar="FILE",
+        required=True,
+        type=Path,
+        help="the SQLite store to write (created if missing)",
     )
     fetch.add_argument(
-        "--max-threads", type=_positive_int, help="stop after this many threads (default: all)"
+        "--max-threads",
+        metavar="N",
+        type=_positive_int,
+        help="stop after this many threads (default: all)",
     )
     fetch.add_argument(
         "--pages-per-thread",
+        metavar="N",
         type=_positive_int,
         default=10,
         help="pages to fetch per thread (default: %(default)s)",
     )
     fetch.add_argument(
         "--concurrency",
+        metavar="N",
         type=_positive_int,
         default=4,
         help="requests in flight at most (default: %(default)s)",
     )
     fetch.add_argument(
         "--delay",
+        metavar="SECONDS",
         type=_seconds,
         default=1.0,
         help="seconds between requests to the host; robots.txt Crawl-delay wins when longer (default: %(default)s)",
@@ -104,14 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument(
         "--user-agent",
+        metavar="TEXT",
         default=DEFAULT_USER_AGENT,
         help="User-Agent header, also matched against robots.txt",
     )
     fetch.add_argument(
-        "--timeout", type=_seconds, default=30.0, help="seconds per request (default: %(default)s)"
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=30.0,
+        help="seconds per request (default: %(default)s)",
     )
     fetch.add_argument(
         "--max-tries",
+        metavar="N",
         type=_positive_int,
         default=5,
         help="tries per page before it is recorded as failed (default: %(default)s)",
@@ -126,44 +146,65 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = commands.add_parser(
         "dataset", help="build train.jsonl / test.jsonl / stats.json from a store"
     )
-    dataset.add_argument("--db", required=True, type=Path, help="the store `fetch` wrote")
     dataset.add_argument(
-        "--out", required=True, type=Path, help="directory for train.jsonl, test.jsonl, stats.json"
+        "--db", metavar="FILE", required=True, type=Path, help="the store `fetch` wrote"
+    )
+    dataset.add_argument(
+        "--out",
+        metavar="DIR",
+        required=True,
+        type=Path,
+        help="directory for train.jsonl, test.jsonl, stats.json",
     )
     dataset.add_argument(
         "--test-fraction",
+        metavar="FRACTION",
         type=_fraction,
         default=0.1,
         help="share of threads in test.jsonl (default: %(default)s)",
     )
-    dataset.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    dataset.add_argument(
+        "--seed", metavar="N", type=int, default=0, help="split seed (default: %(default)s)"
+    )
     dataset.add_argument(
         "--min-answer-chars",
+        metavar="N",
         type=_positive_int,
         default=20,
         help="drop shorter answers (default: %(default)s)",
     )
     dataset.add_argument(
         "--max-chars",
+        metavar="N",
         type=_positive_int,
         default=4000,
         help="drop longer answers and prompts (default: %(default)s)",
     )
     dataset.add_argument(
-        "--tokenizer", help="tokenizer name or directory for token-length stats (optional)"
+        "--tokenizer",
+        metavar="NAME_OR_DIR",
+        help="tokenizer name or directory for token-length stats (optional)",
     )
 
     serve = commands.add_parser(
         "serve-sample", help="serve the bundled sample forum on a local port"
     )
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+        "--host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s)",
     )
     serve.add_argument(
-        "--port", type=int, default=0, help="port, 0 for any free one (default: %(default)s)"
+        "--port",
+        metavar="PORT",
+        type=int,
+        default=0,
+        help="port, 0 for any free one (default: %(default)s)",
     )
     serve.add_argument(
         "--dir",
+        metavar="DIR",
         type=Path,
         help="a directory of pages in the sample layout (default: the bundled forum)",
     )
