@@ -50,6 +50,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 would mean no time at all")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=_positive_seconds,
         default=30.0,
         help="seconds per request (default: %(default)s)",
     )

@@ -158,11 +158,7 @@ class Crawler:
         if result.state == "not_modified" and stored is not None:
             self.store.save_page(stored)
             return stored
-        record = PageRecord(
-            url=url, kind="listing", number=number, state=result.state, status=result.status,
-            etag=result.etag, last_modified=result.last_modified, attempts=result.attempts,
-            error=result.error,
-        )  # fmt: skip
+        record = _record(result, url, "listing", number)
         if result.state != "ok":
             self._error(record)
             self.store.save_page(record)
@@ -225,11 +221,7 @@ class Crawler:
         if result.state == "not_modified" and stored is not None:
             self.store.save_page(stored)
             return stored
-        record = PageRecord(
-            url=url, kind="thread", thread_id=thread.id, number=number, state=result.state,
-            status=result.status, etag=result.etag, last_modified=result.last_modified,
-            attempts=result.attempts, error=result.error,
-        )  # fmt: skip
+        record = _record(result, url, "thread", number, thread.id)
         if result.state != "ok":
             if result.state not in ("disallowed", "not_found") or number == 1:
                 self._error(record)
@@ -270,6 +262,24 @@ class Crawler:
             return
         self.summary.errors += 1
         log.warning("%s: %s: %s", record.state, record.url, record.error)
+
+
+def _record(
+    result: FetchResult, url: str, kind: str, number: int, thread_id: str | None = None
+) -> PageRecord:
+    """What the store keeps of a fetch; parsing may still turn it into a parse error."""
+    return PageRecord(
+        url=url,
+        kind=kind,
+        number=number,
+        state=result.state,
+        thread_id=thread_id,
+        status=result.status,
+        etag=result.etag,
+        last_modified=result.last_modified,
+        attempts=result.attempts,
+        error=result.error,
+    )
 
 
 def _bar_disabled(progress: bool | None) -> bool | None:

@@ -19,7 +19,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
@@ -238,10 +238,9 @@ class Fetcher:
                 return FetchResult(url, current, "disallowed", error="disallowed by robots.txt")
             outcome = await self._get_with_retries(current, headers)
             if isinstance(outcome, FetchResult):
-                return FetchResult(
-                    url, current, outcome.state, outcome.status,
-                    attempts=attempts + outcome.attempts, error=outcome.error,
-                )  # fmt: skip
+                return replace(
+                    outcome, url=url, final_url=current, attempts=attempts + outcome.attempts
+                )
             response, tries = outcome
             attempts += tries
             if response.status in REDIRECT_STATUSES:
@@ -249,9 +248,13 @@ class Fetcher:
                 target = self._map_url(urljoin(current, location)) if location else None
                 if target is None or origin_of(target) != self.origin:
                     return FetchResult(
-                        url, current, "http_error", response.status, attempts=attempts,
+                        url=url,
+                        final_url=current,
+                        state="http_error",
+                        status=response.status,
+                        attempts=attempts,
                         error=f"redirected off the crawled site to {location!r}",
-                    )  # fmt: skip
+                    )
                 current = target
                 headers = {}
                 continue
@@ -267,9 +270,12 @@ class Fetcher:
                 error=None if response.status in (200, 304) else f"HTTP {response.status}",
             )
         return FetchResult(
-            url, current, "http_error", attempts=attempts,
+            url=url,
+            final_url=current,
+            state="http_error",
+            attempts=attempts,
             error=f"more than {self.options.max_redirects} redirects",
-        )  # fmt: skip
+        )
 
     async def _get_with_retries(
         self, url: str, headers: dict[str, str]
@@ -290,17 +296,24 @@ class Fetcher:
                     return await self._get_once(url, headers), tries
         except RetryableResponse as exc:
             return FetchResult(
-                url, url, "fetch_error", exc.status, attempts=tries,
+                url=url,
+                final_url=url,
+                state="fetch_error",
+                status=exc.status,
+                attempts=tries,
                 error=f"HTTP {exc.status} after {tries} tries",
-            )  # fmt: skip
+            )
         except RETRYABLE_ERRORS as exc:
             reason = (
                 "timed out" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else str(exc)
             )
             return FetchResult(
-                url, url, "fetch_error", attempts=tries,
+                url=url,
+                final_url=url,
+                state="fetch_error",
+                attempts=tries,
                 error=f"{reason or type(exc).__name__} after {tries} tries",
-            )  # fmt: skip
+            )
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _get_once(self, url: str, headers: dict[str, str]) -> _Response:

@@ -26,10 +26,11 @@ NOT_FOUND_PAGE = (
 
 def first_listing_path(root: Path) -> str:
     """The path of the first forum listing under ``root`` (``/forum/<id>/<Slug>``)."""
-    forum = root / "forum"
     candidates = sorted(
-        p for p in forum.glob("*/*") if p.parent.name.isdigit() and (p / "page-1.html").is_file()
-    ) if forum.is_dir() else []  # fmt: skip
+        listing
+        for listing in root.glob("forum/*/*")
+        if listing.parent.name.isdigit() and (listing / "page-1.html").is_file()
+    )
     if not candidates:
         raise FileNotFoundError(f"no forum listing (forum/<id>/<Slug>/page-1.html) under {root}")
     return "/" + candidates[0].relative_to(root).as_posix()

@@ -8,7 +8,7 @@ URL rule and selector of a real site lives in that site's module (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -74,8 +74,8 @@ class ThreadPage:
     posts: list[Post]
     has_next: bool
     page_count: int | None = None
-    author: str | None = field(default=None)
-    created: str | None = field(default=None)
+    author: str | None = None  # of the opening post, on a thread's first page
+    created: str | None = None
 
 
 class ForumSite(Protocol):
