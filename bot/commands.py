@@ -1,0 +1,310 @@
+"""What the bot does: answer mentions, DMs and replies, and the /ask, /compare, /status commands.
+
+Every handler checks the allow lists, the question length and the asker's
+rate limit first, streams its answer through the :class:`~bot.engine.Engine`
+and turns any failure into a short message for the user and a log line with
+context for the operator, so one bad request never takes the bot down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.chain import ReplyChains
+from bot.engine import Answer, Engine, EngineError, Message, Variant
+from bot.messages import chain_to_messages, split_message, strip_mentions_of
+from bot.ratelimit import RateLimiter
+from bot.replies import InteractionReply, LiveText, MessageReply, ReplyTarget
+from bot.settings import BotSettings
+
+if TYPE_CHECKING:
+    from bot.client import FreeskiBot
+
+log = logging.getLogger(__name__)
+
+CONTEXT_CHARS = 6000  # reply-chain context; the worker trims again, exactly, in tokens
+EMBED_FIELD_LIMIT = 1024
+SORRY = "Sorry, something went wrong while answering that. The error was logged."
+NOTES = {
+    "length": "_(cut at the answer length limit)_",
+    "cancelled": "_(stopped: the bot is restarting, ask again in a minute)_",
+}
+
+
+class AnswerCog(commands.Cog):
+    """Questions in, streamed answers out."""
+
+    def __init__(self, bot: FreeskiBot, engine: Engine, settings: BotSettings) -> None:
+        assert bot.user is not None, "add the cog in setup_hook, after login"
+        self.bot = bot
+        self.engine = engine
+        self.settings = settings
+        self.rate_limit = RateLimiter(settings.rate_limit_per_minute)
+        self.chains = ReplyChains(bot.user.id)
+        self.accepting = True
+        self._in_flight: dict[int, asyncio.Task[object]] = {}  # question/interaction id → task
+        self._deleted: set[int] = set()
+
+    # ---- mentions, DMs and replies -----------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or self.bot.user is None:
+            return
+        addressed = (
+            message.guild is None
+            or self.bot.user in message.mentions
+            or self.chains.is_reply_to_bot(message)
+        )
+        if not addressed:
+            return
+        async with self._guarded(message.id, f"message {message.id}", message.reply):
+            await self._answer_message(message)
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """A deleted question needs no answer: free its place in the batch."""
+        task = self._in_flight.get(payload.message_id)
+        if task is not None:
+            self._deleted.add(payload.message_id)
+            task.cancel()
+
+    async def _answer_message(self, message: discord.Message) -> None:
+        question = strip_mentions_of(message.content, self.chains.bot_user_id)
+        refusal = self._refusal(message.author, message.channel, question)
+        if refusal is not None:
+            await message.reply(refusal)
+            return
+        await message.channel.typing()
+        chain = await self.chains.chain(message)
+        messages = chain_to_messages(
+            chain, max_chars=CONTEXT_CHARS, system_prompt=self.settings.engine.system_prompt
+        )
+        target = MessageReply(message)
+        waiting = self.engine.status().queue_depth
+        if waiting:
+            await target.show(f"⏳ Queued (#{waiting + 1}), your answer starts soon…")
+        try:
+            sent = await self._stream(target, messages, self._default_variant())
+        except asyncio.CancelledError:
+            if message.id in self._deleted and target.message is not None:
+                with contextlib.suppress(discord.HTTPException):
+                    await target.message.delete()
+            raise
+        for previous, part in zip([message, *sent[:-1]], sent, strict=True):
+            self.chains.remember(
+                part.id, from_bot=True, content=part.content, parent_id=previous.id
+            )
+
+    # ---- slash commands ----------------------------------------------------------------
+
+    @app_commands.command(name="ask", description="Ask the ski bot a question")
+    @app_commands.describe(question="Your question", variant="Which model answers")
+    async def ask(
+        self,
+        interaction: discord.Interaction,
+        question: str,
+        variant: Literal["finetuned", "base"] = "finetuned",
+    ) -> None:
+        async with self._guarded(interaction.id, "/ask", _responder(interaction)):
+            refusal = self._refusal(interaction.user, interaction.channel, question)
+            if refusal is not None:
+                await interaction.response.send_message(refusal, ephemeral=True)
+                return
+            await interaction.response.defer(thinking=True)
+            await self._stream(InteractionReply(interaction), self._question(question), variant)
+
+    @app_commands.command(name="compare", description="Base and finetuned answers side by side")
+    @app_commands.describe(question="Your question")
+    async def compare(self, interaction: discord.Interaction, question: str) -> None:
+        async with self._guarded(interaction.id, "/compare", _responder(interaction)):
+            refusal = self._refusal(interaction.user, interaction.channel, question)
+            if refusal is not None:
+                await interaction.response.send_message(refusal, ephemeral=True)
+                return
+            await interaction.response.defer(thinking=True)  # Discord wants an ack within 3 s
+            base, finetuned = await self.engine.compare(self._question(question))
+            await _show_comparison(interaction, question, base, finetuned)
+
+    @app_commands.command(name="status", description="Model, queue and throughput of the bot")
+    async def status(self, interaction: discord.Interaction) -> None:
+        async with self._guarded(interaction.id, "/status", _responder(interaction)):
+            await interaction.response.send_message(
+                embed=_status_embed(self.engine), ephemeral=True
+            )
+
+    # ---- shared parts ------------------------------------------------------------------
+
+    def _question(self, question: str) -> list[Message]:
+        system = self.settings.engine.system_prompt
+        messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        return [*messages, {"role": "user", "content": question.strip()}]
+
+    def _default_variant(self) -> Variant:
+        return "finetuned" if self.engine.status().adapter else "base"
+
+    async def _stream(
+        self, target: ReplyTarget, messages: list[Message], variant: Variant
+    ) -> list[discord.Message]:
+        """Stream one answer into ``target``; on shutdown, keep what was written and say so."""
+        live = LiveText(target, interval_s=self.bot.edit_interval_s)
+        try:
+            answer = await self.engine.generate(messages, variant=variant, on_text=live.feed)
+        except EngineError as exc:  # busy, timed out…: said where the answer would have been
+            log.info("answer not given: %s", exc)
+            await live.stop()
+            await target.finish([f"⚠️ {exc}"])
+            return []  # nothing for the reply chain to remember
+        except asyncio.CancelledError:
+            await live.stop()
+            if not self.accepting and live.text.strip():
+                with contextlib.suppress(discord.HTTPException):
+                    await live.finish(live.text, note=NOTES["cancelled"])
+            raise
+        finally:
+            await live.stop()
+        return await live.finish(answer.text, note=NOTES.get(answer.finish_reason, ""))
+
+    def _refusal(
+        self,
+        user: discord.User | discord.Member,
+        channel: object,
+        question: str,
+    ) -> str | None:
+        """Why this question is not answered (a polite sentence), or None to answer it."""
+        if not self.accepting:
+            return "I'm restarting right now: ask again in a minute."
+        allowed_channels = self.settings.allowed_channel_ids
+        if allowed_channels and isinstance(channel, discord.abc.GuildChannel | discord.Thread):
+            channel_ids = {channel.id, getattr(channel, "parent_id", None)}
+            if not channel_ids & set(allowed_channels):
+                places = ", ".join(f"<#{c}>" for c in allowed_channels)
+                return f"I only answer in {places}."
+        allowed_roles = self.settings.allowed_role_ids
+        if allowed_roles:
+            roles = {role.id for role in getattr(user, "roles", [])}
+            if not roles & set(allowed_roles):
+                return "Sorry, only members with one of the bot's allowed roles can ask me."
+        if not question.strip():
+            return "Ask me a ski question: mention me followed by your question."
+        limit = self.settings.max_question_chars
+        if len(question) > limit:
+            return (
+                f"That question is {len(question)} characters long; please keep it under {limit}."
+            )
+        wait_s = self.rate_limit.acquire(user.id)
+        if wait_s is not None:
+            per_minute = self.settings.rate_limit_per_minute
+            return (
+                f"Easy there: {per_minute} questions a minute at most. "
+                f"Try again in {math.ceil(wait_s)} s."
+            )
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _guarded(
+        self, key: int, context: str, respond: Callable[[str], Awaitable[object]]
+    ) -> AsyncIterator[None]:
+        """Track the handler for shutdown and deletion; turn failures into a short user message."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight[key] = task
+        try:
+            yield
+        except EngineError as exc:  # expected: busy, timed out, unavailable…
+            log.info("%s: %s", context, exc)
+            await _try(respond(f"⚠️ {exc}"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", context)
+            await _try(respond(SORRY))
+        finally:
+            self._in_flight.pop(key, None)
+            self._deleted.discard(key)
+
+    async def drain(self, grace_s: float) -> None:
+        """Take no new questions, give running answers ``grace_s`` to finish, stop the rest."""
+        self.accepting = False
+        tasks = [t for t in self._in_flight.values() if not t.done()]
+        if not tasks:
+            return
+        log.info("waiting up to %.0f s for %d answers to finish", grace_s, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+
+
+def _responder(interaction: discord.Interaction) -> Callable[[str], Awaitable[object]]:
+    """Send a short message to the user, whether or not the interaction was answered yet."""
+
+    async def respond(text: str) -> object:
+        if interaction.response.is_done():
+            return await interaction.edit_original_response(content=text, embed=None)
+        return await interaction.response.send_message(text, ephemeral=True)
+
+    return respond
+
+
+async def _try(message: Awaitable[object]) -> None:
+    try:
+        await message
+    except discord.HTTPException as exc:
+        log.warning("could not tell the user about a failure: %s", exc)
+
+
+async def _show_comparison(
+    interaction: discord.Interaction, question: str, base: Answer, finetuned: Answer
+) -> None:
+    """One embed with the two answers side by side when they fit, else two labelled parts."""
+    texts = {"base": base.text.strip(), "finetuned": finetuned.text.strip()}
+    texts = {label: text or "_(empty answer)_" for label, text in texts.items()}
+    if all(len(text) <= EMBED_FIELD_LIMIT for text in texts.values()):
+        embed = discord.Embed(title=_shorten(question, 256), colour=discord.Colour.blue())
+        for label, text in texts.items():
+            embed.add_field(name=label, value=text, inline=True)
+        await interaction.edit_original_response(embed=embed)
+        return
+    parts = [p for label, text in texts.items() for p in split_message(f"**{label}**\n{text}")]
+    await interaction.edit_original_response(content=parts[0])
+    for part in parts[1:]:
+        await interaction.followup.send(part)
+
+
+def _status_embed(engine: Engine) -> discord.Embed:
+    status = engine.status()
+    embed = discord.Embed(title="Freeski bot status", colour=discord.Colour.green())
+    rows = {
+        "Model": status.model,
+        "Adapter": status.adapter or "none (base only)",
+        "Backend": f"{status.backend} on {status.device}",
+        "Ready": "yes" if status.ready else "loading…",
+        "Queue": f"{status.queue_depth}/{status.queue_size} waiting, batches of up to {status.max_batch}",
+        "Served": f"{status.requests_served} answers in {status.batches_served} batches",
+        "Throughput": f"{status.tokens_per_s:.1f} tokens/s ({status.tokens_generated} tokens in all)",
+        "Uptime": _duration(status.uptime_s),
+    }
+    for name, value in rows.items():
+        embed.add_field(name=name, value=_shorten(value, EMBED_FIELD_LIMIT), inline=True)
+    return embed
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"

@@ -1,0 +1,119 @@
+"""``python -m bot --console``: chat with the model in a terminal, through the same engine.
+
+For operators trying a model before wiring Discord, and for the offline demo.
+Each line is a question to the finetuned model (the base model when no
+adapter is loaded); ``/compare QUESTION`` asks both, ``/base QUESTION`` the
+base only, ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from bot.engine import Engine, EngineError, Message, Variant
+from bot.settings import EngineSettings
+
+HELP = "Ask a question, or: /compare QUESTION, /base QUESTION, /reset, /quit"
+
+
+class ConsoleChat:
+    """A conversation held in memory, answered by ``engine``; output goes to ``out``."""
+
+    def __init__(self, engine: Engine, *, system_prompt: str = "", out: TextIO = sys.stdout):
+        self.engine = engine
+        self.system_prompt = system_prompt
+        self.out = out
+        self.history: list[Message] = []
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _messages(self, question: str) -> list[Message]:
+        system: list[Message] = (
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        )
+        return [*system, *self.history, {"role": "user", "content": question}]
+
+    async def handle(self, line: str) -> bool:
+        """Answer one input line; False when the user asked to leave."""
+        command, _, rest = line.strip().partition(" ")
+        if not line.strip():
+            return True
+        if command in {"/quit", "/exit"}:
+            return False
+        if command == "/help":
+            self._write(HELP + "\n")
+        elif command == "/reset":
+            self.history.clear()
+            self._write("(conversation forgotten)\n")
+        elif command == "/compare":
+            await self._compare(rest.strip())
+        elif command == "/base":
+            await self._ask(rest.strip(), "base")
+        else:
+            default: Variant = "finetuned" if self.engine.status().adapter else "base"
+            await self._ask(line.strip(), default)
+        return True
+
+    async def _ask(self, question: str, variant: Variant) -> None:
+        if not question:
+            self._write(HELP + "\n")
+            return
+        self._write(f"[{variant}] ")
+        try:
+            answer = await self.engine.generate(
+                self._messages(question), variant=variant, on_text=self._write
+            )
+        except EngineError as exc:
+            self._write(f"\nerror: {exc}\n")
+            return
+        self._write("\n")
+        self.history += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer.text},
+        ]
+
+    async def _compare(self, question: str) -> None:
+        if not question:
+            self._write(HELP + "\n")
+            return
+        try:
+            base, finetuned = await self.engine.compare(self._messages(question))
+        except EngineError as exc:
+            self._write(f"error: {exc}\n")
+            return
+        for answer in (base, finetuned):
+            self._write(f"--- {answer.variant} ---\n{answer.text}\n")
+
+
+async def run_console(
+    settings: EngineSettings,
+    *,
+    engine: Engine | None = None,
+    read_line: Callable[[], str] = input,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Load the engine and chat until ``/quit`` or end of input."""
+    if engine is None:
+        from bot.engine_factory import build_engine
+
+        engine = build_engine(settings)
+    out.write("loading the model…\n")
+    await engine.start()
+    chat = ConsoleChat(engine, system_prompt=settings.system_prompt, out=out)
+    out.write(HELP + "\n")
+    try:
+        while True:
+            try:
+                line = await asyncio.to_thread(read_line)
+            except EOFError:
+                break
+            if not await chat.handle(line):
+                break
+    finally:
+        await engine.close()
+    return 0

@@ -1,0 +1,35 @@
+"""A per-user sliding-window rate limit, so one user cannot monopolise the GPU."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+
+
+class RateLimiter:
+    """At most ``per_window`` requests per key in any ``window_s`` seconds; 0 means no limit."""
+
+    def __init__(
+        self,
+        per_window: int,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self.clock = clock
+        self._hits: dict[Hashable, deque[float]] = {}
+
+    def acquire(self, key: Hashable) -> float | None:
+        """Count a request for ``key``: None if allowed, else the seconds until it would be."""
+        if self.per_window <= 0:
+            return None
+        now = self.clock()
+        hits = self._hits.setdefault(key, deque())
+        while hits and now - hits[0] >= self.window_s:
+            hits.popleft()
+        if len(hits) >= self.per_window:
+            return self.window_s - (now - hits[0])
+        hits.append(now)
+        return None

@@ -1,0 +1,128 @@
+"""Streaming an answer into Discord: one message edited as text arrives, then split to fit.
+
+Discord rate-limits message edits (about five per five seconds per channel),
+so the text is shown at most once per ``interval_s`` whatever the model's
+pace; the final answer replaces the preview and overflows into further
+messages at the 2,000-character limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+import discord
+
+from bot.messages import DISCORD_MESSAGE_LIMIT, split_message
+
+log = logging.getLogger(__name__)
+
+STREAMING_MARK = " …"
+
+
+class ReplyTarget(Protocol):
+    """Where an answer is shown: a reply to a mention, or an interaction's response."""
+
+    async def show(self, content: str) -> None:
+        """Create or edit the first message of the answer."""
+
+    async def finish(self, parts: list[str]) -> list[discord.Message]:
+        """Show the final answer: the first part in the first message, the rest after it."""
+
+
+class MessageReply:
+    """Answers a mention: a reply to the question, continued by replies to each part.
+
+    Each part replies to the previous one, so a user replying to any part of a
+    long answer still reaches the whole conversation up the chain.
+    """
+
+    def __init__(self, question: discord.Message) -> None:
+        self.question = question
+        self.message: discord.Message | None = None
+
+    async def show(self, content: str) -> None:
+        if self.message is None:
+            self.message = await self.question.reply(content)
+        else:
+            self.message = await self.message.edit(content=content)
+
+    async def finish(self, parts: list[str]) -> list[discord.Message]:
+        await self.show(parts[0])
+        assert self.message is not None
+        sent = [self.message]
+        for part in parts[1:]:
+            sent.append(await sent[-1].reply(part))
+        return sent
+
+
+class InteractionReply:
+    """Answers a deferred slash command: edits the "thinking…" response, then follows up."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+
+    async def show(self, content: str) -> None:
+        await self.interaction.edit_original_response(content=content)
+
+    async def finish(self, parts: list[str]) -> list[discord.Message]:
+        sent = [await self.interaction.edit_original_response(content=parts[0])]
+        for part in parts[1:]:
+            sent.append(await self.interaction.followup.send(part, wait=True))
+        return sent
+
+
+class LiveText:
+    """Accumulates streamed text and shows it on a :class:`ReplyTarget`, at most once per interval."""
+
+    def __init__(self, target: ReplyTarget, *, interval_s: float = 1.0, prefix: str = "") -> None:
+        self.target = target
+        self.interval_s = interval_s
+        self.prefix = prefix
+        self.text = ""
+        self._shown = ""
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def feed(self, delta: str) -> None:
+        """Add streamed text; called from the event loop, never blocks."""
+        self.text += delta
+        self._changed.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._show_periodically())
+
+    async def _show_periodically(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            preview = self.preview()
+            if preview != self._shown:
+                try:
+                    await self.target.show(preview)
+                    self._shown = preview
+                except discord.HTTPException as exc:  # a missed preview is harmless
+                    log.warning("could not show streamed text: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    def preview(self) -> str:
+        """The text so far, marked as still being written and cut to one message."""
+        room = DISCORD_MESSAGE_LIMIT - len(self.prefix) - len(STREAMING_MARK)
+        return self.prefix + self.text.strip()[:room] + STREAMING_MARK
+
+    async def stop(self) -> None:
+        """Stop previewing (before the final answer replaces the preview)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def finish(self, text: str, *, note: str = "") -> list[discord.Message]:
+        """Replace the preview by the final ``text`` (plus ``note``), split to Discord's limit."""
+        await self.stop()
+        body = (self.prefix + text.strip()).strip() or "_(the model gave an empty answer)_"
+        if note:
+            body = f"{body}\n\n{note}"
+        return await self.target.finish(split_message(body))
