@@ -273,7 +273,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         double_quant=config.bnb_4bit_use_double_quant,
     )
     import torch
-    from transformers import ProgressCallback
+    from transformers import ProgressCallback, set_seed
     from trl import SFTTrainer
 
     from finetune.callbacks import ExtendedSchedule, LogLine, MetricsLog
@@ -281,6 +281,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
     if fit is not None:
         print(format_estimate(*fit, gpu), file=sys.stderr)
     model = load_base_model(config.model, quant=quant, device=device)
+    set_seed(config.seed)  # the LoRA A matrices are random: the seed makes a run repeatable
     model = attach_new_adapter(model, lora_config(config))
     trainer = SFTTrainer(
         model=model,

@@ -1,0 +1,233 @@
+"""Training end to end on the tiny model on CPU: the run directory, resume, reload, evaluate, merge."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.config import FinetuneConfig, parse_config
+from finetune.errors import UserError
+from finetune.report import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "dataset"
+RUN_FILES = (
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/tokenizer_config.json",
+    "adapter/chat_template.jinja",
+    "config.yaml",
+    "manifest.json",
+    "metrics.jsonl",
+    "loss.png",
+    "samples.md",
+)
+
+
+def tiny_config(model_dir: Path, run_dir: Path, *extra: str) -> FinetuneConfig:
+    """The shipped tiny-cpu.yaml, cut down to a few seconds of training."""
+    return parse_config(
+        [
+            "--config",
+            str(REPO / "configs" / "tiny-cpu.yaml"),
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(FIXTURE),
+            "--output-dir",
+            str(run_dir),
+            "--max-steps",
+            "4",
+            "--per-device-train-batch-size",
+            "4",
+            "--max-length",
+            "128",
+            "--logging-steps",
+            "1",
+            "--eval-steps",
+            "2",
+            "--save-steps",
+            "2",
+            "--eval-max-rows",
+            "4",
+            "--num-samples",
+            "2",
+            "--sample-max-new-tokens",
+            "8",
+            *extra,
+        ]
+    )
+
+
+def train(config: FinetuneConfig, callbacks=()):
+    from finetune.train import train as run_training
+
+    return run_training(config, callbacks=callbacks)
+
+
+def lora_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(adapter_dir / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    train(tiny_config(tiny_model_dir, run_dir))
+    return run_dir
+
+
+def test_run_directory_has_every_file(trained_run: Path):
+    for name in RUN_FILES:
+        assert (trained_run / name).is_file(), name
+    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir() if p.is_dir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    manifest = json.loads((trained_run / "manifest.json").read_text())
+    assert manifest["steps"] == 4
+    assert manifest["dataset"]["sha256"] and manifest["dataset"]["train_rows_too_long"] == 0
+    assert manifest["libraries"]["trl"] and manifest["peak_memory"]["bytes"] > 0
+    records = read_metrics(trained_run / "metrics.jsonl")
+    assert manifest["final_train_loss"] == [r["loss"] for r in records if "loss" in r][-1]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    saved = FinetuneConfig.load(trained_run / "config.yaml")
+    assert saved.max_steps == 4 and saved.run_dir == trained_run
+    samples = (trained_run / "samples.md").read_text()
+    assert samples.count("| Forum answer (ground truth) | Base model | Finetuned |") == 2
+
+
+def test_saved_adapter_reloads_and_reproduces_the_samples(trained_run: Path, tiny_model_dir: Path):
+    """samples.md was written by the in-memory model; the reloaded adapter must say the same."""
+    from finetune.data import load_dataset_dir
+    from finetune.generation import GenerationSettings, generate_texts
+    from finetune.modeling import load_for_inference
+    from finetune.report import table_cell
+
+    assert any(
+        t.abs().sum() > 0 for n, t in lora_tensors(trained_run / "adapter").items() if "lora_B" in n
+    )
+    model, tokenizer = load_for_inference(tiny_model_dir, trained_run / "adapter")
+    question = load_dataset_dir(FIXTURE).test[0]["prompt"]
+    settings = GenerationSettings(max_new_tokens=8)
+    base, finetuned = generate_texts(
+        model, tokenizer, [question, question], settings, variants=["base", "finetuned"]
+    )
+    assert (
+        f"| {table_cell(base)} | {table_cell(finetuned)} |"
+        in (trained_run / "samples.md").read_text()
+    )
+
+
+def test_an_existing_run_is_not_overwritten(trained_run: Path, tiny_model_dir: Path):
+    from finetune.train import prepare_run_dir
+
+    with pytest.raises(UserError, match="already holds a run: pass --resume"):
+        prepare_run_dir(tiny_config(tiny_model_dir, trained_run))
+    with pytest.raises(UserError, match="--resume cannot change lora_r"):
+        prepare_run_dir(tiny_config(tiny_model_dir, trained_run, "--resume", "--lora-r", "4"))
+    with pytest.raises(UserError, match="nothing to resume"):
+        prepare_run_dir(tiny_config(tiny_model_dir, trained_run.parent / "empty", "--resume"))
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(
+    trained_run: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    """Killed after checkpoint-2, resumed: it ends where the uninterrupted run ended."""
+    from transformers import TrainerCallback
+
+    class InterruptAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model_dir, run_dir), callbacks=[InterruptAtStep3()])
+    assert not (run_dir / "manifest.json").exists()
+
+    result = train(tiny_config(tiny_model_dir, run_dir, "--resume"))
+    assert result.manifest["resumed_from"] == "checkpoint-2"
+    assert result.manifest["steps"] == 4
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # step 3 of the killed run was dropped, not duplicated
+
+    resumed, straight = lora_tensors(run_dir / "adapter"), lora_tensors(trained_run / "adapter")
+    assert resumed.keys() == straight.keys()
+    for name, tensor in straight.items():  # same optimizer state, RNG and data order
+        assert resumed[name].allclose(tensor, atol=1e-5), name
+
+    # A larger --max-steps extends the run; its first new step must actually learn.
+    train(tiny_config(tiny_model_dir, run_dir, "--resume", "--max-steps", "5", "--save-steps", "1"))
+    before = lora_tensors(run_dir / "checkpoints" / "checkpoint-4")
+    after = lora_tensors(run_dir / "checkpoints" / "checkpoint-5")
+    assert any(not after[name].equal(before[name]) for name in before)
+
+
+def test_loss_falls_when_overfitting_one_small_batch(tiny_model_dir: Path, tmp_path: Path):
+    rows = (FIXTURE / "train.jsonl").read_text().splitlines()[:2]
+    dataset = tmp_path / "two-rows"
+    dataset.mkdir()
+    (dataset / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (dataset / "test.jsonl").write_text(rows[0] + "\n")
+    config = tiny_config(
+        tiny_model_dir,
+        tmp_path / "overfit",
+        "--dataset",
+        str(dataset),
+        "--max-steps",
+        "25",
+        "--per-device-train-batch-size",
+        "2",
+        "--lr-scheduler-type",
+        "constant",
+        "--eval-steps",
+        "25",
+        "--save-steps",
+        "25",
+        "--num-samples",
+        "0",
+    )
+    result = train(config)
+    losses = [r["loss"] for r in read_metrics(config.run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 25
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert result.manifest["final_eval_loss"] < losses[0]
+
+
+def test_evaluate_and_merge(trained_run: Path, tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.evaluate import evaluate_run
+    from finetune.merge import merge_run
+    from finetune.modeling import QuantOptions, load_adapter, load_base_model
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(
+        json.dumps(
+            [
+                {"id": "wax", "kind": "short", "question": "Which wax for slush?"},
+                {"id": "capital", "kind": "off-topic", "question": "Capital of France?"},
+            ]
+        )
+    )
+    report = evaluate_run(trained_run, prompts=prompts, max_new_tokens=4)
+    assert report.test_rows == len((FIXTURE / "test.jsonl").read_text().splitlines())
+    assert report.base_loss > 0 and report.finetuned_loss > 0
+    assert report.base_loss != report.finetuned_loss
+    assert [a.id for a in report.answers] == ["wax", "capital"]
+    saved = json.loads((trained_run / "evaluation.json").read_text())
+    assert saved["finetuned_perplexity"] == pytest.approx(report.finetuned_perplexity)
+
+    merged_dir = merge_run(trained_run, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    config = FinetuneConfig.load(trained_run / "config.yaml")
+    base = load_base_model(config.model, quant=QuantOptions(load_in_4bit=False), device="cpu")
+    adapted = load_adapter(base, trained_run / "adapter")
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert merged(ids).logits.allclose(adapted(ids).logits, atol=1e-4)
+    with pytest.raises(UserError, match="is not empty"):
+        merge_run(trained_run, merged_dir)
