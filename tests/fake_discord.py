@@ -134,6 +134,10 @@ class FakeDiscord:
     def next_id(self) -> int:
         return next(self._ids)
 
+    async def connected(self, timeout: float = 10.0) -> None:
+        """Wait until a client has identified on the gateway."""
+        await asyncio.wait_for(self._identified.wait(), timeout)
+
     # ---- what tests do as users ------------------------------------------------------
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
