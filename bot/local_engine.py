@@ -174,11 +174,6 @@ class LocalEngine:
                 worker.cancel(request)
             raise
 
-    def queue_position(self) -> int:
-        """Rows ahead of a question asked now (0: it starts at once)."""
-        worker = self._worker
-        return 0 if worker is None else worker.queue_depth + (1 if worker.busy else 0)
-
     def status(self) -> EngineStatus:
         worker = self._worker
         return EngineStatus(
