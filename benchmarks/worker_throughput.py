@@ -137,9 +137,9 @@ async def latency_by_concurrency(
         wall = time.perf_counter() - started
         latencies = sorted(a.total_s for a in answers)
         table[str(users)] = {
-            "tokens_per_s": sum(a.completion_tokens for a in answers) / wall,
-            "p50_s": statistics.median(latencies),
-            "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "tokens_per_s": round(sum(a.completion_tokens for a in answers) / wall, 1),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
         }
     return table
 
