@@ -73,7 +73,8 @@ async def serve(settings: BotSettings) -> int:
         connection = asyncio.create_task(bot.start(settings.discord_token))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if connection.done():
+        if connection.done():  # it ended by itself: Discord refused or could not be reached
+            await bot.close()
             _raise_login_error(connection)
         log.info("shutting down")
         await bot.close()
@@ -101,6 +102,10 @@ def _raise_login_error(connection: asyncio.Task[None]) -> None:
     except discord.PrivilegedIntentsRequired:
         raise UserError(
             "the bot needs the Message Content intent: enable it on the Developer Portal's Bot page"
+        ) from None
+    except (discord.HTTPException, discord.GatewayNotFound, OSError) as exc:
+        raise UserError(
+            f"could not connect to Discord ({exc}): check the network and retry"
         ) from None
 
 

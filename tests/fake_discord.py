@@ -93,6 +93,7 @@ class FakeDiscord:
     messages: dict[int, dict[str, Any]] = field(default_factory=dict)
     commands: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # scope → commands
     rate_limit_next: dict[str, int] = field(default_factory=dict)  # "METHOD path-prefix" → times
+    reject_token: bool = False  # answer logins with 401, as for a revoked token
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -280,6 +281,8 @@ class FakeDiscord:
     ) -> web.StreamResponse:
         parts = path.strip("/").split("/")
         if (method, path) == ("GET", "/users/@me"):
+            if self.reject_token:
+                return _json({"message": "401: Unauthorized", "code": 0}, 401)
             return _json(self.bot_user)
         if (method, path) == ("GET", "/oauth2/applications/@me"):
             return _json(self._application())

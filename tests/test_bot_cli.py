@@ -16,6 +16,7 @@ import bot.engine_factory
 from bot.__main__ import serve
 from bot.console import run_console
 from bot.settings import BotSettings, EngineSettings
+from finetune.errors import UserError
 from tests.fake_discord import GUILD_ID, FakeDiscord
 from tests.scripted_engine import ScriptedEngine
 
@@ -98,3 +99,18 @@ async def test_sigterm_disconnects_and_returns_0(monkeypatch: pytest.MonkeyPatch
     finally:
         await fake.close()
     assert not engine.ready, "the engine is released on shutdown"
+
+
+async def test_a_rejected_token_is_one_clear_error(monkeypatch: pytest.MonkeyPatch):
+    fake = FakeDiscord(reject_token=True)
+    await fake.start()
+    fake.patch_discord(monkeypatch)
+    engine = ScriptedEngine()
+    monkeypatch.setattr(bot.engine_factory, "build_engine", lambda settings: engine)
+    settings = BotSettings(discord_token="revoked-token-" + "x" * 40, engine=EngineSettings())
+    try:
+        with pytest.raises(UserError, match="Discord rejected DISCORD_TOKEN"):
+            await asyncio.wait_for(serve(settings), 20)
+    finally:
+        await fake.close()
+    assert not engine.ready
