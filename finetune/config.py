@@ -67,6 +67,13 @@ class FinetuneConfig:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "module names to adapt, or all-linear for every linear projection"},
     )
+    lora_modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "modules trained in full and saved beside the adapter (e.g. lm_head); "
+            "LoRA servers such as vLLM do not load these"
+        },
+    )
     # training
     max_steps: int = field(default=500, metadata={"help": "optimizer steps to train for"})
     per_device_train_batch_size: int = field(

@@ -200,6 +200,12 @@ def estimate_memory(shape: ModelShape, config: FinetuneConfig) -> MemoryEstimate
     shapes = shape.linear_shapes()
     targets = lora_modules(config)
     lora_params = shape.num_layers * sum(config.lora_r * sum(shapes[name]) for name in targets)
+    # modules_to_save trains a full copy of each named module
+    full_copies = {
+        "lm_head": shape.vocab_size * shape.hidden_size,
+        "embed_tokens": shape.vocab_size * shape.hidden_size,
+    }
+    lora_params += sum(full_copies.get(name, 0) for name in config.lora_modules_to_save)
     # trl casts a quantized model's LoRA weights to bf16; peft keeps them fp32 otherwise.
     lora_bytes = 2 if config.load_in_4bit else 4
     optimizer = OPTIMIZER_BYTES_PER_PARAM[optimizer_name(config, on_cuda=True)] * lora_params

@@ -56,6 +56,7 @@ FROZEN_ON_RESUME = (
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
+    "lora_modules_to_save",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "packing",
@@ -130,6 +131,7 @@ def lora_config(config: FinetuneConfig) -> Any:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
+        modules_to_save=list(config.lora_modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -41,14 +41,17 @@ def test_8gb_config_fits_8gb_only_with_checkpointing():
     assert longer.activations_checkpointed > estimate.activations_checkpointed
 
 
-def test_lora_parameter_count_matches_peft(tiny_model_dir: Path):
+@pytest.mark.parametrize("modules_to_save", [[], ["lm_head"]])
+def test_lora_parameter_count_matches_peft(tiny_model_dir: Path, modules_to_save: list[str]):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from finetune.train import lora_config
 
-    config = FinetuneConfig(model=str(tiny_model_dir), lora_r=4)
+    config = FinetuneConfig(
+        model=str(tiny_model_dir), lora_r=4, lora_modules_to_save=modules_to_save
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trainable, _ = get_peft_model(model, lora_config(config)).get_nb_trainable_parameters()
     assert estimate_memory(load_shape(str(tiny_model_dir)), config).lora_params == trainable
