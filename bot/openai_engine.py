@@ -286,6 +286,7 @@ class OpenAIEngine:
         timeout_s = self._settings.request_timeout_s
         started = time.monotonic()
         self._in_flight += 1
+        metrics.QUEUE_DEPTH.set(self._in_flight)
         try:
             stream = await asyncio.wait_for(
                 self._complete(self._session, payload, started, on_text), timeout_s
@@ -297,6 +298,7 @@ class OpenAIEngine:
             ) from None
         finally:
             self._in_flight -= 1
+            metrics.QUEUE_DEPTH.set(self._in_flight)
         total_s = time.monotonic() - started
         completion_tokens = (
             stream.completion_tokens
@@ -308,6 +310,7 @@ class OpenAIEngine:
         self._recent_tokens.add(completion_tokens)
         self._recent_latency_s = 0.8 * self._recent_latency_s + 0.2 * total_s
         metrics.GENERATED_TOKENS.labels(variant).inc(completion_tokens)
+        metrics.TOKENS_PER_SECOND.set(self._recent_tokens.per_second())
         if stream.first_token_s is not None:
             metrics.FIRST_TOKEN_SECONDS.observe(stream.first_token_s)
         return Answer(

@@ -33,6 +33,7 @@ class ScriptedEngine:
         self.fail_after_words: tuple[int, BaseException] | None = None
         self.requests: list[tuple[Variant, list[Message], int | None]] = []
         self.cancelled = 0
+        self.was_cancelled = asyncio.Event()
         self.in_flight = 0
         self.ready = False
         self._served = 0
@@ -75,6 +76,7 @@ class ScriptedEngine:
                     on_text(piece)
         except asyncio.CancelledError:
             self.cancelled += 1
+            self.was_cancelled.set()
             raise
         finally:
             self.in_flight -= 1

@@ -1,0 +1,207 @@
+"""One test suite every :class:`~bot.engine.Engine` must pass, whatever answers behind it.
+
+The Discord bot, the HTTP API and the demo only know the protocol, so each
+engine is held to the same behaviour: streamed text is the answer, both
+variants answer and differ, ``compare`` equals two single answers, concurrent
+questions never mix, status and metrics count what was served, a closed
+engine refuses work. The engines:
+
+- ``scripted``: the test double the API tests stand on (it must honour the contract too);
+- ``openai-over-api``: :class:`OpenAIEngine` talking to this project's own API, over the
+  scripted engine, on loopback: the API works as an OpenAI-compatible server;
+- ``openai-over-fake``: :class:`OpenAIEngine` against a vLLM-like loopback server;
+- ``local``: :class:`LocalEngine` with the tiny model and a random adapter (4-bit, CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_openai import FakeOpenAIServer
+from loopback import serve_app
+from prometheus_client import REGISTRY
+from scripted_engine import ScriptedEngine
+
+from bot.api import create_app
+from bot.engine import VARIANTS, Engine, EngineError, Message
+from bot.engine_factory import build_engine
+from bot.openai_engine import OpenAIEngine, RetryPolicy
+from bot.settings import ApiSettings, EngineSettings
+
+pytestmark = pytest.mark.timeout(120)
+
+QUESTION: list[Message] = [{"role": "user", "content": "How do I stop catching edges on rails?"}]
+GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0, "max_new_tokens": 8}
+FAST_RETRY = RetryPolicy(attempts=2, initial_backoff_s=0.01)
+
+EngineFactory = Callable[[pytest.FixtureRequest], contextlib.AbstractAsyncContextManager[Engine]]
+
+
+@contextlib.asynccontextmanager
+async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    yield ScriptedEngine()
+
+
+@contextlib.asynccontextmanager
+async def openai_over_api(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    backend = ScriptedEngine()
+    await backend.start()
+    async with serve_app(create_app(backend, ApiSettings())) as url:
+        yield OpenAIEngine(
+            EngineSettings(backend="openai", openai_base_url=f"{url}/v1", **GREEDY),
+            retry=FAST_RETRY,
+        )
+    await backend.close()
+
+
+@contextlib.asynccontextmanager
+async def openai_over_fake(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    async with FakeOpenAIServer() as server:
+        yield OpenAIEngine(
+            EngineSettings(
+                backend="openai",
+                openai_base_url=server.url,
+                base_model_name="base-model-id",
+                finetuned_model_name="freeski-lora",
+                **GREEDY,
+            ),
+            retry=FAST_RETRY,
+        )
+
+
+@contextlib.asynccontextmanager
+async def local(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    local_engine = pytest.importorskip("bot.local_engine", reason="bot.local_engine not built yet")
+    model_dir: Path = request.getfixturevalue("tiny_model_dir")
+    adapter_dir: Path = request.getfixturevalue("tiny_adapter_dir")
+    settings = EngineSettings(
+        base_model=str(model_dir), adapter_path=adapter_dir, max_batch=8, **GREEDY
+    )
+    yield local_engine.LocalEngine(
+        settings, model_and_tokenizer=request.getfixturevalue("tiny_loaded")
+    )
+
+
+ENGINES: dict[str, EngineFactory] = {
+    "scripted": scripted,
+    "openai-over-api": openai_over_api,
+    "openai-over-fake": openai_over_fake,
+    "local": local,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_dir: Path, tiny_adapter_dir: Path) -> tuple[Any, Any]:
+    """The tiny model, 4-bit with the adapter unmerged, loaded once for every local test."""
+    from finetune.modeling import load_for_inference
+
+    return load_for_inference(tiny_model_dir, tiny_adapter_dir, load_in_4bit=True)
+
+
+@pytest.fixture(params=list(ENGINES))
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    async with ENGINES[request.param](request) as built:
+        assert isinstance(built, Engine)
+        await built.start()
+        try:
+            yield built
+        finally:
+            await built.close()
+
+
+def answers_counted(variant: str, outcome: str) -> float:
+    labels = {"variant": variant, "outcome": outcome}
+    return REGISTRY.get_sample_value("freeski_answers_total", labels) or 0.0
+
+
+def tokens_counted(variant: str) -> float:
+    labels = {"variant": variant}
+    return REGISTRY.get_sample_value("freeski_generated_tokens_total", labels) or 0.0
+
+
+async def test_streamed_text_is_the_answer(engine: Engine) -> None:
+    for variant in VARIANTS:
+        deltas: list[str] = []
+        answer = await engine.generate(
+            QUESTION, variant=variant, max_new_tokens=6, on_text=deltas.append
+        )
+        assert answer.variant == variant
+        assert "".join(deltas) == answer.text
+        assert 0 < answer.completion_tokens <= 6
+        assert answer.finish_reason in ("stop", "length")
+        if answer.finish_reason == "length":
+            assert answer.completion_tokens == 6
+        if answer.text:
+            assert answer.first_token_s is not None
+            assert 0 <= answer.first_token_s <= answer.total_s
+
+
+async def test_variants_differ_and_compare_equals_each_alone(engine: Engine) -> None:
+    base = await engine.generate(QUESTION, variant="base", max_new_tokens=6)
+    finetuned = await engine.generate(QUESTION, variant="finetuned", max_new_tokens=6)
+    assert base.text != finetuned.text
+
+    streamed = {"base": "", "finetuned": ""}
+
+    def on_text(variant: str, text: str) -> None:
+        streamed[variant] += text
+
+    compared = await engine.compare(QUESTION, max_new_tokens=6, on_text=on_text)
+    assert [a.variant for a in compared] == ["base", "finetuned"]
+    assert [a.text for a in compared] == [base.text, finetuned.text]
+    assert streamed == {"base": base.text, "finetuned": finetuned.text}
+
+
+async def test_concurrent_questions_each_get_their_own_answer(engine: Engine) -> None:
+    questions: list[list[Message]] = [
+        [{"role": "user", "content": f"Best {topic}?"}]
+        for topic in ("skis", "boots", "bindings", "poles")
+    ]
+    alone = [(await engine.generate(q, max_new_tokens=5)).text for q in questions]
+    together = await asyncio.gather(*(engine.generate(q, max_new_tokens=5) for q in questions))
+    assert [a.text for a in together] == alone
+    assert len(set(alone)) > 1
+
+
+async def test_status_counts_what_was_served(engine: Engine) -> None:
+    before = engine.status()
+    answer = await engine.generate(QUESTION, max_new_tokens=4)
+    after = engine.status()
+    assert after.ready and after.backend == before.backend and after.backend
+    assert after.requests_served == before.requests_served + 1
+    assert after.tokens_generated == before.tokens_generated + answer.completion_tokens
+    assert after.queue_depth == 0
+    assert after.uptime_s >= before.uptime_s
+
+
+async def test_answers_are_counted_in_the_shared_metrics(engine: Engine) -> None:
+    if isinstance(engine, ScriptedEngine):
+        pytest.skip("the scripted double stands in for engines; it reports no metrics")
+    answers_before = {outcome: answers_counted("base", outcome) for outcome in ("stop", "length")}
+    tokens_before = tokens_counted("base")
+    answer = await engine.generate(QUESTION, variant="base", max_new_tokens=4)
+    outcome = answer.finish_reason
+    assert answers_counted("base", outcome) == answers_before[outcome] + 1
+    assert tokens_counted("base") == tokens_before + answer.completion_tokens
+
+
+async def test_start_is_idempotent_and_a_closed_engine_refuses_work(engine: Engine) -> None:
+    await engine.start()
+    assert (await engine.generate(QUESTION, max_new_tokens=2)).completion_tokens > 0
+    await engine.close()
+    assert engine.status().ready is False
+    with pytest.raises(EngineError):
+        await engine.generate(QUESTION, max_new_tokens=2)
+    await engine.close()
+
+
+def test_the_factory_builds_the_configured_backend() -> None:
+    remote = build_engine(EngineSettings(backend="openai"))
+    assert isinstance(remote, OpenAIEngine)
+    local_engine = pytest.importorskip("bot.local_engine", reason="bot.local_engine not built yet")
+    assert isinstance(build_engine(EngineSettings(backend="local")), local_engine.LocalEngine)
