@@ -348,7 +348,7 @@ def test_python_m_bot_api_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) ->
         "LOG_LEVEL": "INFO",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "bot.api", "--port", "0"],
+        [sys.executable, "-m", "bot", "api", "--port", "0"],
         cwd=tmp_path,  # no .env from the checkout
         env={**env, "PYTHONPATH": str(REPO)},
         stderr=subprocess.PIPE,
