@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import aiohttp
 import pytest
 from loopback import serve_app
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 from scripted_engine import ScriptedEngine
 
+from bot import metrics
 from bot.api import create_app
 from bot.engine import EngineBusy, Message
 from bot.metrics_server import start_metrics_server
@@ -85,3 +91,19 @@ def test_a_port_in_use_is_one_clear_error() -> None:
             start_metrics_server(server.port, host="127.0.0.1")
     finally:
         server.close()
+
+
+def test_the_grafana_dashboard_charts_every_metric_and_only_those() -> None:
+    dashboard = json.loads((Path(__file__).parents[1] / "docs/grafana-dashboard.json").read_text())
+    charted = {
+        re.sub(r"_(bucket|sum|count|total)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"freeski_\w+", target["expr"])
+    }
+    defined = {
+        metric.describe()[0].name
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+    }
+    assert charted == defined
