@@ -294,8 +294,10 @@ class ChatApi:
                     piece = await pieces.get()
                 try:
                     answer = task.result()
-                except EngineError as error:
+                except Exception as error:
                     # Too late for a status code: say it in the stream, as vLLM does.
+                    if not isinstance(error, EngineError):
+                        log.error("answer %s failed", completion_id, exc_info=error)
                     await _send(response, _error_event(error))
                 else:
                     await _send(response, chunk({}, answer.finish_reason))
@@ -413,11 +415,15 @@ async def _send(response: web.StreamResponse, event: Mapping[str, Any]) -> None:
     await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
 
-def _error_event(error: EngineError) -> dict[str, Any]:
-    kind = {EngineTimeout: "timeout", EngineUnavailable: "service_unavailable"}.get(
-        type(error), "server_error"
-    )
-    return {"error": {"message": str(error), "type": kind, "param": None, "code": None}}
+def _error_event(error: Exception) -> dict[str, Any]:
+    if isinstance(error, EngineTimeout):
+        kind = "timeout"
+    elif isinstance(error, EngineUnavailable):
+        kind = "service_unavailable"
+    else:
+        kind = "server_error"
+    message = str(error) if isinstance(error, EngineError) else "Internal server error."
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
 def _usage(answer: Answer) -> dict[str, int]:
