@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from finetune.errors import UserError, cli_entry
@@ -146,15 +145,8 @@ COMMANDS = {
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal to our progress bar and log lines.
-
-    datasets draws a bar for every map over a few hundred in-memory rows, and
-    trl calls a transformers method that warns about its own rename.
-    """
+    """datasets draws a progress bar for every map over a few hundred in-memory rows."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings(
-        "ignore", message=r".*is_gradient_checkpointing", category=FutureWarning
-    )
 
 
 @cli_entry

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,10 +29,15 @@ DEFAULT_ADAPTER_NAME = "finetuned"
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
 
-def _quiet_bitsandbytes() -> None:
-    """bitsandbytes logs a CPU-kernel warning on every import; keep user output clean."""
+def _quiet_libraries() -> None:
+    """Keep user output to what they can act on.
+
+    bitsandbytes logs a CPU-kernel warning on every import, and peft and trl
+    call a transformers method that warns about its own rename.
+    """
     for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing", category=FutureWarning)
 
 
 def hub_offline() -> bool:
@@ -142,7 +148,7 @@ def load_base_model(
 ) -> PreTrainedModel:
     """Load the frozen base, 4-bit NF4 by default, on the best device there is."""
     source = resolve_model_source(name_or_path)
-    _quiet_bitsandbytes()
+    _quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -54,6 +54,10 @@ class TinyModelSpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
+    # Wider than Mistral's 0.02: with a near-uniform random LM head every logit
+    # stays within about +-1.3, and a LoRA adapter cannot steer the output far
+    # enough for a short CPU run to show any learning.
+    initializer_range: float = 0.1
 
     def validate(self) -> None:
         head_dim, rest = divmod(self.hidden_size, self.num_attention_heads)
@@ -131,6 +135,7 @@ def build_tiny_model(
         num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.hidden_size // spec.num_attention_heads,
         max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
         sliding_window=None,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

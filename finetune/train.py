@@ -14,6 +14,7 @@ for the new total and the resumed steps follow it (see :class:`ExtendedSchedule`
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -193,6 +194,20 @@ def peak_memory() -> dict[str, Any]:
     }
 
 
+def distinct_questions(rows: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """One row per question: a thread's replies share a prompt, and samples.md should not repeat it."""
+    seen: set[str] = set()
+    chosen = []
+    for row in rows:
+        key = json.dumps(row["prompt"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(row)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
 def write_samples(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], config: FinetuneConfig, path: Path
 ) -> Path:
@@ -323,7 +338,11 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         records, run_dir / LOSS_PLOT_FILE, title=f"{Path(config.model).name} on {config.dataset}"
     )
     write_samples(
-        trainer.model, tokenizer, splits.test[: config.num_samples], config, run_dir / SAMPLES_FILE
+        trainer.model,
+        tokenizer,
+        distinct_questions(splits.test, config.num_samples),
+        config,
+        run_dir / SAMPLES_FILE,
     )
     manifest = {
         "base_model": config.model,

@@ -231,3 +231,17 @@ def test_evaluate_and_merge(trained_run: Path, tmp_path: Path):
         assert merged(ids).logits.allclose(adapted(ids).logits, atol=1e-4)
     with pytest.raises(UserError, match="is not empty"):
         merge_run(trained_run, merged_dir)
+
+
+def test_samples_use_each_question_once():
+    from finetune.train import distinct_questions
+
+    def row(question: str, answer: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer}],
+        }
+
+    rows = [row("q1", "a"), row("q1", "b"), row("q2", "c"), row("q3", "d")]
+    assert [r["completion"][0]["content"] for r in distinct_questions(rows, 2)] == ["a", "c"]
+    assert len(distinct_questions(rows, 10)) == 3
