@@ -37,7 +37,9 @@ def _quiet_libraries() -> None:
     """
     for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*is_gradient_checkpointing", category=FutureWarning
+    )
 
 
 def hub_offline() -> bool:
@@ -122,6 +124,18 @@ class QuantOptions:
         )
 
 
+def _from_pretrained(auto_class: Any, source: str, **kwargs: Any) -> Any:
+    """``from_pretrained`` with hub failures (no network, gated repo, bad id) as one line."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"could not load {source!r}: {reason} "
+            "(a local directory, or HF_HUB_OFFLINE=1 with the model cached, avoids the network)"
+        ) from exc
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """Load a tokenizer ready for batched, left-padded generation and for training.
 
@@ -131,7 +145,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name_or_path, required_file="tokenizer_config.json")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = _from_pretrained(AutoTokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -160,10 +174,7 @@ def load_base_model(
         kwargs["quantization_config"] = quant.bnb_config(dtype)
     if device.startswith("cuda"):
         kwargs["device_map"] = {"": torch.device(device).index or 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise UserError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from exc
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     if not device.startswith("cuda") and not quant.load_in_4bit:
         model.to(device)
     return model

@@ -148,3 +148,17 @@ def test_missing_adapter_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path):
     model = load_base_model(tiny_model_dir, quant=QuantOptions(load_in_4bit=False))
     with pytest.raises(UserError, match="no adapter at"):
         load_adapter(model, tmp_path)
+
+
+def test_hub_failures_become_one_line(monkeypatch):
+    from transformers import AutoTokenizer
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to the Hub to load the files.\nCheck your connection.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(UserError) as info:
+        load_tokenizer("mistralai/Mistral-7B-Instruct-v0.2")
+    assert "\n" not in str(info.value)
+    assert "couldn't connect" in str(info.value)
