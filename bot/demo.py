@@ -40,6 +40,8 @@ def _done(started: float) -> None:
 
 def _run(*args: str) -> None:
     """Run one of the product's own commands, as an operator would type it."""
+    # Paths inside the checkout are shown (and passed) relative to it, as a user would type them.
+    args = tuple(os.path.relpath(a, ROOT) if a.startswith(f"{ROOT}{os.sep}") else a for a in args)
     command = [sys.executable, "-m", *args]
     print("      $ python -m " + " ".join(args), flush=True)
     result = subprocess.run(command, cwd=ROOT, check=False)

@@ -26,6 +26,13 @@ class Message(TypedDict):
 OnText = Callable[[str], None]
 
 
+def stream_for(on_text: Callable[[Variant, str], None] | None, variant: Variant) -> OnText | None:
+    """One variant's ``on_text`` out of ``compare``'s two-variant callback."""
+    if on_text is None:
+        return None
+    return lambda delta: on_text(variant, delta)
+
+
 @dataclass(frozen=True)
 class Answer:
     """One finished answer and what it cost."""

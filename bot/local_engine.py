@@ -24,6 +24,7 @@ from bot.engine import (
     Message,
     OnText,
     Variant,
+    stream_for,
 )
 from bot.settings import EngineSettings
 from bot.worker import GenerationRequest, InferenceWorker
@@ -128,14 +129,11 @@ class LocalEngine:
         on_text: Callable[[Variant, str], None] | None = None,
     ) -> tuple[Answer, Answer]:
         """Both variants as two rows of one batch: one pass over the model, not two."""
-
-        def for_variant(variant: Variant) -> OnText | None:
-            if on_text is None:
-                return None
-            return lambda delta: on_text(variant, delta)
-
         base, finetuned = await self._run(
-            [("base", for_variant("base")), ("finetuned", for_variant("finetuned"))],
+            [
+                ("base", stream_for(on_text, "base")),
+                ("finetuned", stream_for(on_text, "finetuned")),
+            ],
             messages,
             max_new_tokens,
         )

@@ -49,6 +49,7 @@ from bot.engine import (
     Message,
     OnText,
     Variant,
+    stream_for,
 )
 from bot.settings import EngineSettings
 from finetune.generation import STOP_STRINGS
@@ -225,11 +226,6 @@ class OpenAIEngine:
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
     ) -> tuple[Answer, Answer]:
-        def stream_of(variant: Variant) -> OnText | None:
-            if on_text is None:
-                return None
-            return lambda text: on_text(variant, text)
-
         # Both requests go out at once so the server can batch them together.
         tasks = [
             asyncio.ensure_future(
@@ -237,7 +233,7 @@ class OpenAIEngine:
                     messages,
                     variant=variant,
                     max_new_tokens=max_new_tokens,
-                    on_text=stream_of(variant),
+                    on_text=stream_for(on_text, variant),
                 )
             )
             for variant in VARIANTS

@@ -150,13 +150,9 @@ class Crawler:
             await queue.put(None)
 
     async def _listing_page(self, url: str, number: int) -> PageRecord:
-        stored = self.store.page(url)
-        if stored is not None and stored.settled and not self.options.refresh:
-            self.summary.pages_from_store += 1
-            return stored
-        result = await self._fetch(url, stored)
-        if result.state == "not_modified" and stored is not None:
-            self.store.save_page(stored)
+        stored, result = await self._fetch_unless_stored(url)
+        if result is None:
+            assert stored is not None
             return stored
         record = _record(result, url, "listing", number)
         if result.state != "ok":
@@ -213,13 +209,9 @@ class Crawler:
         return "partial"  # more pages than --pages-per-thread
 
     async def _thread_page(self, thread: ThreadRow, url: str, number: int) -> PageRecord:
-        stored = self.store.page(url)
-        if stored is not None and stored.settled and not self.options.refresh:
-            self.summary.pages_from_store += 1
-            return stored
-        result = await self._fetch(url, stored)
-        if result.state == "not_modified" and stored is not None:
-            self.store.save_page(stored)
+        stored, result = await self._fetch_unless_stored(url)
+        if result is None:
+            assert stored is not None
             return stored
         record = _record(result, url, "thread", number, thread.id)
         if result.state != "ok":
@@ -244,6 +236,19 @@ class Crawler:
             record = replace(record, url=moved)
         self.store.save_thread_page(record, page, thread_url=moved)
         return record
+
+    async def _fetch_unless_stored(self, url: str) -> tuple[PageRecord | None, FetchResult | None]:
+        """The stored page and no fetch when the store already has it settled (or the
+        server says it is unchanged); otherwise the stored page, if any, and a fresh fetch."""
+        stored = self.store.page(url)
+        if stored is not None and stored.settled and not self.options.refresh:
+            self.summary.pages_from_store += 1
+            return stored, None
+        result = await self._fetch(url, stored)
+        if result.state == "not_modified" and stored is not None:
+            self.store.save_page(stored)
+            return stored, None
+        return stored, result
 
     async def _fetch(self, url: str, stored: PageRecord | None) -> FetchResult:
         conditional = stored is not None and stored.state == "ok"
