@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from loopback import serve_app
-from scripted_engine import scripted_words
+
+from tests.loopback import serve_app
+from tests.scripted_engine import scripted_words
 
 MODELS = {"base-model-id": "base", "freeski-lora": "finetuned"}
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from loopback import serve_app
-from scripted_engine import ScriptedEngine, scripted_words
 
 from bot.api import check_bind_allowed, create_app, main
 from bot.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
 from bot.openai_engine import OpenAIEngine, RetryPolicy
 from bot.settings import ApiSettings, EngineSettings
 from finetune.errors import UserError
+from tests.loopback import serve_app
+from tests.scripted_engine import ScriptedEngine, scripted_words
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_openai import FakeOpenAIServer
-from loopback import serve_app
 from prometheus_client import REGISTRY
-from scripted_engine import ScriptedEngine
 
 from bot.api import create_app
 from bot.engine import VARIANTS, Engine, EngineError, Message
 from bot.engine_factory import build_engine
 from bot.openai_engine import OpenAIEngine, RetryPolicy
 from bot.settings import ApiSettings, EngineSettings
+from tests.fake_openai import FakeOpenAIServer
+from tests.loopback import serve_app
+from tests.scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from loopback import serve_app
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
-from scripted_engine import ScriptedEngine
 
 from bot import metrics
 from bot.api import create_app
@@ -20,6 +18,8 @@ from bot.metrics_server import start_metrics_server
 from bot.openai_engine import OpenAIEngine, RetryPolicy
 from bot.settings import ApiSettings, EngineSettings
 from finetune.errors import UserError
+from tests.loopback import serve_app
+from tests.scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import pytest
-from fake_openai import Failure, FakeOpenAIServer
-from loopback import free_port
 from prometheus_client import REGISTRY
-from scripted_engine import scripted_words
 
 from bot.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
 from bot.openai_engine import CUT_OFF, UNREACHABLE, OpenAIEngine, RetryPolicy, parse_retry_after
 from bot.settings import EngineSettings
+from tests.fake_openai import Failure, FakeOpenAIServer
+from tests.loopback import free_port
+from tests.scripted_engine import scripted_words
 
 pytestmark = pytest.mark.timeout(30)
 
