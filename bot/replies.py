@@ -85,12 +85,18 @@ class LiveText:
         self._shown = ""
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def feed(self, delta: str) -> None:
-        """Add streamed text; called from the event loop, never blocks."""
+        """Add streamed text; called from the event loop, never blocks.
+
+        Text can still arrive after :meth:`stop`: the local engine's worker
+        thread may have queued a delta before it saw the cancellation. It is
+        kept, but no preview starts again over the final answer.
+        """
         self.text += delta
         self._changed.set()
-        if self._task is None:
+        if self._task is None and not self._stopped:
             self._task = asyncio.create_task(self._show_periodically())
 
     async def _show_periodically(self) -> None:
@@ -112,7 +118,8 @@ class LiveText:
         return self.prefix + self.text.strip()[:room] + STREAMING_MARK
 
     async def stop(self) -> None:
-        """Stop previewing (before the final answer replaces the preview)."""
+        """Stop previewing for good (before the final answer replaces the preview)."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
