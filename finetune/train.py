@@ -94,13 +94,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def prepare_run_dir(config: FinetuneConfig) -> Path | None:
     """Create the run directory; return the checkpoint to resume from, if resuming.
 
-    A finished or interrupted run is never overwritten by accident: reusing its
-    directory needs ``--resume``.
+    A run with something to lose (a checkpoint, or a finished run's adapter and
+    manifest) is never overwritten by accident: reusing its directory needs
+    ``--resume``. A start that stopped before its first checkpoint (interrupted,
+    or the model failed to load) leaves only ``config.yaml`` and an empty
+    ``checkpoints/``: there is nothing to resume, so a new run may start there.
     """
     run_dir = config.run_dir
     saved = run_dir / RESOLVED_CONFIG_FILE
     if not config.resume:
-        if saved.exists() or (run_dir / CHECKPOINTS_DIR).exists():
+        finished = (run_dir / MANIFEST_FILE).exists() or (run_dir / ADAPTER_DIR).exists()
+        if finished or latest_checkpoint(run_dir) is not None:
             raise UserError(
                 f"{run_dir} already holds a run: pass --resume to continue it, "
                 "or choose a new --output-dir"

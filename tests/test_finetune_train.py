@@ -131,6 +131,28 @@ def test_an_existing_run_is_not_overwritten(trained_run: Path, tiny_model_dir: P
         prepare_run_dir(tiny_config(tiny_model_dir, trained_run.parent / "empty", "--resume"))
 
 
+def test_a_start_that_never_reached_a_checkpoint_can_start_again(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """Stopped before checkpoint-1 (Ctrl-C, a model that would not load): config.yaml and an
+    empty checkpoints/ are all there is. --resume says there is nothing to resume, so
+    starting again without it must work, not send the operator back to --resume."""
+    from finetune.train import prepare_run_dir
+
+    run_dir = tmp_path / "false-start"
+    config = tiny_config(tiny_model_dir, run_dir)
+    assert prepare_run_dir(config) is None
+    config.save(run_dir / "config.yaml")
+    (run_dir / "checkpoints").mkdir()  # the Trainer creates it at once
+    with pytest.raises(UserError, match="nothing to resume"):
+        prepare_run_dir(tiny_config(tiny_model_dir, run_dir, "--resume"))
+    assert prepare_run_dir(config) is None
+
+    (run_dir / "adapter").mkdir()  # a finished run whose checkpoints were cleaned up
+    with pytest.raises(UserError, match="already holds a run"):
+        prepare_run_dir(config)
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(
     trained_run: Path, tiny_model_dir: Path, tmp_path: Path
 ):
