@@ -3,7 +3,9 @@
 All the crawl's requests go through one :class:`Fetcher`, bound to one origin,
 so politeness is enforced in one place rather than trusted to every caller:
 
-* a URL that robots.txt disallows is never requested, redirects included;
+* a URL that robots.txt disallows is never requested, redirects included
+  (RFC 9309 matching via protego: the longest rule wins, ``*`` and ``$`` are
+  patterns; the stdlib parser takes the first match and reads ``*`` literally);
 * at most ``concurrency`` requests are in flight, and request starts are at
   least ``delay`` seconds apart (robots.txt ``Crawl-delay`` wins when longer);
 * timeouts, connection errors, 5xx and 429 are retried with exponential
@@ -23,9 +25,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
-from urllib.robotparser import RobotFileParser
 
 import aiohttp
+from protego import Protego
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base
 
@@ -162,7 +164,7 @@ class Fetcher:
         self.options = options
         self._session = session
         self._map_url = map_url
-        self._robots: RobotFileParser | None = None
+        self._robots: Protego | None = None
         self._slots = asyncio.Semaphore(options.concurrency)
         self._pacer = _Pacer(options.delay)
         self.in_flight = 0
@@ -196,11 +198,10 @@ class Fetcher:
     async def load_robots(self) -> None:
         url = f"{self.origin}/robots.txt"
         result = await self._fetch_following(url, {}, check_robots=False)
-        robots = RobotFileParser(url)
         if result.state == "ok":
-            robots.parse(result.text.splitlines())
+            robots = Protego.parse(result.text)
         elif result.status is not None and 400 <= result.status < 500:
-            robots.parse([])  # RFC 9309: no robots.txt (4xx) means no restrictions
+            robots = Protego.parse("")  # RFC 9309: no robots.txt (4xx) means no restrictions
         else:
             raise CrawlError(
                 f"cannot read {url} ({result.error or result.state}): the crawl does not start "
@@ -215,7 +216,7 @@ class Fetcher:
         """Whether robots.txt lets this crawler fetch ``url`` (and it is on the crawled origin)."""
         if origin_of(url) != self.origin:
             return False
-        return self._robots is None or self._robots.can_fetch(self.options.user_agent, url)
+        return self._robots is None or self._robots.can_fetch(url, self.options.user_agent)
 
     async def fetch(
         self, url: str, *, etag: str | None = None, last_modified: str | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,33 +210,64 @@ async def test_rerun_of_a_finished_crawl_asks_only_for_robots_and_refresh_asks_a
     assert counts["posts"] == 3 + 6 + 9 + 2 + 2
 
 
-async def test_robots_crawl_delay_spaces_requests(tmp_path):
+@asynccontextmanager
+async def serve_robots(robots_txt: str, hits: Counter | None = None):
+    """A site whose every page says "ok", under the given robots.txt; yields its origin."""
+
+    @web.middleware
+    async def count(request: web.Request, handler):
+        if hits is not None:
+            hits[request.path_qs] += 1
+        return await handler(request)
+
     async def robots(_: web.Request) -> web.Response:
-        return web.Response(text="User-agent: *\nCrawl-delay: 1\n")
+        return web.Response(text=robots_txt)
 
     async def page(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
+    app = web.Application(middlewares=[count])
     app.router.add_get("/robots.txt", robots)
-    app.router.add_get("/p/{n}", page)
+    app.router.add_get("/{path:.+}", page)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        async with Fetcher.open(origin, FAST) as fetcher:
-            assert fetcher.crawl_delay == 1.0
-            started = time.monotonic()
-            results = await asyncio.gather(
-                fetcher.fetch(f"{origin}/p/1"), fetcher.fetch(f"{origin}/p/2")
-            )
-            elapsed = time.monotonic() - started
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def test_robots_crawl_delay_spaces_requests(tmp_path):
+    async with (
+        serve_robots("User-agent: *\nCrawl-delay: 1\n") as origin,
+        Fetcher.open(origin, FAST) as fetcher,
+    ):
+        assert fetcher.crawl_delay == 1.0
+        started = time.monotonic()
+        results = await asyncio.gather(
+            fetcher.fetch(f"{origin}/p/1"), fetcher.fetch(f"{origin}/p/2")
+        )
+        elapsed = time.monotonic() - started
     assert [r.state for r in results] == ["ok", "ok"]
     assert elapsed >= 0.95
+
+
+async def test_robots_rules_follow_rfc_9309_longest_match_and_wildcards():
+    """The most specific rule wins whatever its place in the file, and ``*``/``$`` are
+    patterns: the stdlib parser took the first match and read ``*`` literally, so it
+    fetched both disallowed pages below."""
+    robots_txt = (
+        "User-agent: *\nAllow: /forum/\nDisallow: /forum/print/\nDisallow: /*?sort=\n"
+        "Disallow: /*.pdf$\n"
+    )
+    hits: Counter = Counter()
+    paths = ("/forum/print/1", "/forum/1/Ski?sort=new", "/rules.pdf", "/forum/thread/1")
+    async with serve_robots(robots_txt, hits) as origin, Fetcher.open(origin, FAST) as fetcher:
+        results = [await fetcher.fetch(origin + path) for path in paths]
+    assert [r.state for r in results] == ["disallowed", "disallowed", "disallowed", "ok"]
+    assert set(hits) == {"/robots.txt", "/forum/thread/1"}
 
 
 async def test_unreadable_robots_txt_stops_the_crawl_with_one_clear_error(tmp_path):
