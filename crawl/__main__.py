@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,18 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
     return value
+
+
+def default_user_agent() -> str:
+    """``CRAWL_USER_AGENT`` from the environment or ``.env`` (see .env.example), else ours.
+
+    The site's operators should be able to tell who is crawling and how to reach
+    them; an environment variable lets a deployment say so once for every run.
+    """
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+    return os.environ.get("CRAWL_USER_AGENT", "").strip() or DEFAULT_USER_AGENT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--user-agent",
         metavar="TEXT",
-        default=DEFAULT_USER_AGENT,
-        help="User-Agent header, also matched against robots.txt",
+        default=default_user_agent(),
+        help="User-Agent header, also matched against robots.txt (default: $CRAWL_USER_AGENT, "
+        "else the crawler's own)",
     )
     fetch.add_argument(
         "--timeout",

@@ -41,6 +41,19 @@ def test_usage_mistakes_are_one_line(capsys, argv, says):
     assert says in one_line_error(capsys, argv)
 
 
+def test_user_agent_comes_from_crawl_user_agent_unless_given(monkeypatch):
+    """README and .env.example tell operators to set CRAWL_USER_AGENT: it must be obeyed."""
+    from crawl.__main__ import build_parser
+    from crawl.fetcher import DEFAULT_USER_AGENT
+
+    monkeypatch.setenv("CRAWL_USER_AGENT", "")  # set, even empty: a .env cannot override it
+    assert build_parser().parse_args(["fetch", "--db", "f"]).user_agent == DEFAULT_USER_AGENT
+    monkeypatch.setenv("CRAWL_USER_AGENT", "SkiShop/1.0 (+mailto:ops@example.org)")
+    assert build_parser().parse_args(["fetch", "--db", "f"]).user_agent.startswith("SkiShop/1.0")
+    given = ["fetch", "--db", "f", "--user-agent", "Mine/2"]
+    assert build_parser().parse_args(given).user_agent == "Mine/2"
+
+
 def test_fetch_errors_are_one_line(capsys, tmp_path):
     db = str(tmp_path / "f.sqlite")
     err = one_line_error(
