@@ -132,7 +132,12 @@ class AnswerCog(commands.Cog):
                 await interaction.response.send_message(refusal, ephemeral=True)
                 return
             await interaction.response.defer(thinking=True)  # Discord wants an ack within 3 s
-            base, finetuned = await self.engine.compare(self._question(question))
+            try:
+                base, finetuned = await self.engine.compare(self._question(question))
+            except asyncio.CancelledError:
+                if not self.accepting:  # shutting down: don't leave the user "thinking…"
+                    await _try(interaction.edit_original_response(content=NOTES["cancelled"]))
+                raise
             await _show_comparison(interaction, question, base, finetuned)
 
     @app_commands.command(name="status", description="Model, queue and throughput of the bot")
@@ -166,9 +171,11 @@ class AnswerCog(commands.Cog):
             return []  # nothing for the reply chain to remember
         except asyncio.CancelledError:
             await live.stop()
-            if not self.accepting and live.text.strip():
-                with contextlib.suppress(discord.HTTPException):
-                    await live.finish(live.text, note=NOTES["cancelled"])
+            if not self.accepting:  # shutting down: keep what was written, and say why it ends
+                if live.text.strip():
+                    await _try(live.finish(live.text, note=NOTES["cancelled"]))
+                else:
+                    await _try(target.finish([NOTES["cancelled"]]))
             raise
         finally:
             await live.stop()
