@@ -74,13 +74,17 @@ class _Builder:
         rows = []
         for reply in replies:
             reason, answer = self._answer(reply, base_prompt, opening)
-            if reason is None:
-                prompt = base_prompt + self._quote_context(reply, opening, by_id)
-                if len(prompt) > self.options.max_chars:
-                    reason = "prompt_too_long"
+            context = self._quote_context(reply, opening, by_id) if reason is None else ""
+            prompt = base_prompt + context
+            if reason is None and len(prompt) > self.options.max_chars:
+                reason = "prompt_too_long"
             if reason is not None:
                 self.dropped[reason] += 1
                 continue
+            # Only a kept answer makes later copies duplicates, and only a kept row counts.
+            self.seen_exact.add(answer)
+            self.seen_near.add(normalise(answer))
+            self.quote_context += bool(context)
             rows.append(
                 {
                     "prompt": [{"role": "user", "content": prompt}],
@@ -118,9 +122,6 @@ class _Builder:
             reason = "duplicate"
         if reason is None and normalise(text) in self.seen_near:
             reason = "near_duplicate"
-        if reason is None:
-            self.seen_exact.add(text)
-            self.seen_near.add(normalise(text))
         return reason, text
 
     def _quote_context(
@@ -134,7 +135,6 @@ class _Builder:
             author = quote.get("author") or (quoted.author if quoted else None) or "someone"
             text = clean_text(quote.get("text") or "").text
             if text:
-                self.quote_context += 1
                 return f"\n\n{author} wrote:\n{text}"
         return ""
 

@@ -107,6 +107,21 @@ def test_each_drop_rule_drops_the_case_made_for_it(tmp_path):
     assert stats["rows"] == 1 and stats["threads"] == 2 and stats["posts"] == 16
 
 
+def test_an_answer_dropped_for_its_long_prompt_does_not_make_a_later_copy_a_duplicate(tmp_path):
+    """Thread 1's question is too long, so its reply is no row; the same reply under a
+    question that fits is the first copy kept, not a duplicate of a row never written."""
+    db = make_store(
+        tmp_path,
+        {
+            "1": ("Long", [{"by": "q", "text": "Which skis? " * 40}, {"text": GOOD}]),
+            "2": ("Waxing", [QUESTION, {"text": GOOD}]),
+        },
+    )
+    stats = build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0, max_chars=300))
+    assert stats["dropped"]["prompt_too_long"] == 1 and stats["dropped"]["duplicate"] == 0
+    assert [r["thread_id"] for r in read_rows(tmp_path / "out/train.jsonl")] == ["2"]
+
+
 @pytest.mark.parametrize(
     ("raw", "expected", "rule"),
     [
