@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -171,8 +172,10 @@ def percentiles(values: list[int]) -> dict[str, float]:
         return {}
     ordered = sorted(values)
 
-    def rank(q: float) -> int:  # nearest-rank percentile
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    def rank(q: float) -> int:
+        """Nearest rank: the smallest value with at least ``q`` of the values at or below it."""
+        position = math.ceil(round(q * len(ordered), 9))  # round: 0.7 * 10 is 7.000000000000001
+        return ordered[max(1, position) - 1]
 
     return {
         "min": ordered[0],

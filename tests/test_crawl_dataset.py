@@ -315,6 +315,16 @@ def test_stats_report_lengths(tmp_path):
     assert json.loads((tmp_path / "out/stats.json").read_text()) == stats
 
 
+def test_percentiles_are_nearest_rank():
+    """The p-th percentile of 1..10 is the value ceil(p * 10): p50 is 5, p90 is 9."""
+    from crawl.dataset import percentiles
+
+    tens = percentiles(list(range(10, 0, -1)))
+    assert (tens["min"], tens["p50"], tens["p90"], tens["p95"], tens["max"]) == (1, 5, 9, 10, 10)
+    assert percentiles([7])["p50"] == 7 and percentiles([1, 2, 3, 4])["p50"] == 2
+    assert percentiles([]) == {}
+
+
 def test_token_lengths_with_a_tokenizer(tmp_path, tiny_model_dir):
     db = make_store(tmp_path, many_threads(3))
     stats = build_dataset(
