@@ -7,6 +7,8 @@ engines, the API and the bot just update them; ``METRICS_PORT`` exposes them.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -54,3 +56,28 @@ def outcome_of(result: Answer | BaseException) -> str:
     if isinstance(result, asyncio.CancelledError):
         return "cancelled"
     return "error"
+
+
+class RecentRate:
+    """Tokens per second over a sliding window: ``/status`` and :data:`TOKENS_PER_SECOND`.
+
+    A window rather than a lifetime average, so an idle hour does not hide
+    what the engine does now. Not thread-safe: the local worker calls it
+    under its own lock.
+    """
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()
+
+    def add(self, tokens: int) -> None:
+        self._events.append((time.monotonic(), tokens))
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        while self._events and now - self._events[0][0] > self.window_s:
+            self._events.popleft()
+        if not self._events:
+            return 0.0
+        span = max(now - self._events[0][0], 1.0)
+        return sum(tokens for _, tokens in self._events) / span

@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -122,26 +121,6 @@ async def sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-class _RecentRate:
-    """Tokens per second over a sliding window, for ``/status`` and the gauge."""
-
-    def __init__(self, window_s: float = 60.0) -> None:
-        self._window_s = window_s
-        self._events: deque[tuple[float, int]] = deque()
-
-    def add(self, tokens: int) -> None:
-        self._events.append((time.monotonic(), tokens))
-
-    def per_second(self) -> float:
-        now = time.monotonic()
-        while self._events and now - self._events[0][0] > self._window_s:
-            self._events.popleft()
-        if not self._events:
-            return 0.0
-        span = max(now - self._events[0][0], 1.0)
-        return sum(tokens for _, tokens in self._events) / span
-
-
 @dataclass
 class _Stream:
     """What one streamed completion produced."""
@@ -172,7 +151,7 @@ class OpenAIEngine:
         self._in_flight = 0
         self._requests_served = 0
         self._tokens_generated = 0
-        self._recent_tokens = _RecentRate()
+        self._recent_tokens = metrics.RecentRate()
         self._recent_latency_s = 5.0
         self._started_at = time.monotonic()
 

@@ -46,8 +46,6 @@ from finetune.generation import (
 
 log = logging.getLogger(__name__)
 
-THROUGHPUT_WINDOW_S = 60.0
-
 
 @dataclass(eq=False)
 class GenerationRequest:
@@ -198,29 +196,6 @@ class RowsDone:
         return torch.tensor(self.streamer.done, dtype=torch.bool, device=input_ids.device)
 
 
-class _Throughput:
-    """Generated tokens per second over a sliding window, for ``/status`` and the gauge."""
-
-    def __init__(self, window_s: float = THROUGHPUT_WINDOW_S) -> None:
-        self.window_s = window_s
-        self.events: deque[tuple[float, int]] = deque()
-
-    def add(self, tokens: int, now: float) -> None:
-        self.events.append((now, tokens))
-        self._expire(now)
-
-    def rate(self, now: float) -> float:
-        self._expire(now)
-        if not self.events:
-            return 0.0
-        span = max(now - self.events[0][0], 1.0)
-        return sum(tokens for _, tokens in self.events) / span
-
-    def _expire(self, now: float) -> None:
-        while self.events and now - self.events[0][0] > self.window_s:
-            self.events.popleft()
-
-
 class InferenceWorker:
     """Owns the model on one thread and serves :class:`GenerationRequest` batches from a bounded queue."""
 
@@ -250,7 +225,7 @@ class InferenceWorker:
         self.requests_served = 0
         self.tokens_generated = 0
         self.generate_calls = 0
-        self._throughput = _Throughput()
+        self._throughput = metrics.RecentRate()
         self._pending: deque[tuple[GenerationRequest, ...]] = deque()
         self._pending_rows = 0
         self._in_flight: list[GenerationRequest] = []
@@ -305,7 +280,7 @@ class InferenceWorker:
 
     def tokens_per_s(self) -> float:
         with self._cond:
-            return self._throughput.rate(time.monotonic())
+            return self._throughput.per_second()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until the queue is empty and no batch runs; False if ``timeout`` came first."""
@@ -333,7 +308,7 @@ class InferenceWorker:
 
     def _retry_after_s(self) -> float:
         """A rough wait for a free slot: the queue ahead, at the recent pace of one batch."""
-        rate = self._throughput.rate(time.monotonic())
+        rate = self._throughput.per_second()
         if rate <= 0:
             return 10.0
         tokens_ahead = self._pending_rows * self.generation.max_new_tokens / max(self.max_batch, 1)
@@ -513,8 +488,8 @@ class InferenceWorker:
         if completion_tokens:
             metrics.GENERATED_TOKENS.labels(variant=request.variant).inc(completion_tokens)
             with self._cond:
-                self._throughput.add(completion_tokens, now)
-                metrics.TOKENS_PER_SECOND.set(self._throughput.rate(now))
+                self._throughput.add(completion_tokens)
+                metrics.TOKENS_PER_SECOND.set(self._throughput.per_second())
         self.requests_served += 1
         self.tokens_generated += completion_tokens
         self._deliver(request, answer)
