@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -259,9 +258,9 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         stats["lengths"]["tokens"] = _length_stats(rows, count_tokens)
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        _write_atomically(out / f"{name}.jsonl", "".join(_jsonl(r) for r in split))
-    _write_atomically(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    files = {out / f"{name}.jsonl": "".join(map(_jsonl, split)) for name, split in splits.items()}
+    files[out / "stats.json"] = json.dumps(stats, indent=2, ensure_ascii=False) + "\n"
+    _write_atomically(files)
     return stats
 
 
@@ -269,15 +268,26 @@ def _jsonl(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename over it: readers see the old file or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_atomically(files: dict[Path, str]) -> None:
+    """Write every file beside its final name, then rename each over it.
+
+    Readers see whole files only. The renames come last, back to back, so a
+    crash while writing leaves the previous dataset as it was, never a new
+    ``train.jsonl`` beside an old ``test.jsonl`` whose split may put the same
+    threads on both sides.
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        for path, text in files.items():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staged.append((tmp, path))
+            with tmp.open("w", encoding="utf-8") as handle:  # umask applies (mkstemp: 0600)
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise

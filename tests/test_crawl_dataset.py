@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -297,6 +299,37 @@ def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         build_dataset(db, out, DatasetOptions(test_fraction=0.2, seed=9))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no temp file left
+
+
+def test_a_crash_writing_test_jsonl_leaves_no_new_train_beside_the_old_test(tmp_path, monkeypatch):
+    """A new seed's train.jsonl next to the old seed's test.jsonl would share threads."""
+    db = make_store(tmp_path, many_threads(5))
+    out = tmp_path / "out"
+    build_dataset(db, out, DatasetOptions(test_fraction=0.2))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    synced = []
+
+    def fsync_then_crash(fd: int) -> None:
+        synced.append(fd)
+        if len(synced) == 2:  # train.jsonl is written; test.jsonl is not
+            raise OSError("disk full")
+
+    monkeypatch.setattr(dataset_module.os, "fsync", fsync_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        build_dataset(db, out, DatasetOptions(test_fraction=0.2, seed=9))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no temp file left
+
+
+def test_dataset_files_get_the_usual_permissions(tmp_path):
+    """Readable by whoever the umask allows (the trainer may run as another user), not 0600."""
+    db = make_store(tmp_path, many_threads(3))
+    previous = os.umask(0o022)
+    try:
+        build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0))
+    finally:
+        os.umask(previous)
+    for name in ("train.jsonl", "test.jsonl", "stats.json"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
 
 
 def test_stats_report_lengths(tmp_path):
