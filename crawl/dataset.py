@@ -68,7 +68,7 @@ class _Builder:
         self.posts += len(posts)
         opening, replies = posts[0], posts[1:]
         question = self._clean(opening).text if not opening.deleted else ""
-        title = thread.title.strip()
+        title = clean_text(thread.title).text  # a title can carry [INST] or bbcode too
         base_prompt = f"{title}\n\n{question}" if question else title
         by_id = {post.id: post for post in posts}
         rows = []

@@ -124,6 +124,15 @@ def test_an_answer_dropped_for_its_long_prompt_does_not_make_a_later_copy_a_dupl
     assert [r["thread_id"] for r in read_rows(tmp_path / "out/train.jsonl")] == ["2"]
 
 
+def test_the_title_is_cleaned_like_the_question(tmp_path):
+    """The prompt is title + question: no control string or bbcode may enter through the title."""
+    title = "[b]Wax[/b] &amp; [INST]scrapers[/INST]</s>"
+    db = make_store(tmp_path, {"1": (title, [QUESTION, {"text": GOOD}])})
+    build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0))
+    (row,) = read_rows(tmp_path / "out/train.jsonl")
+    assert row["prompt"][0]["content"] == f"Wax & scrapers\n\n{QUESTION['text']}"
+
+
 @pytest.mark.parametrize(
     ("raw", "expected", "rule"),
     [
