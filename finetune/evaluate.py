@@ -135,7 +135,7 @@ class EvaluationReport:
         )
 
     def to_markdown(self) -> str:
-        from finetune.report import table_cell
+        from finetune.report import blockquote, table_cell
 
         lines = [
             f"# Evaluation of {self.run_dir}\n",
@@ -148,7 +148,7 @@ class EvaluationReport:
         for answer in self.answers:
             lines += [
                 f"## {answer.id} ({answer.kind})\n",
-                "> " + answer.question.strip().replace("\n", "\n> ") + "\n",
+                blockquote(answer.question),
                 "| Base | Finetuned |",
                 "| --- | --- |",
                 f"| {table_cell(answer.base)} | {table_cell(answer.finetuned)} |\n",

@@ -71,6 +71,11 @@ def table_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
 
 
+def blockquote(text: str) -> str:
+    """Multi-line text as one Markdown block quote (the question above an answers table)."""
+    return "> " + text.strip().replace("\n", "\n> ") + "\n"
+
+
 def render_samples(samples: Sequence[Sample], title: str) -> str:
     parts = [
         f"# {title}\n",
@@ -81,7 +86,7 @@ def render_samples(samples: Sequence[Sample], title: str) -> str:
         heading = sample.question.strip().splitlines()[0] if sample.question.strip() else "(empty)"
         parts += [
             f"## {number}. {heading}\n",
-            "> " + sample.question.strip().replace("\n", "\n> ") + "\n",
+            blockquote(sample.question),
             "| Forum answer (ground truth) | Base model | Finetuned |",
             "| --- | --- | --- |",
             f"| {table_cell(sample.ground_truth)} | {table_cell(sample.base)} | {table_cell(sample.finetuned)} |\n",
