@@ -104,7 +104,11 @@ class Engine(Protocol):
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
     ) -> Answer:
-        """Answer ``messages`` (oldest first) with one variant, streaming through ``on_text``."""
+        """Answer ``messages`` (oldest first) with one variant, streaming through ``on_text``.
+
+        ``max_new_tokens`` can shorten the answer, never lengthen it past the
+        engine's configured ``MAX_NEW_TOKENS``.
+        """
 
     async def compare(
         self,

@@ -256,7 +256,8 @@ class OpenAIEngine:
         if self._in_flight >= self._settings.queue_size:
             metrics.ERRORS.labels("queue_full").inc()
             raise EngineBusy(retry_after_s=max(1.0, self._recent_latency_s))
-        max_tokens = max_new_tokens or self._settings.max_new_tokens
+        limit = self._settings.max_new_tokens  # MAX_NEW_TOKENS caps every answer, as locally
+        max_tokens = min(max_new_tokens or limit, limit)
         payload = self._payload(messages, variant, max_tokens)
         timeout_s = self._settings.request_timeout_s
         started = time.monotonic()

@@ -60,7 +60,7 @@ class ScriptedEngine:
         if self.failures:
             raise self.failures.pop(0)
         started = time.monotonic()
-        limit = max_new_tokens or self.max_new_tokens
+        limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
         words = scripted_words(messages, variant)
         pieces = [word if i == 0 else f" {word}" for i, word in enumerate(words[:limit])]
         first_token_s = None

@@ -44,7 +44,7 @@ EngineFactory = Callable[[pytest.FixtureRequest], contextlib.AbstractAsyncContex
 
 @contextlib.asynccontextmanager
 async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    yield ScriptedEngine()
+    yield ScriptedEngine(max_new_tokens=GREEDY["max_new_tokens"])
 
 
 @contextlib.asynccontextmanager
@@ -139,6 +139,14 @@ async def test_streamed_text_is_the_answer(engine: Engine) -> None:
         if answer.text:
             assert answer.first_token_s is not None
             assert 0 <= answer.first_token_s <= answer.total_s
+
+
+async def test_no_answer_is_longer_than_the_engine_allows(engine: Engine) -> None:
+    """MAX_NEW_TOKENS is the longest answer, whoever asks for more (the HTTP API passes
+    its clients' max_tokens through)."""
+    answer = await engine.generate(QUESTION, max_new_tokens=1000)
+    assert 0 < answer.completion_tokens <= GREEDY["max_new_tokens"]
+    assert answer.finish_reason == "length"
 
 
 async def test_variants_differ_and_compare_equals_each_alone(engine: Engine) -> None:
