@@ -40,6 +40,7 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE_ERRORS = (
     aiohttp.ClientConnectionError,
     aiohttp.ClientPayloadError,
+    aiohttp.ClientResponseError,  # a response aiohttp cannot parse (bad status line, headers)
     asyncio.TimeoutError,
     TimeoutError,
 )
@@ -306,7 +307,9 @@ class Fetcher:
             )
         except RETRYABLE_ERRORS as exc:
             reason = (
-                "timed out" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else str(exc)
+                "timed out"
+                if isinstance(exc, (asyncio.TimeoutError, TimeoutError))
+                else " ".join(str(exc).split())  # parser errors span several lines
             )
             return FetchResult(
                 url=url,

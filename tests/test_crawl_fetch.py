@@ -299,3 +299,33 @@ async def test_a_forum_whose_first_listing_is_missing_is_an_error(tmp_path):
 )
 def test_retry_after_header(header, seconds):
     assert parse_retry_after(header) == seconds
+
+
+async def test_a_malformed_http_response_is_retried_then_recorded_not_raised():
+    """A server that answers garbage must cost one page, not the whole crawl."""
+    attempts: Counter = Counter()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = (await reader.readline()).decode()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        path = request_line.split()[1]
+        attempts[path] += 1
+        if path == "/robots.txt":
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 2OO NOT-A-STATUS\r\nthis is not a header\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with Fetcher.open(origin, FAST) as fetcher:
+            result = await fetcher.fetch(f"{origin}/forum/thread/1")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.state == "fetch_error"
+    assert result.attempts == FAST.max_tries
+    assert attempts["/forum/thread/1"] == FAST.max_tries
