@@ -468,7 +468,11 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(create_app(engine, settings, engine_settings=engine_settings))
+    # A client that hangs up cancels its handler, and with it its place in the
+    # engine's queue: nobody waits for an answer no one will read.
+    runner = web.AppRunner(
+        create_app(engine, settings, engine_settings=engine_settings), handler_cancellation=True
+    )
     metrics_server = None
     try:
         await runner.setup()

@@ -379,3 +379,34 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
+
+
+async def test_serve_frees_the_engine_when_a_client_hangs_up_while_waiting(
+    engine: ScriptedEngine,
+) -> None:
+    from bot.api import serve
+    from tests.loopback import free_port
+
+    engine.step_s = 0.5  # the answer would take 32 s
+    port = free_port()
+    server = asyncio.create_task(serve(engine, ApiSettings(port=port)))
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with aiohttp.ClientSession() as client:
+            for _ in range(50):  # wait for the port
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with client.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with client.post(
+                    url, json=chat(), timeout=aiohttp.ClientTimeout(total=0.3)
+                ) as response:
+                    await response.read()
+        await asyncio.wait_for(engine.was_cancelled.wait(), 5)
+        assert engine.in_flight == 0
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
