@@ -20,12 +20,15 @@ class RateLimiter:
         self.window_s = window_s
         self.clock = clock
         self._hits: dict[Hashable, deque[float]] = {}
+        self._last_sweep = clock()
 
     def acquire(self, key: Hashable) -> float | None:
         """Count a request for ``key``: None if allowed, else the seconds until it would be."""
         if self.per_window <= 0:
             return None
         now = self.clock()
+        if now - self._last_sweep >= self.window_s:
+            self._forget_idle(now)
         hits = self._hits.setdefault(key, deque())
         while hits and now - hits[0] >= self.window_s:
             hits.popleft()
@@ -33,3 +36,8 @@ class RateLimiter:
             return self.window_s - (now - hits[0])
         hits.append(now)
         return None
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop users with no request in the window, so a busy server's memory stays flat."""
+        self._hits = {k: h for k, h in self._hits.items() if h and now - h[-1] < self.window_s}
+        self._last_sweep = now

@@ -27,8 +27,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not (run / RESOLVED_CONFIG_FILE).is_file():
         raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty: choose a new --out directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} is not empty or not a directory: choose a new --out directory")
     config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
 
     import torch

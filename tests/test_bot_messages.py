@@ -150,3 +150,13 @@ def test_rate_limit_allows_n_per_window_per_user():
     now[0] = 60.0
     assert limiter.acquire("ann") is None
     assert RateLimiter(0).acquire("ann") is None, "0 turns the limit off"
+
+
+def test_rate_limit_forgets_users_idle_for_a_window():
+    now = [0.0]
+    limiter = RateLimiter(2, window_s=60, clock=lambda: now[0])
+    for user in range(100):
+        limiter.acquire(user)
+    now[0] = 61.0
+    assert limiter.acquire("ann") is None
+    assert len(limiter._hits) == 1, "the 100 idle users should be forgotten"

@@ -267,3 +267,18 @@ def test_samples_use_each_question_once():
     rows = [row("q1", "a"), row("q1", "b"), row("q2", "c"), row("q3", "d")]
     assert [r["completion"][0]["content"] for r in distinct_questions(rows, 2)] == ["a", "c"]
     assert len(distinct_questions(rows, 10)) == 3
+
+
+@pytest.mark.parametrize("kind", ["file", "non-empty directory"])
+def test_merge_refuses_an_existing_out_in_one_line(trained_run: Path, tmp_path: Path, kind: str):
+    from finetune.errors import UserError
+    from finetune.merge import merge_run
+
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("keep me")
+    else:
+        out.mkdir()
+        (out / "model.safetensors").write_text("keep me")
+    with pytest.raises(UserError, match="is not empty or not a directory"):
+        merge_run(trained_run, out)
