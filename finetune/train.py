@@ -48,6 +48,7 @@ CHECKPOINTS_DIR = "checkpoints"
 
 # Changing any of these between a run and its resumption would train a different model
 # (or feed a different data order) under the same run directory.
+DATASET_HASH_FILE = "dataset.sha256"
 FROZEN_ON_RESUME = (
     "model",
     "load_in_4bit",
@@ -126,6 +127,24 @@ def prepare_run_dir(config: FinetuneConfig) -> Path | None:
                     f"{getattr(config, key)!r}): start a new run with another --output-dir"
                 )
     return checkpoint
+
+
+def pin_dataset(run_dir: Path, sha256: str, *, resuming: bool) -> None:
+    """A resumed run must see the rows it started with, or "same data order" means nothing.
+
+    The hash is pinned at the start (the manifest only exists at the end), so an
+    interrupted run can be checked too; the dataset may move, its content may not.
+    """
+    pinned = run_dir / DATASET_HASH_FILE
+    if resuming and pinned.is_file():
+        started_on = pinned.read_text(encoding="utf-8").strip()
+        if started_on != sha256:
+            raise UserError(
+                f"--resume with different data: the dataset's sha256 is {sha256[:12]}…, "
+                f"this run started on {started_on[:12]}…; resume with the original dataset "
+                "or start a new run with another --output-dir"
+            )
+    pinned.write_text(sha256 + "\n", encoding="utf-8")
 
 
 def lora_config(config: FinetuneConfig) -> Any:
@@ -254,6 +273,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
     checkpoint = prepare_run_dir(config)
     run_dir = config.run_dir
     splits = load_dataset_dir(config.dataset)
+    pin_dataset(run_dir, splits.sha256, resuming=checkpoint is not None)
 
     from finetune.estimate import check_fits, format_estimate, visible_gpu
 

@@ -282,3 +282,18 @@ def test_merge_refuses_an_existing_out_in_one_line(trained_run: Path, tmp_path: 
         (out / "model.safetensors").write_text("keep me")
     with pytest.raises(UserError, match="is not empty or not a directory"):
         merge_run(trained_run, out)
+
+
+def test_resume_refuses_a_different_dataset(
+    trained_run: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    import shutil
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    changed = shutil.copytree(FIXTURE, tmp_path / "dataset")
+    rows = (changed / "train.jsonl").read_text().splitlines()
+    (changed / "train.jsonl").write_text("\n".join(reversed(rows)) + "\n")  # same rows, new order
+    config = tiny_config(tiny_model_dir, run, "--resume", "--dataset", str(changed))
+    with pytest.raises(UserError, match="--resume with different data"):
+        train(config)
+    assert (run / "dataset.sha256").read_text().strip() != ""
