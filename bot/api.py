@@ -44,8 +44,7 @@ from bot.engine import (
 )
 from bot.engine_factory import build_engine
 from bot.metrics_server import start_metrics_server
-from bot.settings import ApiSettings, EngineSettings
-from finetune.env import env_int, env_str
+from bot.settings import ApiSettings, EngineSettings, log_level_from_env, metrics_port_from_env
 from finetune.errors import UserError, cli_entry
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ ROLES: Mapping[str, Literal["system", "user", "assistant"]] = {
     "user": "user",
     "assistant": "assistant",
 }
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -525,11 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dataclasses.replace(settings, host=args.host, port=args.port)
     check_bind_allowed(settings)
     engine_settings = EngineSettings.from_env()
-    metrics_port = env_int("METRICS_PORT", 0, minimum=0) or None
-    log_level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
-    if log_level not in LOG_LEVELS:
-        raise UserError(f"LOG_LEVEL={log_level!r} is unknown: use {', '.join(LOG_LEVELS)}")
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics_port = metrics_port_from_env()
+    logging.basicConfig(
+        level=log_level_from_env(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     engine = build_engine(engine_settings)
     asyncio.run(serve(engine, settings, engine_settings=engine_settings, metrics_port=metrics_port))
     return 0

@@ -24,6 +24,21 @@ DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 BACKENDS = ("local", "openai")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def metrics_port_from_env() -> int | None:
+    """``METRICS_PORT``, shared by the bot and the API process; 0 or unset means off."""
+    return env_int("METRICS_PORT", 0, minimum=0) or None
+
+
+def log_level_from_env() -> str:
+    level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise UserError(f"LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What answers: the local single-GPU worker or an OpenAI-compatible server."""
@@ -126,12 +141,6 @@ class BotSettings:
             raise UserError(
                 f"DISCORD_GUILD_ID={guild!r} is not a server id: use the numeric id, or leave it unset"
             )
-        metrics_port = env_int("METRICS_PORT", 0, minimum=0) or None
-        log_level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
-        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise UserError(
-                f"LOG_LEVEL={log_level!r} is unknown: use DEBUG, INFO, WARNING or ERROR"
-            )
         return cls(
             discord_token=token,
             engine=EngineSettings.from_env(),
@@ -142,8 +151,8 @@ class BotSettings:
             max_question_chars=env_int("MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
             allowed_channel_ids=tuple(env_id_list("ALLOWED_CHANNEL_IDS")),
             allowed_role_ids=tuple(env_id_list("ALLOWED_ROLE_IDS")),
-            metrics_port=metrics_port,
-            log_level=log_level,
+            metrics_port=metrics_port_from_env(),
+            log_level=log_level_from_env(),
         )
 
 
