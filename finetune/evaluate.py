@@ -165,6 +165,7 @@ def split_losses(
     from trl import SFTConfig, SFTTrainer
 
     from finetune.data import to_hf_dataset
+    from finetune.modeling import compute_dtype
 
     dataset = to_hf_dataset(rows)
     on_cuda = model.device.type == "cuda"
@@ -176,7 +177,7 @@ def split_losses(
                 per_device_eval_batch_size=config.per_device_train_batch_size,
                 max_length=config.max_length,
                 activation_checkpointing=False,
-                bf16=on_cuda and torch.cuda.is_bf16_supported(),
+                bf16=compute_dtype(model.device.type) == torch.bfloat16,
                 use_cpu=not on_cuda,
                 report_to="none",
                 disable_tqdm=True,

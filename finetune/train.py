@@ -167,9 +167,10 @@ def sft_config(config: FinetuneConfig, device: str) -> Any:
     from trl import SFTConfig
 
     from finetune.estimate import optimizer_name
+    from finetune.modeling import compute_dtype
 
     on_cuda = device.startswith("cuda")
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    dtype = compute_dtype(device)  # the dtype the base was loaded with drives mixed precision
     return SFTConfig(
         output_dir=str(config.run_dir / CHECKPOINTS_DIR),
         max_steps=config.max_steps,
@@ -184,8 +185,8 @@ def sft_config(config: FinetuneConfig, device: str) -> Any:
         optim=optimizer_name(config, on_cuda),
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=bf16,
-        fp16=on_cuda and not bf16,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         use_cpu=not on_cuda,
         seed=config.seed,
         data_seed=config.seed,
