@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -26,3 +28,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def api_url_from_log(process: subprocess.Popen[str], timeout_s: float) -> str:
+    """The URL a ``python -m bot api`` subprocess logs once it listens (stderr must be a pipe)."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        line = process.stderr.readline()
+        if " at http://" in line:
+            return line.split(" at ")[1].split()[0]
+    raise AssertionError("python -m bot api never said where it listens")

@@ -23,7 +23,7 @@ from bot.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable
 from bot.openai_engine import OpenAIEngine, RetryPolicy
 from bot.settings import ApiSettings, EngineSettings
 from finetune.errors import UserError
-from tests.loopback import serve_app
+from tests.loopback import api_url_from_log, serve_app
 from tests.scripted_engine import ScriptedEngine, scripted_words
 
 pytestmark = pytest.mark.timeout(30)
@@ -355,14 +355,7 @@ def test_python_m_bot_api_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) ->
         text=True,
     )
     try:
-        assert process.stderr is not None
-        url = None
-        deadline = time.monotonic() + 20
-        while url is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if " at http://" in line:
-                url = line.split(" at ")[1].split()[0]
-        assert url is not None, "the API never said where it listens"
+        url = api_url_from_log(process, timeout_s=20)
         body = json.loads(_get(f"{url}/models"))
         assert {m["id"] for m in body["data"]} >= {"base", "finetuned"}
         process.send_signal(signal.SIGTERM)

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from bot.client import FreeskiBot
 from bot.engine_factory import build_engine
 from bot.settings import BotSettings, EngineSettings
 from tests.fake_discord import GUILD_ID, FakeDiscord, user_payload
+from tests.loopback import api_url_from_log
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,15 +53,7 @@ def api_url(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory) -> I
         text=True,
     )
     try:
-        assert process.stderr is not None
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline and process.poll() is None:
-            line = process.stderr.readline()
-            if " at http://" in line:
-                url = line.split(" at ")[1].split()[0]
-        assert url is not None, "python -m bot api never said where it listens"
-        yield url
+        yield api_url_from_log(process, timeout_s=60)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
