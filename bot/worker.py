@@ -138,19 +138,24 @@ class BatchStreamer:
                 text, stopped = text[:index], True
         self.texts[row] = text
         settled = len(text) if stopped else self._settled_length(text)
-        request = self.requests[row]
-        if request.on_text is not None and settled > request.emitted_chars:
-            start = request.emitted_chars
-            if start == 0:  # the answer starts at its first visible character
-                stripped = text[:settled].lstrip()
-                start = settled - len(stripped)
-                if not stripped:
-                    return stopped
-            request.emitted_chars = settled
-            if request.first_text_at is None:
-                request.first_text_at = time.monotonic()
-            request.on_text(text[start:settled])
+        self._emit(self.requests[row], text, settled)
         return stopped
+
+    @staticmethod
+    def _emit(request: GenerationRequest, text: str, end: int) -> None:
+        """Stream ``text[:end]`` beyond what the caller has; the answer starts at its first
+        visible character."""
+        if request.on_text is None:
+            return
+        start = request.emitted_chars
+        if start == 0:
+            start = end - len(text[:end].lstrip())
+        if start >= end:
+            return
+        request.emitted_chars = end
+        if request.first_text_at is None:
+            request.first_text_at = time.monotonic()
+        request.on_text(text[start:end])
 
     def _settled_length(self, text: str) -> int:
         """How much of ``text`` cannot change: hold back a partial character or stop string."""
@@ -166,16 +171,8 @@ class BatchStreamer:
         """Flush what was held back (a stop-string prefix that never completed), then settle."""
         self.done[row] = True
         text = self.texts[row] = self.texts[row].rstrip("\ufffd")  # half a character is noise
-        request = self.requests[row]
-        if request.on_text is not None and reason != "cancelled":
-            rest = text[request.emitted_chars :]
-            if request.emitted_chars == 0:
-                rest = rest.lstrip()
-            if rest:
-                request.emitted_chars = len(text)
-                if request.first_text_at is None:
-                    request.first_text_at = time.monotonic()
-                request.on_text(rest)
+        if reason != "cancelled":
+            self._emit(self.requests[row], text, len(text))
         self.finish(row, reason)
 
 
