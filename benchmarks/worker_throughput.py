@@ -2,7 +2,7 @@
 
 Builds a tiny Mistral big enough that a forward pass is real work (hidden 256,
 4 layers) with a random LoRA adapter, loads it the way the bot does (4-bit
-NF4, adapter unmerged) and measures, through :class:`bot.local_engine.LocalEngine`:
+NF4, adapter unmerged) and measures, through :class:`bot.serving.local_engine.LocalEngine`:
 
 * 16 concurrent questions of 64 new tokens vs the same 16 one at a time
   (generated tokens per second);
@@ -31,8 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.local_engine import LocalEngine
-from bot.settings import EngineSettings
+from bot.serving.local_engine import LocalEngine
+from bot.serving.settings import EngineSettings
 from finetune.modeling import load_for_inference
 from finetune.tiny_model import TinyModelSpec, build_tiny_model
 

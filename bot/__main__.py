@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bot.settings import BotSettings
+from bot.discord_bot.settings import BotSettings
 from finetune.errors import UserError, cli_entry
 
 log = logging.getLogger("bot")
@@ -22,7 +22,7 @@ log = logging.getLogger("bot")
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["api"]:
-        from bot.api import main as api_main
+        from bot.api.server import main as api_main
 
         return api_main(args[1:])
     return run(args)
@@ -54,12 +54,12 @@ def run(argv: Sequence[str]) -> int:
 
 async def serve(settings: BotSettings) -> int:
     """Load the model, connect, and on SIGINT/SIGTERM finish or stop answers and exit cleanly."""
-    from bot.client import FreeskiBot
-    from bot.engine_factory import build_engine
+    from bot.discord_bot.client import FreeskiBot
+    from bot.serving.factory import build_engine
 
     metrics_server = None
     if settings.metrics_port:
-        from bot.metrics_server import start_metrics_server
+        from bot.serving.metrics_server import start_metrics_server
 
         metrics_server = start_metrics_server(settings.metrics_port)
     engine = build_engine(settings.engine)

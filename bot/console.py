@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from bot.engine import Engine, EngineError, Message, Variant
-from bot.settings import EngineSettings
+from bot.serving.engine import Engine, EngineError, Message, Variant
+from bot.serving.settings import EngineSettings
 
 HELP = "Ask a question, or: /compare QUESTION, /base QUESTION, /reset, /quit"
 
@@ -99,7 +99,7 @@ async def run_console(
 ) -> int:
     """Load the engine and chat until ``/quit`` or end of input."""
     if engine is None:
-        from bot.engine_factory import build_engine
+        from bot.serving.factory import build_engine
 
         engine = build_engine(settings)
     out.write("loading the model…\n")

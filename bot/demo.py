@@ -77,8 +77,8 @@ def _write_corpus(dataset: Path, out: Path) -> Path:
 
 
 async def _compare(model_dir: Path, adapter_dir: Path) -> None:
-    from bot.local_engine import LocalEngine
-    from bot.settings import EngineSettings
+    from bot.serving.local_engine import LocalEngine
+    from bot.serving.settings import EngineSettings
 
     settings = EngineSettings(
         base_model=str(model_dir),

@@ -7,7 +7,6 @@ names the variable, what was found and what is expected.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from dotenv import find_dotenv, load_dotenv
 
@@ -77,30 +76,3 @@ def env_bool(name: str, default: bool) -> bool:
     if raw in _FALSE:
         return False
     raise UserError(f"{name}={raw!r} is not a yes/no value: use true or false")
-
-
-def env_list(name: str) -> list[str]:
-    """Comma-separated values, blanks dropped (for allow lists of ids)."""
-    raw = os.environ.get(name, "")
-    return [part.strip() for part in raw.split(",") if part.strip()]
-
-
-def env_id_list(name: str) -> list[int]:
-    ids = []
-    for part in env_list(name):
-        if not part.isdigit():
-            raise UserError(
-                f"{name} holds {part!r}, which is not a Discord id: use numeric ids, comma-separated"
-            )
-        ids.append(int(part))
-    return ids
-
-
-def env_existing_path(name: str, default: str | None = None) -> Path | None:
-    value = env_str(name, default)
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise UserError(f"{name}={value}: no such file or directory; point it at an existing path")
-    return path

@@ -1,4 +1,4 @@
-"""A scripted :class:`~bot.engine.Engine` for testing what sits on top of engines.
+"""A scripted :class:`~bot.serving.engine.Engine` for testing what sits on top of engines.
 
 Its answers are words derived from the question, streamed one per step, so a
 test can tell which question and which variant an answer belongs to without
@@ -11,7 +11,15 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from bot.engine import VARIANTS, Answer, EngineStatus, EngineUnavailable, Message, OnText, Variant
+from bot.serving.engine import (
+    VARIANTS,
+    Answer,
+    EngineStatus,
+    EngineUnavailable,
+    Message,
+    OnText,
+    Variant,
+)
 
 
 def scripted_words(messages: Sequence[Message], variant: Variant) -> list[str]:

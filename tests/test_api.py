@@ -18,10 +18,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bot.api import check_bind_allowed, create_app, main
-from bot.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
-from bot.openai_engine import OpenAIEngine, RetryPolicy
-from bot.settings import ApiSettings, EngineSettings
+from bot.api.routes import create_app
+from bot.api.server import check_bind_allowed, main
+from bot.api.settings import ApiSettings
+from bot.serving.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
+from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
+from bot.serving.settings import EngineSettings
 from finetune.errors import UserError
 from tests.loopback import api_url_from_log, serve_app
 from tests.scripted_engine import ScriptedEngine, scripted_words
@@ -377,7 +379,7 @@ def _get(url: str) -> str:
 async def test_serve_frees_the_engine_when_a_client_hangs_up_while_waiting(
     engine: ScriptedEngine,
 ) -> None:
-    from bot.api import serve
+    from bot.api.server import serve
     from tests.loopback import free_port
 
     engine.step_s = 0.5  # the answer would take 32 s

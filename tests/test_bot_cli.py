@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import bot.engine_factory
+import bot.serving.factory
 from bot.__main__ import serve
 from bot.console import run_console
-from bot.settings import BotSettings, EngineSettings
+from bot.discord_bot.settings import BotSettings
+from bot.serving.settings import EngineSettings
 from finetune.errors import UserError
 from tests.fake_discord import GUILD_ID, FakeDiscord
 from tests.scripted_engine import ScriptedEngine
@@ -86,7 +87,7 @@ async def test_sigterm_disconnects_and_returns_0(monkeypatch: pytest.MonkeyPatch
     await fake.start()
     fake.patch_discord(monkeypatch)
     engine = ScriptedEngine()
-    monkeypatch.setattr(bot.engine_factory, "build_engine", lambda settings: engine)
+    monkeypatch.setattr(bot.serving.factory, "build_engine", lambda settings: engine)
     settings = BotSettings(
         discord_token="fake-token-" + "x" * 40, engine=EngineSettings(), guild_id=GUILD_ID
     )
@@ -106,7 +107,7 @@ async def test_a_rejected_token_is_one_clear_error(monkeypatch: pytest.MonkeyPat
     await fake.start()
     fake.patch_discord(monkeypatch)
     engine = ScriptedEngine()
-    monkeypatch.setattr(bot.engine_factory, "build_engine", lambda settings: engine)
+    monkeypatch.setattr(bot.serving.factory, "build_engine", lambda settings: engine)
     settings = BotSettings(discord_token="revoked-token-" + "x" * 40, engine=EngineSettings())
     try:
         with pytest.raises(UserError, match="Discord rejected DISCORD_TOKEN"):

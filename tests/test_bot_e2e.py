@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.client import FreeskiBot
-from bot.commands import SORRY
-from bot.settings import BotSettings, EngineSettings
+from bot.discord_bot.client import FreeskiBot
+from bot.discord_bot.commands import SORRY
+from bot.discord_bot.settings import BotSettings
+from bot.serving.settings import EngineSettings
 from tests.fake_discord import GUILD_ID, FakeDiscord, user_payload
 from tests.scripted_engine import ScriptedEngine, scripted_words
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.client import FreeskiBot
-from bot.commands import NOTES
-from bot.local_engine import LocalEngine
-from bot.settings import BotSettings, EngineSettings
+from bot.discord_bot.client import FreeskiBot
+from bot.discord_bot.commands import NOTES
+from bot.discord_bot.settings import BotSettings
+from bot.serving.local_engine import LocalEngine
+from bot.serving.settings import EngineSettings
 from finetune.modeling import load_for_inference
 from tests.fake_discord import GUILD_ID, FakeDiscord
 

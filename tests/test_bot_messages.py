@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.messages import (
+from bot.discord_bot.messages import (
     ChainMessage,
     chain_to_messages,
     split_message,
     strip_mentions_of,
     trim_oldest_first,
 )
-from bot.ratelimit import RateLimiter
+from bot.discord_bot.ratelimit import RateLimiter
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz.,!?'", min_size=1, max_size=25)
 separators = st.sampled_from([" ", " ", " ", "\n", "\n\n"])

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.client import FreeskiBot
-from bot.engine_factory import build_engine
-from bot.settings import BotSettings, EngineSettings
+from bot.discord_bot.client import FreeskiBot
+from bot.discord_bot.settings import BotSettings
+from bot.serving.factory import build_engine
+from bot.serving.settings import EngineSettings
 from tests.fake_discord import GUILD_ID, FakeDiscord, user_payload
 from tests.loopback import api_url_from_log
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.replies import STREAMING_MARK, LiveText
+from bot.discord_bot.replies import STREAMING_MARK, LiveText
 
 pytestmark = pytest.mark.timeout(10)
 

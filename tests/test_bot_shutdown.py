@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from bot.client import FreeskiBot
-from bot.commands import NOTES
-from bot.settings import BotSettings, EngineSettings
+from bot.discord_bot.client import FreeskiBot
+from bot.discord_bot.commands import NOTES
+from bot.discord_bot.settings import BotSettings
+from bot.serving.settings import EngineSettings
 from tests.fake_discord import GUILD_ID, FakeDiscord
 from tests.scripted_engine import ScriptedEngine
 

@@ -1,4 +1,4 @@
-"""One test suite every :class:`~bot.engine.Engine` must pass, whatever answers behind it.
+"""One test suite every :class:`~bot.serving.engine.Engine` must pass, whatever answers behind it.
 
 The Discord bot, the HTTP API and the demo only know the protocol, so each
 engine is held to the same behaviour: streamed text is the answer, both
@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from bot.api import create_app
-from bot.engine import VARIANTS, Engine, EngineError, Message
-from bot.engine_factory import build_engine
-from bot.openai_engine import OpenAIEngine, RetryPolicy
-from bot.settings import ApiSettings, EngineSettings
+from bot.api.routes import create_app
+from bot.api.settings import ApiSettings
+from bot.serving.engine import VARIANTS, Engine, EngineError, Message
+from bot.serving.factory import build_engine
+from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
+from bot.serving.settings import EngineSettings
 from tests.fake_openai import FakeOpenAIServer
 from tests.loopback import serve_app
 from tests.scripted_engine import ScriptedEngine
@@ -76,7 +77,9 @@ async def openai_over_fake(request: pytest.FixtureRequest) -> AsyncIterator[Engi
 
 @contextlib.asynccontextmanager
 async def local(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    local_engine = pytest.importorskip("bot.local_engine", reason="bot.local_engine not built yet")
+    local_engine = pytest.importorskip(
+        "bot.serving.local_engine", reason="bot.serving.local_engine not built yet"
+    )
     model_dir: Path = request.getfixturevalue("tiny_model_dir")
     adapter_dir: Path = request.getfixturevalue("tiny_adapter_dir")
     settings = EngineSettings(
@@ -211,5 +214,7 @@ async def test_start_is_idempotent_and_a_closed_engine_refuses_work(engine: Engi
 def test_the_factory_builds_the_configured_backend() -> None:
     remote = build_engine(EngineSettings(backend="openai"))
     assert isinstance(remote, OpenAIEngine)
-    local_engine = pytest.importorskip("bot.local_engine", reason="bot.local_engine not built yet")
+    local_engine = pytest.importorskip(
+        "bot.serving.local_engine", reason="bot.serving.local_engine not built yet"
+    )
     assert isinstance(build_engine(EngineSettings(backend="local")), local_engine.LocalEngine)

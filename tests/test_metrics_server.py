@@ -11,12 +11,13 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot import metrics
-from bot.api import create_app
-from bot.engine import EngineBusy, Message
-from bot.metrics_server import start_metrics_server
-from bot.openai_engine import OpenAIEngine, RetryPolicy
-from bot.settings import ApiSettings, EngineSettings
+from bot.api.routes import create_app
+from bot.api.settings import ApiSettings
+from bot.serving import metrics
+from bot.serving.engine import EngineBusy, Message
+from bot.serving.metrics_server import start_metrics_server
+from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
+from bot.serving.settings import EngineSettings
 from finetune.errors import UserError
 from tests.loopback import serve_app
 from tests.scripted_engine import ScriptedEngine

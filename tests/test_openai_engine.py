@@ -11,9 +11,15 @@ from email.utils import formatdate
 import pytest
 from prometheus_client import REGISTRY
 
-from bot.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
-from bot.openai_engine import CUT_OFF, UNREACHABLE, OpenAIEngine, RetryPolicy, parse_retry_after
-from bot.settings import EngineSettings
+from bot.serving.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
+from bot.serving.openai_engine import (
+    CUT_OFF,
+    UNREACHABLE,
+    OpenAIEngine,
+    RetryPolicy,
+    parse_retry_after,
+)
+from bot.serving.settings import EngineSettings
 from tests.fake_openai import Failure, FakeOpenAIServer
 from tests.loopback import free_port
 from tests.scripted_engine import scripted_words

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.settings import ApiSettings, BotSettings, EngineSettings
+from bot.api.settings import ApiSettings
+from bot.discord_bot.settings import BotSettings
+from bot.serving.settings import EngineSettings
 from finetune.errors import UserError, cli_entry
 
 TOKEN = "x" * 24 + ".abcdef.ghijklmnopqrstuvwxyz"

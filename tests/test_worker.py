@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from bot.engine import Answer, EngineBusy, EngineError, EngineTimeout, EngineUnavailable
-from bot.local_engine import LocalEngine
-from bot.settings import EngineSettings
-from bot.worker import GenerationRequest, InferenceWorker
+from bot.serving.engine import Answer, EngineBusy, EngineError, EngineTimeout, EngineUnavailable
+from bot.serving.local_engine import LocalEngine
+from bot.serving.settings import EngineSettings
+from bot.serving.worker import GenerationRequest, InferenceWorker
 from finetune.generation import GenerationSettings
 from finetune.modeling import load_for_inference, load_tokenizer
 

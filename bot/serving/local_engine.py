@@ -1,4 +1,4 @@
-"""The default :class:`~bot.engine.Engine`: the quantized model on this machine, behind the worker.
+"""The default :class:`~bot.serving.engine.Engine`: the quantized model on this machine, behind the worker.
 
 This is the bridge between asyncio and the worker thread: requests go in
 through :meth:`InferenceWorker.submit`, text and answers come back with
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bot.engine import (
+from bot.serving.engine import (
     Answer,
     EngineStatus,
     EngineUnavailable,
@@ -26,8 +26,8 @@ from bot.engine import (
     Variant,
     stream_for,
 )
-from bot.settings import EngineSettings
-from bot.worker import GenerationRequest, InferenceWorker
+from bot.serving.settings import EngineSettings
+from bot.serving.worker import GenerationRequest, InferenceWorker
 from finetune.generation import GenerationSettings
 from finetune.modeling import DEFAULT_ADAPTER_NAME
 

@@ -1,7 +1,7 @@
 """What the bot does: answer mentions, DMs and replies, and the /ask, /compare, /status commands.
 
 Every handler checks the allow lists, the question length and the asker's
-rate limit first, streams its answer through the :class:`~bot.engine.Engine`
+rate limit first, streams its answer through the :class:`~bot.serving.engine.Engine`
 and turns any failure into a short message for the user and a log line with
 context for the operator, so one bad request never takes the bot down.
 """
@@ -19,15 +19,15 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.chain import ReplyChains
-from bot.engine import Answer, Engine, EngineError, Message, Variant
-from bot.messages import chain_to_messages, split_message, strip_mentions_of
-from bot.ratelimit import RateLimiter
-from bot.replies import InteractionReply, LiveText, MessageReply, ReplyTarget
-from bot.settings import BotSettings
+from bot.discord_bot.chain import ReplyChains
+from bot.discord_bot.messages import chain_to_messages, split_message, strip_mentions_of
+from bot.discord_bot.ratelimit import RateLimiter
+from bot.discord_bot.replies import InteractionReply, LiveText, MessageReply, ReplyTarget
+from bot.discord_bot.settings import BotSettings
+from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
 
 if TYPE_CHECKING:
-    from bot.client import FreeskiBot
+    from bot.discord_bot.client import FreeskiBot
 
 log = logging.getLogger(__name__)
 

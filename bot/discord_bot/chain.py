@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import discord
 
-from bot.messages import ChainMessage, strip_mentions_of
+from bot.discord_bot.messages import ChainMessage, strip_mentions_of
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The one interface everything that answers goes through.
 
 The Discord layer, the console chat, the HTTP API and the demo talk to an
-:class:`Engine` and never to torch: :class:`bot.local_engine.LocalEngine`
+:class:`Engine` and never to torch: :class:`bot.serving.local_engine.LocalEngine`
 serves from the quantized model on this machine, and
-:class:`bot.openai_engine.OpenAIEngine` from any OpenAI-compatible server
+:class:`bot.serving.openai_engine.OpenAIEngine` from any OpenAI-compatible server
 (vLLM with the adapter loaded as a LoRA module, or another Freeski bot's API).
 """
 

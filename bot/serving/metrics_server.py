@@ -1,4 +1,4 @@
-"""Serve the Prometheus metrics of :mod:`bot.metrics` on ``METRICS_PORT``.
+"""Serve the Prometheus metrics of :mod:`bot.serving.metrics` on ``METRICS_PORT``.
 
 The engines update the metrics themselves as they work (the local worker
 samples GPU memory after each batch), so this only exposes them: one

@@ -12,7 +12,7 @@ from collections import deque
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from bot.engine import Answer, EngineBusy, EngineTimeout, EngineUnavailable
+from bot.serving.engine import Answer, EngineBusy, EngineTimeout, EngineUnavailable
 
 QUEUE_DEPTH = Gauge("freeski_queue_depth", "Requests waiting for the inference worker")
 BATCH_SIZE = Histogram(

@@ -8,10 +8,11 @@ are tested on their own, and the worker and the bot trim context the same way.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bot.engine import Message
+from bot.serving.context import trim_oldest_first
+from bot.serving.engine import Message
 
 DISCORD_MESSAGE_LIMIT = 2000
 FENCE = "```"
@@ -103,25 +104,6 @@ def chain_to_messages(
     return system + trim_oldest_first(
         turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars
     )
-
-
-def trim_oldest_first(
-    messages: Sequence[Message], fits: Callable[[list[Message]], bool]
-) -> list[Message]:
-    """Drop the oldest user/assistant exchanges until ``fits`` says the rest fits.
-
-    A leading system message is always kept, and so is the last user turn (the
-    question itself) even when it alone is too long: cutting the question is
-    the caller's decision, not the context's. Turns go in pairs so the chat
-    still starts with the user.
-    """
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = list(messages[len(system) :])
-    while len(turns) > 1 and not fits(system + turns):
-        del turns[: 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1]
-        while turns and turns[0]["role"] != "user":
-            turns.pop(0)
-    return system + turns
 
 
 def strip_mentions_of(text: str, user_id: int) -> str:

@@ -1,4 +1,4 @@
-"""An :class:`~bot.engine.Engine` backed by any OpenAI-compatible chat server.
+"""An :class:`~bot.serving.engine.Engine` backed by any OpenAI-compatible chat server.
 
 Scaling past one GPU means moving the model out of the bot's process: vLLM
 serves the quantized base with the adapter as a LoRA module, several bots or
@@ -10,7 +10,7 @@ The server is another machine that can be busy, restarting or gone. Opening a
 request is retried with backoff (honouring ``Retry-After``) while the deadline
 allows; once text has streamed to the user a retry would repeat it, so a
 failure after that point ends the answer. Every failure reaches the caller as
-an :class:`~bot.engine.EngineError` whose message can be shown to the user;
+an :class:`~bot.serving.engine.EngineError` whose message can be shown to the user;
 the details an operator needs go to the log.
 """
 
@@ -36,8 +36,8 @@ from tenacity import (
 )
 from yarl import URL
 
-from bot import metrics
-from bot.engine import (
+from bot.serving import metrics
+from bot.serving.engine import (
     VARIANTS,
     Answer,
     EngineBusy,
@@ -50,7 +50,7 @@ from bot.engine import (
     Variant,
     stream_for,
 )
-from bot.settings import EngineSettings
+from bot.serving.settings import EngineSettings
 from finetune.generation import STOP_STRINGS
 
 log = logging.getLogger(__name__)

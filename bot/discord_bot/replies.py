@@ -15,7 +15,7 @@ from typing import Protocol
 
 import discord
 
-from bot.messages import DISCORD_MESSAGE_LIMIT, split_message
+from bot.discord_bot.messages import DISCORD_MESSAGE_LIMIT, split_message
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ pass, not two.
 The thread owns the model: nothing else calls torch, so the event loop never
 blocks on it. Callers talk to it through :class:`GenerationRequest` callbacks,
 which run on the worker thread and must only hand results over (the
-:class:`bot.local_engine.LocalEngine` passes them to its event loop).
+:class:`bot.serving.local_engine.LocalEngine` passes them to its event loop).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot import metrics
-from bot.engine import (
+from bot.discord_bot.messages import trim_oldest_first
+from bot.serving import metrics
+from bot.serving.engine import (
     Answer,
     EngineBusy,
     EngineError,
@@ -35,7 +36,6 @@ from bot.engine import (
     Message,
     Variant,
 )
-from bot.messages import trim_oldest_first
 from finetune.generation import (
     GenerationSettings,
     adapter_names_for,

@@ -8,9 +8,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.commands import AnswerCog
-from bot.engine import Engine
-from bot.settings import BotSettings
+from bot.discord_bot.commands import AnswerCog
+from bot.discord_bot.settings import BotSettings
+from bot.serving.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""The bot's settings, read once from the environment and ``.env``.
+"""Engine and process settings, read once from the environment and ``.env``.
 
-Everything is validated here, before torch or discord.py are imported, so a
-bad value stops ``python -m bot`` with one line that names the variable.
-Secrets (the Discord token, API keys) are kept out of ``repr`` and logs.
+Everything is validated here, before torch is imported, so a bad value stops
+the program with one line that names the variable. Secrets (API keys) are kept
+out of ``repr`` and logs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from finetune.env import (
     env_bool,
     env_float,
-    env_id_list,
     env_int,
     env_str,
     load_env_file,
@@ -111,68 +110,4 @@ class EngineSettings:
             base_model_name=env_str("BASE_MODEL_NAME", cls.base_model_name) or cls.base_model_name,
             finetuned_model_name=env_str("FINETUNED_MODEL_NAME", cls.finetuned_model_name)
             or cls.finetuned_model_name,
-        )
-
-
-@dataclass(frozen=True)
-class BotSettings:
-    """The Discord side: who may ask, how often, and where commands are registered."""
-
-    discord_token: str = field(repr=False)
-    engine: EngineSettings
-    guild_id: int | None = None
-    rate_limit_per_minute: int = 6
-    max_question_chars: int = 1500
-    allowed_channel_ids: tuple[int, ...] = ()
-    allowed_role_ids: tuple[int, ...] = ()
-    metrics_port: int | None = None
-    log_level: str = "INFO"
-
-    @classmethod
-    def from_env(cls, *, require_token: bool = True) -> BotSettings:
-        load_env_file()
-        token = env_str("DISCORD_TOKEN", required=require_token) or ""
-        if token and (" " in token or len(token) < 20):
-            raise UserError(
-                "DISCORD_TOKEN does not look like a bot token: copy it from the Developer Portal's Bot page"
-            )
-        guild = env_str("DISCORD_GUILD_ID")
-        if guild is not None and not guild.isdigit():
-            raise UserError(
-                f"DISCORD_GUILD_ID={guild!r} is not a server id: use the numeric id, or leave it unset"
-            )
-        return cls(
-            discord_token=token,
-            engine=EngineSettings.from_env(),
-            guild_id=int(guild) if guild else None,
-            rate_limit_per_minute=env_int(
-                "RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, minimum=0
-            ),
-            max_question_chars=env_int("MAX_QUESTION_CHARS", cls.max_question_chars, minimum=1),
-            allowed_channel_ids=tuple(env_id_list("ALLOWED_CHANNEL_IDS")),
-            allowed_role_ids=tuple(env_id_list("ALLOWED_ROLE_IDS")),
-            metrics_port=metrics_port_from_env(),
-            log_level=log_level_from_env(),
-        )
-
-
-@dataclass(frozen=True)
-class ApiSettings:
-    """The OpenAI-compatible HTTP API. Without a token it only listens on loopback."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str = field(default="", repr=False)
-    max_request_bytes: int = 64 * 1024
-    max_tokens_cap: int = 1024
-
-    @classmethod
-    def from_env(cls) -> ApiSettings:
-        load_env_file()
-        return cls(
-            host=env_str("API_HOST", cls.host) or cls.host,
-            port=env_int("API_PORT", cls.port, minimum=1),
-            token=env_str("API_TOKEN", "") or "",
-            max_request_bytes=env_int("API_MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
-            max_tokens_cap=env_int("API_MAX_TOKENS", cls.max_tokens_cap, minimum=1),
         )

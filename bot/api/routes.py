@@ -1,0 +1,276 @@
+"""The HTTP routes of the OpenAI-compatible API, over any running engine."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from bot.api.protocol import ApiError, ChatRequest, model_names, parse_chat_request
+from bot.api.settings import ApiSettings
+from bot.serving.engine import (
+    Answer,
+    Engine,
+    EngineBusy,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    Variant,
+)
+from bot.serving.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ChatApi:
+    """The routes, bound to one engine and one set of limits."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: ApiSettings,
+        models: Mapping[str, Variant],
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._models = dict(models)
+        self._created = int(time.time())
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(
+                413,
+                f"The request body is larger than this server's {self._settings.max_request_bytes} bytes.",
+                code="request_too_large",
+            ) from None
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ApiError(400, f"The request body is not valid JSON: {error}.") from None
+        chat = parse_chat_request(
+            body, models=self._models, max_tokens_cap=self._settings.max_tokens_cap
+        )
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if chat.stream:
+            return await self._stream(request, chat, completion_id)
+        answer = await self._engine.generate(
+            chat.messages, variant=chat.variant, max_new_tokens=chat.max_tokens
+        )
+        return web.json_response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": chat.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer.text},
+                        "finish_reason": answer.finish_reason,
+                    }
+                ],
+                "usage": _usage(answer),
+            }
+        )
+
+    async def _stream(
+        self, request: web.Request, chat: ChatRequest, completion_id: str
+    ) -> web.StreamResponse:
+        """Stream an answer as server-sent events.
+
+        Nothing is sent until the engine has produced text or failed, so a full
+        queue or a dead server still gets its proper status code (429, 503…)
+        rather than a 200 stream that breaks.
+        """
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            self._engine.generate(
+                chat.messages,
+                variant=chat.variant,
+                max_new_tokens=chat.max_tokens,
+                on_text=pieces.put_nowait,
+            )
+        )
+        task.add_done_callback(lambda _: pieces.put_nowait(None))
+        created = int(time.time())
+
+        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": chat.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+
+        try:
+            piece = await pieces.get()
+            if piece is None:
+                task.result()  # failed before any text: raise for a proper status code
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",  # nginx: pass events on as they come
+                }
+            )
+            await response.prepare(request)
+            try:
+                await _send(response, chunk({"role": "assistant", "content": ""}))
+                while piece is not None:
+                    await _send(response, chunk({"content": piece}))
+                    piece = await pieces.get()
+                try:
+                    answer = task.result()
+                except Exception as error:
+                    # Too late for a status code: say it in the stream, as vLLM does.
+                    if not isinstance(error, EngineError):
+                        log.error("answer %s failed", completion_id, exc_info=error)
+                    await _send(response, _error_event(error))
+                else:
+                    await _send(response, chunk({}, answer.finish_reason))
+                    if chat.include_usage:
+                        await _send(response, {**chunk({}), "choices": [], "usage": _usage(answer)})
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+            except ConnectionResetError:
+                log.debug("client left before %s finished", completion_id)
+            return response
+        finally:
+            if not task.done():  # the client went away: free the engine's slot
+                task.cancel()
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": self._created,
+                        "owned_by": "freeski-bot",
+                        "root": variant,
+                    }
+                    for name, variant in self._models.items()
+                ],
+            }
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        status = self._engine.status()
+        return web.json_response(
+            {
+                "status": "ok" if status.ready else "unavailable",
+                "engine": dataclasses.asdict(status),
+            },
+            status=200 if status.ready else 503,
+        )
+
+
+def create_app(
+    engine: Engine,
+    settings: ApiSettings,
+    *,
+    engine_settings: EngineSettings | None = None,
+) -> web.Application:
+    """The API over an engine someone else starts and closes (the bot, or :func:`serve`)."""
+    api = ChatApi(engine, settings, model_names(engine_settings))
+    app = web.Application(
+        client_max_size=settings.max_request_bytes,
+        middlewares=[_openai_errors, _bearer_auth(settings.token)],
+    )
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/healthz", api.healthz)
+    return app
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an OpenAI-style JSON error, which is what clients parse."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except EngineBusy as error:
+        retry_after = str(max(1, math.ceil(error.retry_after_s)))
+        return ApiError(
+            429,
+            str(error),
+            type="rate_limit_error",
+            code="busy",
+            headers={"Retry-After": retry_after},
+        ).response()
+    except EngineTimeout as error:
+        return ApiError(504, str(error), type="timeout", code="timeout").response()
+    except EngineUnavailable as error:
+        return ApiError(503, str(error), type="service_unavailable").response()
+    except EngineError as error:
+        return ApiError(500, str(error), type="server_error").response()
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+        return ApiError(error.status, error.reason, headers=headers).response()
+    except Exception:
+        log.exception("unexpected failure serving %s %s", request.method, request.path)
+        return ApiError(500, "Internal server error.", type="server_error").response()
+
+
+def _bearer_auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Require ``Authorization: Bearer <API_TOKEN>`` on ``/v1/`` when a token is set."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(
+                    401,
+                    "Missing or wrong API key: send 'Authorization: Bearer <API_TOKEN>'.",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return check
+
+
+async def _send(response: web.StreamResponse, event: Mapping[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(event)}\n\n".encode())
+
+
+def _error_event(error: Exception) -> dict[str, Any]:
+    if isinstance(error, EngineTimeout):
+        kind = "timeout"
+    elif isinstance(error, EngineUnavailable):
+        kind = "service_unavailable"
+    else:
+        kind = "server_error"
+    message = str(error) if isinstance(error, EngineError) else "Internal server error."
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    return {
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }

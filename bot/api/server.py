@@ -1,0 +1,130 @@
+"""``python -m bot api``: start the engine, listen, and stop cleanly on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from bot.api.protocol import model_names
+from bot.api.routes import create_app
+from bot.api.settings import ApiSettings
+from bot.serving.engine import (
+    Engine,
+)
+from bot.serving.factory import build_engine
+from bot.serving.metrics_server import start_metrics_server
+from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
+from finetune.errors import UserError, cli_entry
+
+log = logging.getLogger(__name__)
+
+
+def check_bind_allowed(settings: ApiSettings) -> None:
+    """Refuse to expose an API without a token beyond this machine."""
+    if settings.token:
+        return
+    host = settings.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UserError(
+            f"API_HOST={settings.host} would expose the API without a token: "
+            "set API_TOKEN to a secret, or listen on 127.0.0.1"
+        )
+
+
+async def serve(
+    engine: Engine,
+    settings: ApiSettings,
+    *,
+    engine_settings: EngineSettings | None = None,
+    metrics_port: int | None = None,
+) -> None:
+    """Serve the API until SIGINT/SIGTERM, starting ``engine`` and closing it at the end.
+
+    The port is taken before the engine starts, so a port in use fails at
+    once rather than after minutes of model loading; meanwhile ``/healthz``
+    says 503 and questions get the engine's "still loading" answer.
+    """
+    check_bind_allowed(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    # A client that hangs up cancels its handler, and with it its place in the
+    # engine's queue: nobody waits for an answer no one will read.
+    runner = web.AppRunner(
+        create_app(engine, settings, engine_settings=engine_settings), handler_cancellation=True
+    )
+    metrics_server = None
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+        except OSError as error:
+            raise UserError(
+                f"cannot listen on {settings.host}:{settings.port} ({error.strerror}): "
+                "choose another API_PORT (or --port)"
+            ) from None
+        if metrics_port:
+            metrics_server = start_metrics_server(metrics_port)
+        await engine.start()
+        host, port = runner.addresses[0][:2]
+        url = f"http://{host}:{port}/v1"
+        log.info("serving %s at %s (SIGINT or SIGTERM stops)", ", ".join(model_names()), url)
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        if metrics_server is not None:
+            metrics_server.close()
+        await engine.close()
+
+
+def _parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bot api",
+        description="Serve the OpenAI-compatible chat API (models 'base' and 'finetuned').",
+    )
+    parser.add_argument(
+        "--host", default=defaults.host, help="address to listen on (API_HOST; default %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=defaults.port,
+        help="port to listen on, 0 for any free one (API_PORT; default %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bot api``: build the configured engine and serve it over HTTP."""
+    settings = ApiSettings.from_env()
+    args = _parse_args(argv, settings)
+    settings = dataclasses.replace(settings, host=args.host, port=args.port)
+    check_bind_allowed(settings)
+    engine_settings = EngineSettings.from_env()
+    metrics_port = metrics_port_from_env()
+    logging.basicConfig(
+        level=log_level_from_env(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    engine = build_engine(engine_settings)
+    asyncio.run(serve(engine, settings, engine_settings=engine_settings, metrics_port=metrics_port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

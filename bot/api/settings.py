@@ -1,0 +1,33 @@
+"""``API_*`` settings of ``python -m bot api``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune.env import (
+    env_int,
+    env_str,
+    load_env_file,
+)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The OpenAI-compatible HTTP API. Without a token it only listens on loopback."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str = field(default="", repr=False)
+    max_request_bytes: int = 64 * 1024
+    max_tokens_cap: int = 1024
+
+    @classmethod
+    def from_env(cls) -> ApiSettings:
+        load_env_file()
+        return cls(
+            host=env_str("API_HOST", cls.host) or cls.host,
+            port=env_int("API_PORT", cls.port, minimum=1),
+            token=env_str("API_TOKEN", "") or "",
+            max_request_bytes=env_int("API_MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
+            max_tokens_cap=env_int("API_MAX_TOKENS", cls.max_tokens_cap, minimum=1),
+        )
