@@ -153,6 +153,22 @@ def test_a_start_that_never_reached_a_checkpoint_can_start_again(
         prepare_run_dir(config)
 
 
+def test_the_same_run_twice_ends_bit_for_bit_the_same(
+    trained_run: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    """Training itself is deterministic here, so a resumed run that differs has a resume bug.
+
+    Without this baseline a failing resume test cannot tell lost optimizer, RNG
+    or data-order state from kernels that round differently from run to run.
+    """
+    run_dir = tmp_path / "again"
+    train(tiny_config(tiny_model_dir, run_dir))
+    again, first = lora_tensors(run_dir / "adapter"), lora_tensors(trained_run / "adapter")
+    assert again.keys() == first.keys()
+    for name, tensor in first.items():
+        assert again[name].equal(tensor), name
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(
     trained_run: Path, tiny_model_dir: Path, tmp_path: Path
 ):
