@@ -55,4 +55,6 @@ def test_installed_versions_are_the_locked_ones():
         for name, version in locked_pins().items()
         if installed.get(name) != version
     }
-    assert not wrong, f"installed versions differ from requirements.lock (locked, installed): {wrong}"
+    assert not wrong, (
+        f"installed versions differ from requirements.lock (locked, installed): {wrong}"
+    )
