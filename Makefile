@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	fi
 	@echo "install: the locked dependencies ($(LOCK)) and the project into $(VENV)"
 	@$(PIP) install $(PIP_FLAGS) --no-deps -r $(LOCK)
-	@$(PIP) install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
+	@PYTHONWARNINGS=ignore $(PIP) install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	@touch $@
 
 # Refresh the lock to the newest releases pyproject.toml allows (torch stays at TORCH_VERSION,
