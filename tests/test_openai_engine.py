@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from email.utils import formatdate
 
 import pytest
 from prometheus_client import REGISTRY
@@ -17,7 +16,6 @@ from bot.serving.openai_engine import (
     UNREACHABLE,
     OpenAIEngine,
     RetryPolicy,
-    parse_retry_after,
 )
 from bot.serving.settings import EngineSettings
 from tests.fake_openai import Failure, FakeOpenAIServer
@@ -290,11 +288,3 @@ async def test_status_before_start_and_after_close(server: FakeOpenAIServer) -> 
     await engine.close()
     assert engine.status().ready is False
     assert server.requests == []
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
-    assert 25 < (parse_retry_after(formatdate(time.time() + 30, usegmt=True)) or 0) <= 30

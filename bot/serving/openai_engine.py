@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import aiohttp
@@ -52,6 +51,7 @@ from bot.serving.engine import (
 )
 from bot.serving.settings import EngineSettings
 from finetune.generation import STOP_STRINGS
+from freeski_common.http import parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,6 @@ def _is_retryable(error: BaseException) -> bool:
     if isinstance(error, _Refused):
         return error.retryable
     return isinstance(error, aiohttp.ClientConnectionError)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 async def sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
