@@ -23,9 +23,9 @@ import yaml
 from trl.scripts.utils import TrlParser
 
 from finetune.errors import UserError
+from finetune.modeling import DEFAULT_BASE_MODEL
 from freeski_common.cli import OneLineErrors
 
-DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 RESOLVED_CONFIG_FILE = "config.yaml"
 
 Optimizer = Literal[
@@ -45,7 +45,7 @@ class FinetuneConfig:
 
     # model
     model: str = field(
-        default=DEFAULT_MODEL,
+        default=DEFAULT_BASE_MODEL,
         metadata={"help": "Hugging Face id or local directory of the base model"},
     )
     # quantization

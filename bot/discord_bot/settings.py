@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
-from finetune.env import (
+from bot.serving.env import (
     env_int,
     env_str,
     load_env_file,
 )
-from finetune.errors import UserError
+from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
+from freeski_common.errors import UserError
 
 
 def _env_list(name: str) -> list[str]:

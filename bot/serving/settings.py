@@ -10,16 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.env import (
+from bot.serving.env import (
     env_bool,
     env_float,
     env_int,
     env_str,
     load_env_file,
 )
-from finetune.errors import UserError
+from finetune.modeling import DEFAULT_BASE_MODEL
+from freeski_common.errors import UserError
 
-DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 BACKENDS = ("local", "openai")
 
 
