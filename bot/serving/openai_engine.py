@@ -175,13 +175,7 @@ class OpenAIEngine:
     ) -> Answer:
         if variant not in self._model_names:
             raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
-        try:
-            answer = await self._generate(messages, variant, max_new_tokens, on_text)
-        except BaseException as error:
-            metrics.ANSWERS.labels(variant, metrics.outcome_of(error)).inc()
-            raise
-        metrics.ANSWERS.labels(variant, metrics.outcome_of(answer)).inc()
-        return answer
+        return await self._generate(messages, variant, max_new_tokens, on_text)
 
     async def compare(
         self,
@@ -270,10 +264,6 @@ class OpenAIEngine:
         self._tokens_generated += completion_tokens
         self._recent_tokens.add(completion_tokens)
         self._recent_latency_s = 0.8 * self._recent_latency_s + 0.2 * total_s
-        metrics.GENERATED_TOKENS.labels(variant).inc(completion_tokens)
-        metrics.TOKENS_PER_SECOND.set(self._recent_tokens.per_second())
-        if stream.first_token_s is not None:
-            metrics.FIRST_TOKEN_SECONDS.observe(stream.first_token_s)
         return Answer(
             text="".join(stream.pieces),
             variant=variant,
