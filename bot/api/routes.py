@@ -15,10 +15,18 @@ from typing import Any
 
 from aiohttp import web
 
-from bot.api.protocol import ApiError, ChatRequest, model_names, parse_chat_request
+from bot.api.protocol import (
+    ApiError,
+    ChatRequest,
+    ChunkStream,
+    completion_body,
+    error_body,
+    model_names,
+    models_body,
+    parse_chat_request,
+)
 from bot.api.settings import ApiSettings
 from bot.serving.engine import (
-    Answer,
     Engine,
     EngineBusy,
     EngineError,
@@ -70,22 +78,7 @@ class ChatApi:
         answer = await self._engine.generate(
             chat.messages, variant=chat.variant, max_new_tokens=chat.max_tokens
         )
-        return web.json_response(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": chat.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": answer.text},
-                        "finish_reason": answer.finish_reason,
-                    }
-                ],
-                "usage": _usage(answer),
-            }
-        )
+        return web.json_response(completion_body(completion_id, chat.model, answer))
 
     async def _stream(
         self, request: web.Request, chat: ChatRequest, completion_id: str
@@ -106,16 +99,7 @@ class ChatApi:
             )
         )
         task.add_done_callback(lambda _: pieces.put_nowait(None))
-        created = int(time.time())
-
-        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-            return {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": chat.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            }
+        chunks = ChunkStream(completion_id, chat.model)
 
         try:
             piece = await pieces.get()
@@ -130,9 +114,9 @@ class ChatApi:
             )
             await response.prepare(request)
             try:
-                await _send(response, chunk({"role": "assistant", "content": ""}))
+                await _send(response, chunks.first())
                 while piece is not None:
-                    await _send(response, chunk({"content": piece}))
+                    await _send(response, chunks.text(piece))
                     piece = await pieces.get()
                 try:
                     answer = task.result()
@@ -142,9 +126,9 @@ class ChatApi:
                         log.error("answer %s failed", completion_id, exc_info=error)
                     await _send(response, _error_event(error))
                 else:
-                    await _send(response, chunk({}, answer.finish_reason))
+                    await _send(response, chunks.finish(answer.finish_reason))
                     if chat.include_usage:
-                        await _send(response, {**chunk({}), "choices": [], "usage": _usage(answer)})
+                        await _send(response, chunks.usage(answer))
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
             except ConnectionResetError:
@@ -155,21 +139,7 @@ class ChatApi:
                 task.cancel()
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": self._created,
-                        "owned_by": "freeski-bot",
-                        "root": variant,
-                    }
-                    for name, variant in self._models.items()
-                ],
-            }
-        )
+        return web.json_response(models_body(self._models, self._created))
 
     async def healthz(self, request: web.Request) -> web.Response:
         status = self._engine.status()
@@ -265,12 +235,4 @@ def _error_event(error: Exception) -> dict[str, Any]:
     else:
         kind = "server_error"
     message = str(error) if isinstance(error, EngineError) else "Internal server error."
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
-def _usage(answer: Answer) -> dict[str, int]:
-    return {
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-    }
+    return error_body(message, type=kind)
