@@ -15,7 +15,12 @@ from bot.serving.env import (
     env_str,
     load_env_file,
 )
-from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
+from bot.serving.settings import (
+    EngineSettings,
+    LogLevel,
+    log_level_from_env,
+    metrics_port_from_env,
+)
 from freeski_common.errors import UserError
 
 
@@ -48,7 +53,7 @@ class BotSettings:
     allowed_channel_ids: tuple[int, ...] = ()
     allowed_role_ids: tuple[int, ...] = ()
     metrics_port: int | None = None
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
 
     @classmethod
     def from_env(cls, *, require_token: bool = True) -> BotSettings:
