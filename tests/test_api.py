@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -241,6 +242,25 @@ async def test_text_parts_and_the_developer_role_reach_the_engine_as_plain_messa
             ],
             3,
         )
+    ]
+
+
+async def test_the_operators_system_prompt_leads_unless_the_client_sends_its_own(
+    engine: ScriptedEngine,
+) -> None:
+    await engine.start()
+    settings = dataclasses.replace(ALIASES, system_prompt="Answer briefly.")
+    own = [{"role": "system", "content": "Talk like a pirate."}, *QUESTION]
+    app = create_app(engine, ApiSettings(), engine_settings=settings)
+    async with serve_app(app) as url, aiohttp.ClientSession(url) as client:
+        for messages in (QUESTION, own):
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "base", "messages": messages}
+            )
+            assert response.status == 200
+    assert [messages for _, messages, _ in engine.requests] == [
+        [{"role": "system", "content": "Answer briefly."}, *QUESTION],
+        own,
     ]
 
 

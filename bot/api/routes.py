@@ -26,6 +26,7 @@ from bot.api.protocol import (
     parse_chat_request,
 )
 from bot.api.settings import ApiSettings
+from bot.serving.context import with_system_prompt
 from bot.serving.engine import (
     Engine,
     EngineBusy,
@@ -50,10 +51,12 @@ class ChatApi:
         engine: Engine,
         settings: ApiSettings,
         models: Mapping[str, Variant],
+        system_prompt: str = "",
     ) -> None:
         self._engine = engine
         self._settings = settings
         self._models = dict(models)
+        self._system_prompt = system_prompt
         self._created = int(time.time())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -71,6 +74,10 @@ class ChatApi:
             raise ApiError(400, f"The request body is not valid JSON: {error}.") from None
         chat = parse_chat_request(
             body, models=self._models, max_tokens_cap=self._settings.max_tokens_cap
+        )
+        # SYSTEM_PROMPT leads here as on Discord, whichever engine answers.
+        chat = dataclasses.replace(
+            chat, messages=with_system_prompt(chat.messages, self._system_prompt)
         )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
@@ -159,7 +166,8 @@ def create_app(
     engine_settings: EngineSettings | None = None,
 ) -> web.Application:
     """The API over an engine someone else starts and closes (the bot, or :func:`serve`)."""
-    api = ChatApi(engine, settings, model_names(engine_settings))
+    system_prompt = engine_settings.system_prompt if engine_settings is not None else ""
+    api = ChatApi(engine, settings, model_names(engine_settings), system_prompt)
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[_openai_errors, _bearer_auth(settings.token)],
