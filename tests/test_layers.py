@@ -7,6 +7,7 @@ import cannot hide a dependency the wrong way round. See docs/architecture.md.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,39 @@ def test_the_checker_sees_lazy_and_from_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from aiohttp import web\n    import discord.ext\n")
     assert offending(module, NOT_IN_SERVING) == ["aiohttp.web", "discord.ext"]
+
+
+def readme_map() -> dict[str, str]:
+    """The README's "Where things are" block: each path it names and the text beside it."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("### Where things are", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    entries: dict[str, str] = {}
+    parent = current = ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        first, _, rest = line.strip().partition(" ")
+        if indent in (0, 2) and (first.endswith("/") or first.endswith(".py")):
+            if indent == 0:
+                parent = first
+                current = first
+            else:
+                current = parent + first
+            entries[current] = rest
+        elif current:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_the_readme_map_names_only_what_exists_and_every_package() -> None:
+    entries = readme_map()
+    missing = [path for path in entries if not (REPO / path).exists()]
+    assert missing == []
+    for path, text in entries.items():
+        named = re.findall(r"\b(\w+\.py)\b", text)
+        assert [m for m in named if not (REPO / path / m).exists()] == [], path
+    top_level = {
+        f"{p.name}/" for p in REPO.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
+    bot_packages = {f"bot/{p.parent.name}/" for p in (REPO / "bot").glob("*/__init__.py")}
+    bot_modules = {f"bot/{p.name}" for p in (REPO / "bot").glob("*.py") if p.stem[0] != "_"}
+    assert top_level | bot_packages | bot_modules <= set(entries)
