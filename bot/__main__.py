@@ -6,15 +6,15 @@ missing token or model is one line and a non-zero exit, not a traceback.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from bot.discord_bot.settings import BotSettings
-from finetune.errors import UserError, cli_entry
+from freeski_common.cli import ArgumentParser
+from freeski_common.errors import UserError, cli_entry
+from freeski_common.shutdown import stop_requested
 
 log = logging.getLogger("bot")
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @cli_entry
 def run(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bot",
         description="Serve the Freeski bot on Discord (settings from the environment and .env). "
         "`python -m bot api` serves the OpenAI-compatible HTTP API instead.",
@@ -65,24 +65,19 @@ async def serve(settings: BotSettings) -> int:
     engine = build_engine(settings.engine)
     await engine.start()
     bot = FreeskiBot(settings, engine)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        connection = asyncio.create_task(bot.start(settings.discord_token))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if connection.done():  # it ended by itself: Discord refused or could not be reached
+        with stop_requested() as stop:
+            connection = asyncio.create_task(bot.start(settings.discord_token))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if connection.done():  # it ended by itself: Discord refused or could not be reached
+                await bot.close()
+                _raise_login_error(connection)
+            log.info("shutting down")
             await bot.close()
-            _raise_login_error(connection)
-        log.info("shutting down")
-        await bot.close()
-        await asyncio.wait({connection}, timeout=10)
-        stopping.cancel()
+            await asyncio.wait({connection}, timeout=10)
+            stopping.cancel()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
         await engine.close()
         if metrics_server is not None:
             metrics_server.close()

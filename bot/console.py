@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from bot.serving.context import with_system_prompt
 from bot.serving.engine import Engine, EngineError, Message, Variant
 from bot.serving.settings import EngineSettings
 
@@ -33,10 +34,8 @@ class ConsoleChat:
         self.out.flush()
 
     def _messages(self, question: str) -> list[Message]:
-        system: list[Message] = (
-            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        )
-        return [*system, *self.history, {"role": "user", "content": question}]
+        chat: list[Message] = [*self.history, {"role": "user", "content": question}]
+        return with_system_prompt(chat, self.system_prompt)
 
     async def handle(self, line: str) -> bool:
         """Answer one input line; False when the user asked to leave."""

@@ -15,20 +15,14 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from crawl.errors import CrawlError, cli_entry
 from crawl.fetcher import DEFAULT_USER_AGENT, FetchOptions
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one ``error: …`` line like every other failure."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise CrawlError(f"{message} (see `{self.prog} --help`)")
+from freeski_common.cli import ArgumentParser
+from freeski_common.shutdown import stop_requested
 
 
 def _positive_int(text: str) -> int:
@@ -84,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     from crawl.newschoolers import DEFAULT_FORUM_URL
     from crawl.site import SITES
 
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m crawl",
         description="Crawl a forum into a store, build the Q/A dataset, serve the sample forum.",
     )
@@ -295,11 +289,8 @@ def serve_sample_main(args: argparse.Namespace) -> int:
         try:
             async with serve_forum(root, host=args.host, port=args.port) as base_url:
                 print(f"serving sample forum at {base_url}{listing}", flush=True)
-                stop = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, stop.set)
-                await stop.wait()
+                with stop_requested() as stop:
+                    await stop.wait()
         except OSError as exc:
             raise CrawlError(
                 f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})"

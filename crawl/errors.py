@@ -1,41 +1,24 @@
 """Failures the operator can act on, and the one place that turns them into one line.
 
-``crawl`` is the pipeline's first stage and imports nothing from the later
-ones, so it keeps its own small error type instead of sharing finetune's.
+:class:`CrawlError` is the product's :class:`~freeski_common.errors.UserError`
+(``freeski_common`` sits below every stage, so ``crawl`` still imports nothing
+from the later ones); it keeps its own name so that crawl's callers and tests
+can tell a crawl failure from any other.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import TypeVar
+from freeski_common.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
+from freeski_common.errors import cli_entry as _cli_entry
 
-F = TypeVar("F", bound=Callable[..., int | None])
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "CrawlError", "cli_entry"]
 
 
-class CrawlError(Exception):
+class CrawlError(UserError):
     """An expected failure (bad option, unreachable forum, missing store); its message is the report."""
 
 
-def cli_entry(func: F) -> F:
-    """Run a CLI entry point, reporting :class:`CrawlError` as ``error: …`` on stderr, exit 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except CrawlError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print(
-                "interrupted: what was stored is kept; run the same command to continue",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
-
-    return wrapper  # type: ignore[return-value]
+# Ctrl-C loses nothing: every page is stored as it arrives.
+cli_entry = _cli_entry(
+    interrupted="interrupted: what was stored is kept; run the same command to continue"
+)

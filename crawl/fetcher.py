@@ -22,8 +22,6 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -32,6 +30,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_base
 
 from crawl.errors import CrawlError
+from freeski_common.http import parse_retry_after
 
 DEFAULT_USER_AGENT = (
     "freeski-bot-crawler/0.1 (builds a ski Q&A dataset; obeys robots.txt; one request per second)"
@@ -128,22 +127,6 @@ class _Pacer:
     def hold_off(self, seconds: float) -> None:
         """Push the next start back: the server asked every client to wait."""
         self._next_start = max(self._next_start, asyncio.get_running_loop().time() + seconds)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
 
 
 def origin_of(url: str) -> str:

@@ -9,21 +9,14 @@ python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          buil
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
 from finetune.errors import UserError, cli_entry
+from freeski_common.cli import ArgumentParser
 
 SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Subcommand parsers whose mistakes come back as one ``error:`` line."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -51,7 +44,7 @@ def estimate_main(argv: Sequence[str]) -> int:
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m finetune evaluate",
         description="Test-split loss and perplexity of base and finetuned, and both models' "
         "answers to a prompt set; writes evaluation.json and evaluation.md into the run.",
@@ -74,7 +67,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
 
 
 def merge_main(argv: Sequence[str]) -> int:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m finetune merge",
         description="Merge a run's adapter into a 16-bit copy of its base model, for servers "
         "that do not load LoRA adapters.",
@@ -100,7 +93,7 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     from finetune.tiny_model import TinyModelSpec
 
     defaults = TinyModelSpec()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m finetune tiny-model",
         description="Build a tiny random-weight Mistral-architecture model with a BPE tokenizer "
         "trained on forum text: the offline stand-in for Mistral-7B in tests, benchmarks and the demo.",

@@ -23,8 +23,9 @@ import yaml
 from trl.scripts.utils import TrlParser
 
 from finetune.errors import UserError
+from finetune.modeling import DEFAULT_BASE_MODEL
+from freeski_common.cli import OneLineErrors
 
-DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 RESOLVED_CONFIG_FILE = "config.yaml"
 
 Optimizer = Literal[
@@ -44,7 +45,7 @@ class FinetuneConfig:
 
     # model
     model: str = field(
-        default=DEFAULT_MODEL,
+        default=DEFAULT_BASE_MODEL,
         metadata={"help": "Hugging Face id or local directory of the base model"},
     )
     # quantization
@@ -271,15 +272,12 @@ def _reject_unknown_keys(values: dict[str, Any], where: str) -> None:
             raise UserError(f"{where}: unknown key {key!r}{_suggestion(str(key))}")
 
 
-class ConfigParser(TrlParser):
+class ConfigParser(OneLineErrors, TrlParser):
     """trl's YAML + CLI parser, with failures reported as :class:`UserError` lines."""
 
     def __init__(self, prog: str = "python -m finetune") -> None:
         super().__init__(FinetuneConfig, prog=prog, allow_abbrev=False)
         self.add_argument("--config", help="YAML file of config keys (command line wins)")
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UserError(f"{message} (see python -m finetune --help)")
 
     def parse(self, argv: Sequence[str]) -> FinetuneConfig:
         args = list(argv)

@@ -1,6 +1,6 @@
 """Reading the dataset directory that ``python -m crawl dataset`` writes.
 
-Rows are trl's conversational prompt/completion format (DESIGN.md §1), which
+Rows are trl's conversational prompt/completion format (docs/architecture.md), which
 makes trl take the loss on the completion only and train its end-of-sequence
 token. Every row is checked here, before any model is loaded, so a broken
 file is reported as ``file:line`` and not as a stack trace from inside trl.

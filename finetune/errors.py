@@ -1,40 +1,10 @@
-"""Errors the user can act on, and the one place that turns them into one line.
+"""finetune's name for the product's one-line errors (see :mod:`freeski_common.errors`).
 
-Expected failures (a missing token, a model that is not there, a bad config
-value, an empty dataset) are raised as :class:`UserError` anywhere in the
-product; every ``__main__`` wraps its entry point with :func:`cli_entry` so
-the user sees ``error: <what is wrong and how to fix it>`` and a non-zero exit
-code instead of a traceback.
+Every finetune module raises :class:`UserError` for a failure the user can
+fix; ``python -m finetune`` reports it as one ``error: …`` line. The type is
+shared with the other stages, so one ``except UserError`` catches them all.
 """
 
-from __future__ import annotations
+from freeski_common.errors import EXIT_USER_ERROR, UserError, cli_entry
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import TypeVar
-
-F = TypeVar("F", bound=Callable[..., int | None])
-
-EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """A failure the user caused and can fix; its message is the whole report."""
-
-
-def cli_entry(func: F) -> F:
-    """Run a CLI entry point, reporting :class:`UserError` as one line on stderr."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-
-    return wrapper  # type: ignore[return-value]
+__all__ = ["EXIT_USER_ERROR", "UserError", "cli_entry"]

@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported lazily: settings errors must not wait for
 
 log = logging.getLogger(__name__)
 
+# The base model every default points at: training's `model`, the bot's BASE_MODEL.
+DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 DEFAULT_ADAPTER_NAME = "finetuned"
 BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
@@ -70,7 +72,7 @@ def resolve_model_source(
     if _looks_like_path(name):
         raise UserError(
             f"model {name!r} not found: no such directory (looked at {path.resolve()}); "
-            "pass an existing model directory or a Hugging Face id like mistralai/Mistral-7B-Instruct-v0.2"
+            f"pass an existing model directory or a Hugging Face id like {DEFAULT_BASE_MODEL}"
         )
     if hub_offline():
         from huggingface_hub import constants, try_to_load_from_cache

@@ -1,4 +1,4 @@
-"""QLoRA training with trl's SFTTrainer, writing the run directory of DESIGN.md §1.
+"""QLoRA training with trl's SFTTrainer, writing the run directory (docs/architecture.md).
 
 The frozen base is loaded 4-bit through :mod:`finetune.modeling` (never
 upcast: trl no longer calls ``prepare_model_for_kbit_training``, whose fp32

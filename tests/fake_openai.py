@@ -31,12 +31,18 @@ class Failure:
     hang: bool = False  # accept the request, then never answer
     cut_after_words: int | None = None  # stream this many words, then drop the connection
     error_event_after_words: int | None = None  # stream, then send an error event
+    garbage_after_words: int | None = None  # stream, then send a chunk that is not JSON
 
     @property
     def refuses(self) -> bool:
         """Answers with the error status rather than starting a stream."""
-        return (
-            not self.hang and self.cut_after_words is None and self.error_event_after_words is None
+        return not self.hang and all(
+            after is None
+            for after in (
+                self.cut_after_words,
+                self.error_event_after_words,
+                self.garbage_after_words,
+            )
         )
 
 
@@ -114,6 +120,9 @@ class FakeOpenAIServer:
                     b'data: {"error": {"message": "engine died", "code": 500}}\n\n'
                 )
                 await response.write(b"data: [DONE]\n\n")
+                return response
+            if failure is not None and i == failure.garbage_after_words:
+                await response.write(b"data: {not json\n\n")
                 return response
             await asyncio.sleep(self.step_s)
             await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])

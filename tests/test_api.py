@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -160,6 +161,23 @@ async def test_healthz_reports_the_engine(engine: ScriptedEngine) -> None:
         (json.dumps(chat(max_tokens=100_000)).encode(), 400, "max_tokens"),
         (json.dumps(chat(n=2)).encode(), 400, "n"),
         (json.dumps(chat(stream="yes")).encode(), 400, "stream"),
+        # The ranges OpenAI documents for the sampling fields (checked, then ignored).
+        (json.dumps(chat(temperature=5)).encode(), 400, "temperature"),
+        (json.dumps(chat(temperature=-0.1)).encode(), 400, "temperature"),
+        (json.dumps(chat(temperature="0.7")).encode(), 400, "temperature"),
+        (json.dumps(chat(top_p=1.5)).encode(), 400, "top_p"),
+        (json.dumps(chat(presence_penalty=2.5)).encode(), 400, "presence_penalty"),
+        (json.dumps(chat(frequency_penalty=-3)).encode(), 400, "frequency_penalty"),
+        (json.dumps(chat(stop=["a", "b", "c", "d", "e"])).encode(), 400, "stop"),
+        (json.dumps(chat(max_completion_tokens=0)).encode(), 400, "max_completion_tokens"),
+        (json.dumps(chat(stream=True, stream_options=[])).encode(), 400, "stream_options"),
+        (
+            json.dumps(
+                {"model": "base", "messages": [{"role": "user", "content": [{"type": "image"}]}]}
+            ).encode(),
+            400,
+            "messages[0].content",
+        ),
     ],
 )
 async def test_bad_requests_get_an_openai_error_and_reach_no_engine(
@@ -174,6 +192,76 @@ async def test_bad_requests_get_an_openai_error_and_reach_no_engine(
     assert error["param"] == param
     assert error["message"] and error["type"] == "invalid_request_error"
     assert engine.requests == []
+
+
+async def test_sampling_fields_inside_openais_ranges_are_accepted_and_ignored(
+    engine: ScriptedEngine,
+) -> None:
+    sampling = {
+        "temperature": 2,
+        "top_p": 0,
+        "presence_penalty": -2,
+        "frequency_penalty": 1.5,
+        "stop": ["\n\n", "[INST]"],
+        "seed": 7,
+        "logprobs": False,  # an OpenAI field this API does not use: ignored
+    }
+    async with api_over(engine) as (_, client):
+        response = await client.post("/v1/chat/completions", json=chat("base", **sampling))
+        body = await response.json()
+    assert response.status == 200
+    assert body["choices"][0]["message"]["content"] == expected("base")
+    assert engine.requests == [("base", QUESTION, None)]
+
+
+async def test_text_parts_and_the_developer_role_reach_the_engine_as_plain_messages(
+    engine: ScriptedEngine,
+) -> None:
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "are twin tips "},
+                {"type": "text", "text": "good for park"},
+            ],
+        },
+    ]
+    async with api_over(engine) as (_, client):
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "finetuned", "messages": messages, "max_completion_tokens": 3},
+        )
+    assert response.status == 200
+    assert engine.requests == [
+        (
+            "finetuned",
+            [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "are twin tips good for park"},
+            ],
+            3,
+        )
+    ]
+
+
+async def test_the_operators_system_prompt_leads_unless_the_client_sends_its_own(
+    engine: ScriptedEngine,
+) -> None:
+    await engine.start()
+    settings = dataclasses.replace(ALIASES, system_prompt="Answer briefly.")
+    own = [{"role": "system", "content": "Talk like a pirate."}, *QUESTION]
+    app = create_app(engine, ApiSettings(), engine_settings=settings)
+    async with serve_app(app) as url, aiohttp.ClientSession(url) as client:
+        for messages in (QUESTION, own):
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "base", "messages": messages}
+            )
+            assert response.status == 200
+    assert [messages for _, messages, _ in engine.requests] == [
+        [{"role": "system", "content": "Answer briefly."}, *QUESTION],
+        own,
+    ]
 
 
 async def test_max_tokens_cap_is_named_in_the_error(engine: ScriptedEngine) -> None:

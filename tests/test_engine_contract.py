@@ -4,7 +4,8 @@ The Discord bot, the HTTP API and the demo only know the protocol, so each
 engine is held to the same behaviour: streamed text is the answer, both
 variants answer and differ, ``compare`` equals two single answers, concurrent
 questions never mix, status and metrics count what was served, a closed
-engine refuses work. The engines:
+engine refuses work. Each is wrapped in the :class:`CountedEngine` boundary, as
+``build_engine`` wraps it, so the metrics are checked the way they are counted. The engines:
 
 - ``scripted``: the test double the API tests stand on (it must honour the contract too);
 - ``openai-over-api``: :class:`OpenAIEngine` talking to this project's own API, over the
@@ -28,6 +29,7 @@ from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
 from bot.serving.engine import VARIANTS, Engine, EngineError, Message
 from bot.serving.factory import build_engine
+from bot.serving.metrics import CountedEngine
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
 from tests.fake_openai import FakeOpenAIServer
@@ -110,11 +112,13 @@ def tiny_loaded(tiny_model_dir: Path, tiny_adapter_dir: Path) -> tuple[Any, Any]
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     async with ENGINES[request.param](request) as built:
         assert isinstance(built, Engine)
-        await built.start()
+        counted = CountedEngine(built)
+        assert isinstance(counted, Engine)
+        await counted.start()
         try:
-            yield built
+            yield counted
         finally:
-            await built.close()
+            await counted.close()
 
 
 def answers_counted(variant: str, outcome: str) -> float:
@@ -190,9 +194,17 @@ async def test_status_counts_what_was_served(engine: Engine) -> None:
     assert after.uptime_s >= before.uptime_s
 
 
-async def test_answers_are_counted_in_the_shared_metrics(engine: Engine) -> None:
-    if isinstance(engine, ScriptedEngine):
-        pytest.skip("the scripted double stands in for engines; it reports no metrics")
+async def test_answers_are_counted_in_the_shared_metrics(
+    engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    if request.node.callspec.params["engine"] == "local":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="bot/serving/worker.py still counts its own answers and tokens besides "
+                "the boundary; its scheduler rewrite drops them (then remove this mark)",
+            )
+        )
     answers_before = {outcome: answers_counted("base", outcome) for outcome in ("stop", "length")}
     tokens_before = tokens_counted("base")
     answer = await engine.generate(QUESTION, variant="base", max_new_tokens=4)
@@ -213,8 +225,11 @@ async def test_start_is_idempotent_and_a_closed_engine_refuses_work(engine: Engi
 
 def test_the_factory_builds_the_configured_backend() -> None:
     remote = build_engine(EngineSettings(backend="openai"))
-    assert isinstance(remote, OpenAIEngine)
+    assert isinstance(remote, CountedEngine), "every backend is counted at the boundary"
+    assert isinstance(remote.inner, OpenAIEngine)
     local_engine = pytest.importorskip(
         "bot.serving.local_engine", reason="bot.serving.local_engine not built yet"
     )
-    assert isinstance(build_engine(EngineSettings(backend="local")), local_engine.LocalEngine)
+    local = build_engine(EngineSettings(backend="local"))
+    assert isinstance(local, CountedEngine)
+    assert isinstance(local.inner, local_engine.LocalEngine)

@@ -15,6 +15,7 @@ from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
 from bot.serving import metrics
 from bot.serving.engine import EngineBusy, Message
+from bot.serving.metrics import CountedEngine
 from bot.serving.metrics_server import start_metrics_server
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
@@ -52,9 +53,11 @@ async def test_counters_move_as_the_engine_answers() -> None:
     await scripted.start()
     try:
         async with serve_app(create_app(scripted, ApiSettings())) as url:
-            engine = OpenAIEngine(
-                EngineSettings(backend="openai", openai_base_url=f"{url}/v1"),
-                retry=RetryPolicy(attempts=1),
+            engine = CountedEngine(
+                OpenAIEngine(
+                    EngineSettings(backend="openai", openai_base_url=f"{url}/v1"),
+                    retry=RetryPolicy(attempts=1),
+                )
             )
             await engine.start()
             try:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from email.utils import formatdate
 
 import pytest
 from prometheus_client import REGISTRY
@@ -17,7 +16,6 @@ from bot.serving.openai_engine import (
     UNREACHABLE,
     OpenAIEngine,
     RetryPolicy,
-    parse_retry_after,
 )
 from bot.serving.settings import EngineSettings
 from tests.fake_openai import Failure, FakeOpenAIServer
@@ -240,6 +238,25 @@ async def test_an_error_event_midway_is_an_engine_error(server: FakeOpenAIServer
             await engine.generate(QUESTION)
 
 
+async def test_a_chunk_that_is_not_json_is_an_engine_error(server: FakeOpenAIServer) -> None:
+    server.script = [Failure(garbage_after_words=1)]
+    before = errors_counted("bad_stream")
+    async with running(settings_for(server.url)) as engine:
+        with pytest.raises(EngineError, match=CUT_OFF):
+            await engine.generate(QUESTION)
+    assert errors_counted("bad_stream") == before + 1
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(("penalty", "sent"), [(1.15, 1.15), (1.0, None)])
+async def test_repetition_penalty_is_sent_unless_it_is_1(
+    server: FakeOpenAIServer, penalty: float, sent: float | None
+) -> None:
+    async with running(settings_for(server.url, repetition_penalty=penalty)) as engine:
+        await engine.generate(QUESTION)
+    assert server.requests[-1].get("repetition_penalty") == sent
+
+
 async def test_compare_sends_both_variants_at_once() -> None:
     async with (
         FakeOpenAIServer(step_s=0.02) as server,
@@ -290,11 +307,3 @@ async def test_status_before_start_and_after_close(server: FakeOpenAIServer) -> 
     await engine.close()
     assert engine.status().ready is False
     assert server.requests == []
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
-    assert 25 < (parse_retry_after(formatdate(time.time() + 30, usegmt=True)) or 0) <= 30

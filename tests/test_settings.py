@@ -105,11 +105,11 @@ def test_bad_config_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, env: dict
 def test_token_read_from_dotenv_but_environment_wins(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    import finetune.env
+    import bot.serving.env
 
     (tmp_path / ".env").write_text(f"DISCORD_TOKEN={TOKEN}\nMAX_BATCH=3\n")
     monkeypatch.setenv("MAX_BATCH", "5")
-    monkeypatch.setattr(finetune.env, "_loaded", False)
+    monkeypatch.setattr(bot.serving.env, "_loaded", False)
     settings = BotSettings.from_env()
     assert settings.discord_token == TOKEN
     assert settings.engine.max_batch == 5

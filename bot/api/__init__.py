@@ -8,12 +8,12 @@ JSON or ``stream: true`` server-sent events. It is served by the same
 :func:`~bot.api.routes.create_app` takes a running engine, so both front ends
 can live in one process and share one model.
 
-- :mod:`bot.api.protocol` — the wire format: request validation, error bodies.
+- :mod:`bot.api.protocol` — the wire format: typed request and response bodies, errors.
 - :mod:`bot.api.routes` — the aiohttp routes over a running engine.
 - :mod:`bot.api.server` — ``python -m bot api``: start-up, signals, shutdown.
 - :mod:`bot.api.settings` — ``API_*`` settings.
 
-Sampling parameters in a request (``temperature``, ``top_p``, ``stop``) are
-accepted and ignored: the operator's engine settings decide them, as they do
-for Discord.
+Sampling parameters in a request (``temperature``, ``top_p``, ``stop``, …)
+are checked against the ranges OpenAI documents, then ignored: the operator's
+engine settings decide them, as they do for Discord.
 """

@@ -1,22 +1,39 @@
-"""The OpenAI chat protocol as this API speaks it: request validation and error bodies.
+"""The OpenAI chat protocol as this API speaks it: typed request and response bodies, error bodies.
 
 Kept apart from the routes so the wire format can be read (and tested) on its
-own, as vLLM keeps its protocol models apart from its serving code.
+own, as vLLM keeps its protocol models apart from its serving code. Requests
+are validated by pydantic models with the ranges OpenAI documents
+(``temperature`` 0–2, ``top_p`` 0–1, penalties −2–2, at most four ``stop``
+strings); every problem becomes one 400 whose ``param`` names the field, as
+OpenAI's own errors do. Fields this API does not use are accepted and ignored,
+so clients written for OpenAI or vLLM work unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-
-from bot.serving.engine import (
-    Message,
-    Variant,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from bot.serving.engine import Answer, FinishReason, Message, Variant
 from bot.serving.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -45,16 +62,124 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.body = error_body(message, type=type, param=param, code=code)
         self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
         return web.json_response(self.body, status=self.status, headers=self.headers)
 
 
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """``{"error": {...}}`` as OpenAI sends it, in a response or as a stream event."""
+    return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code)).dump()
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    # Unknown fields (other OpenAI options, vLLM extensions) are ignored, not refused.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: StrictStr
+
+
+def _as_one_error(message: str) -> Callable[[Any, ValidatorFunctionWrapHandler], Any]:
+    """A union whose failure is one error with ``message``, not one per member type."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_type", message) from None
+
+    return validate
+
+
+Content = Annotated[
+    StrictStr | list[TextPart],
+    WrapValidator(_as_one_error("must be a string or a list of {'type': 'text', 'text': …} parts")),
+]
+Stop = Annotated[
+    StrictStr | Annotated[list[StrictStr], Field(max_length=4)],
+    WrapValidator(_as_one_error("must be a string or a list of at most 4 strings")),
+]
+Number = Annotated[float, Field(strict=True)]  # a JSON number; "0.7" (a string) is refused
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Content
+
+    def message(self) -> Message:
+        """The engine's form: one role of three, the text parts joined."""
+        content = self.content
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        return Message(role=ROLES[self.role], content=text)
+
+
+class StreamOptions(_Model):
+    include_usage: StrictBool = False
+
+
+class ChatCompletionRequest(_Model):
+    """The body of ``POST /v1/chat/completions``.
+
+    Validated with a context of ``models`` (the names this API answers to) and
+    ``max_tokens_cap`` (``API_MAX_TOKENS``), so an unknown model and too long
+    an answer are reported like every other field.
+    """
+
+    model: StrictStr = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    n: Literal[1] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    # Sampling is the operator's (the engine settings decide it, as for Discord); these
+    # are checked so a client learns of a mistake, then ignored.
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    stop: Stop | None = None
+    seed: StrictInt | None = None
+    user: StrictStr | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str, info: ValidationInfo) -> str:
+        models = (info.context or {}).get("models")
+        if models is not None and model not in models:
+            raise PydanticCustomError(
+                "model_not_found",
+                "'{model}' does not exist: use one of {names}",
+                {"model": model, "names": ", ".join(sorted(models))},
+            )
+        return model
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        cap = (info.context or {}).get("max_tokens_cap")
+        if value is not None and cap is not None and value > cap:
+            raise PydanticCustomError(
+                "too_large",
+                "{value} is more than this server allows (at most {cap})",
+                {"value": value, "cap": cap},
+            )
+        return value
+
+
 @dataclass(frozen=True)
 class ChatRequest:
-    """A validated ``/v1/chat/completions`` request."""
+    """A validated ``/v1/chat/completions`` request, in the engine's terms."""
 
     model: str
     variant: Variant
@@ -82,79 +207,191 @@ def model_names(engine_settings: EngineSettings | None = None) -> dict[str, Vari
 def parse_chat_request(
     body: Any, *, models: Mapping[str, Variant], max_tokens_cap: int
 ) -> ChatRequest:
-    """Check a decoded request body; every problem names the offending field."""
+    """Check a decoded request body; the first problem is raised, naming the offending field."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required: use 'base' or 'finetuned'.", param="model")
-    if model not in models:
-        raise ApiError(
-            404,
-            f"The model {model!r} does not exist: use one of {', '.join(sorted(models))}.",
-            param="model",
-            code="model_not_found",
+    try:
+        request = ChatCompletionRequest.model_validate(
+            body, context={"models": models, "max_tokens_cap": max_tokens_cap}
         )
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ApiError(400, "'max_tokens' must be a positive integer.", param="max_tokens")
-        if max_tokens > max_tokens_cap:
-            raise ApiError(
-                400,
-                f"'max_tokens' is {max_tokens}; this server allows at most {max_tokens_cap}.",
-                param="max_tokens",
-            )
-    n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(400, "Only 'n': 1 is supported.", param="n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false.", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
+    except ValidationError as invalid:
+        raise _first_problem(invalid) from None
+    options = request.stream_options or StreamOptions()
     return ChatRequest(
+        model=request.model,
+        variant=models[request.model],
+        messages=[message.message() for message in request.messages],
+        max_tokens=request.max_completion_tokens or request.max_tokens,
+        stream=request.stream,
+        include_usage=options.include_usage,
+    )
+
+
+def _first_problem(invalid: ValidationError) -> ApiError:
+    problem = invalid.errors(include_url=False)[0]
+    param = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]
+    ).lstrip(".")
+    if problem["type"] == "model_not_found":
+        return ApiError(404, f"The model {problem['msg']}.", param=param, code="model_not_found")
+    message = "must be an object" if problem["type"] == "model_type" else problem["msg"]
+    if param == "model" and problem["type"] in ("missing", "string_too_short"):
+        message = "is required: use 'base' or 'finetuned'"
+    return ApiError(400, f"'{param}': {message}." if param else f"{message}.", param=param or None)
+
+
+# ---- responses --------------------------------------------------------------------------
+
+
+def _unset(value: object) -> bool:
+    return value is None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, answer: Answer) -> Usage:
+        total = answer.prompt_tokens + answer.completion_tokens
+        return cls(
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            total_tokens=total,
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """The answer to a request without ``stream``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_unset)
+    content: str | None = Field(None, exclude_if=_unset)
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = Field(None, exclude_if=_unset)  # only in the final usage chunk
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "freeski-bot"
+    root: Variant  # which variant answers under this name
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---- response bodies, as the routes send them ---------------------------------------------
+
+
+def completion_body(completion_id: str, model: str, answer: Answer) -> dict[str, Any]:
+    """The whole answer to a request without ``stream``."""
+    choice = Choice(
+        message=AssistantMessage(content=answer.text), finish_reason=answer.finish_reason
+    )
+    return ChatCompletion(
+        id=completion_id,
+        created=int(time.time()),
         model=model,
-        variant=models[model],
-        messages=_parse_messages(body.get("messages")),
-        max_tokens=max_tokens,
-        stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-    )
+        choices=[choice],
+        usage=Usage.of(answer),
+    ).dump()
 
 
-def _parse_messages(raw: Any) -> list[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "'messages' must be a non-empty list.", param="messages")
-    messages: list[Message] = []
-    for index, item in enumerate(raw):
-        param = f"messages[{index}]"
-        if not isinstance(item, dict):
-            raise ApiError(
-                400, f"{param} must be an object with 'role' and 'content'.", param=param
-            )
-        role_name = item.get("role")
-        role = ROLES.get(role_name) if isinstance(role_name, str) else None
-        if role is None:
-            raise ApiError(
-                400,
-                f"{param}.role must be 'system', 'user' or 'assistant'.",
-                param=f"{param}.role",
-            )
-        messages.append(Message(role=role, content=_text_content(item.get("content"), param)))
-    return messages
+@dataclass(frozen=True)
+class ChunkStream:
+    """The chunks of one streamed answer: same id, creation time and model on each."""
+
+    completion_id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def first(self) -> dict[str, Any]:
+        """The opening chunk: who speaks, no text yet."""
+        return self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
+
+    def text(self, piece: str) -> dict[str, Any]:
+        return self._chunk([ChunkChoice(delta=Delta(content=piece))])
+
+    def finish(self, reason: FinishReason) -> dict[str, Any]:
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)])
+
+    def usage(self, answer: Answer) -> dict[str, Any]:
+        """The final chunk ``stream_options.include_usage`` asks for: no choices, the usage."""
+        return self._chunk([], usage=Usage.of(answer))
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
+        return ChatCompletionChunk(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+        ).dump()
 
 
-def _text_content(content: Any, param: str) -> str:
-    """A message's text: a string, or OpenAI's list of ``{"type": "text"}`` parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        for part in content
-    ):
-        return "".join(part["text"] for part in content)
-    raise ApiError(
-        400, f"{param}.content must be a string (text parts only).", param=f"{param}.content"
-    )
+def models_body(models: Mapping[str, Variant], created: int) -> dict[str, Any]:
+    """``GET /v1/models``: every name the API answers to, and which variant it is."""
+    cards = [ModelCard(id=name, created=created, root=variant) for name, variant in models.items()]
+    return ModelList(data=cards).dump()

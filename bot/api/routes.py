@@ -15,10 +15,19 @@ from typing import Any
 
 from aiohttp import web
 
-from bot.api.protocol import ApiError, ChatRequest, model_names, parse_chat_request
+from bot.api.protocol import (
+    ApiError,
+    ChatRequest,
+    ChunkStream,
+    completion_body,
+    error_body,
+    model_names,
+    models_body,
+    parse_chat_request,
+)
 from bot.api.settings import ApiSettings
+from bot.serving.context import with_system_prompt
 from bot.serving.engine import (
-    Answer,
     Engine,
     EngineBusy,
     EngineError,
@@ -42,10 +51,12 @@ class ChatApi:
         engine: Engine,
         settings: ApiSettings,
         models: Mapping[str, Variant],
+        system_prompt: str = "",
     ) -> None:
         self._engine = engine
         self._settings = settings
         self._models = dict(models)
+        self._system_prompt = system_prompt
         self._created = int(time.time())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -64,28 +75,17 @@ class ChatApi:
         chat = parse_chat_request(
             body, models=self._models, max_tokens_cap=self._settings.max_tokens_cap
         )
+        # SYSTEM_PROMPT leads here as on Discord, whichever engine answers.
+        chat = dataclasses.replace(
+            chat, messages=with_system_prompt(chat.messages, self._system_prompt)
+        )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             return await self._stream(request, chat, completion_id)
         answer = await self._engine.generate(
             chat.messages, variant=chat.variant, max_new_tokens=chat.max_tokens
         )
-        return web.json_response(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": chat.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": answer.text},
-                        "finish_reason": answer.finish_reason,
-                    }
-                ],
-                "usage": _usage(answer),
-            }
-        )
+        return web.json_response(completion_body(completion_id, chat.model, answer))
 
     async def _stream(
         self, request: web.Request, chat: ChatRequest, completion_id: str
@@ -106,16 +106,7 @@ class ChatApi:
             )
         )
         task.add_done_callback(lambda _: pieces.put_nowait(None))
-        created = int(time.time())
-
-        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-            return {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": chat.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            }
+        chunks = ChunkStream(completion_id, chat.model)
 
         try:
             piece = await pieces.get()
@@ -130,9 +121,9 @@ class ChatApi:
             )
             await response.prepare(request)
             try:
-                await _send(response, chunk({"role": "assistant", "content": ""}))
+                await _send(response, chunks.first())
                 while piece is not None:
-                    await _send(response, chunk({"content": piece}))
+                    await _send(response, chunks.text(piece))
                     piece = await pieces.get()
                 try:
                     answer = task.result()
@@ -142,9 +133,9 @@ class ChatApi:
                         log.error("answer %s failed", completion_id, exc_info=error)
                     await _send(response, _error_event(error))
                 else:
-                    await _send(response, chunk({}, answer.finish_reason))
+                    await _send(response, chunks.finish(answer.finish_reason))
                     if chat.include_usage:
-                        await _send(response, {**chunk({}), "choices": [], "usage": _usage(answer)})
+                        await _send(response, chunks.usage(answer))
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
             except ConnectionResetError:
@@ -155,21 +146,7 @@ class ChatApi:
                 task.cancel()
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": self._created,
-                        "owned_by": "freeski-bot",
-                        "root": variant,
-                    }
-                    for name, variant in self._models.items()
-                ],
-            }
-        )
+        return web.json_response(models_body(self._models, self._created))
 
     async def healthz(self, request: web.Request) -> web.Response:
         status = self._engine.status()
@@ -189,7 +166,8 @@ def create_app(
     engine_settings: EngineSettings | None = None,
 ) -> web.Application:
     """The API over an engine someone else starts and closes (the bot, or :func:`serve`)."""
-    api = ChatApi(engine, settings, model_names(engine_settings))
+    system_prompt = engine_settings.system_prompt if engine_settings is not None else ""
+    api = ChatApi(engine, settings, model_names(engine_settings), system_prompt)
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[_openai_errors, _bearer_auth(settings.token)],
@@ -265,12 +243,4 @@ def _error_event(error: Exception) -> dict[str, Any]:
     else:
         kind = "server_error"
     message = str(error) if isinstance(error, EngineError) else "Internal server error."
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
-def _usage(answer: Answer) -> dict[str, int]:
-    return {
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-    }
+    return error_body(message, type=kind)

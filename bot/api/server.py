@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import signal
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -21,7 +20,9 @@ from bot.serving.engine import (
 from bot.serving.factory import build_engine
 from bot.serving.metrics_server import start_metrics_server
 from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
-from finetune.errors import UserError, cli_entry
+from freeski_common.cli import ArgumentParser
+from freeski_common.errors import UserError, cli_entry
+from freeski_common.shutdown import stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ async def serve(
     says 503 and questions get the engine's "still loading" answer.
     """
     check_bind_allowed(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     # A client that hangs up cancels its handler, and with it its place in the
     # engine's queue: nobody waits for an answer no one will read.
     runner = web.AppRunner(
@@ -67,25 +64,24 @@ async def serve(
     )
     metrics_server = None
     try:
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
-        except OSError as error:
-            raise UserError(
-                f"cannot listen on {settings.host}:{settings.port} ({error.strerror}): "
-                "choose another API_PORT (or --port)"
-            ) from None
-        if metrics_port:
-            metrics_server = start_metrics_server(metrics_port)
-        await engine.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{host}:{port}/v1"
-        log.info("serving %s at %s (SIGINT or SIGTERM stops)", ", ".join(model_names()), url)
-        await stop.wait()
-        log.info("stopping: finishing in-flight requests")
+        with stop_requested() as stop:
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, settings.host, settings.port).start()
+            except OSError as error:
+                raise UserError(
+                    f"cannot listen on {settings.host}:{settings.port} ({error.strerror}): "
+                    "choose another API_PORT (or --port)"
+                ) from None
+            if metrics_port:
+                metrics_server = start_metrics_server(metrics_port)
+            await engine.start()
+            host, port = runner.addresses[0][:2]
+            url = f"http://{host}:{port}/v1"
+            log.info("serving %s at %s (SIGINT or SIGTERM stops)", ", ".join(model_names()), url)
+            await stop.wait()
+            log.info("stopping: finishing in-flight requests")
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
         await runner.cleanup()
         if metrics_server is not None:
             metrics_server.close()
@@ -93,7 +89,7 @@ async def serve(
 
 
 def _parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bot api",
         description="Serve the OpenAI-compatible chat API (models 'base' and 'finetuned').",
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finetune.env import (
+from bot.serving.env import (
     env_int,
     env_str,
     load_env_file,

@@ -24,6 +24,7 @@ from bot.discord_bot.messages import chain_to_messages, split_message, strip_men
 from bot.discord_bot.ratelimit import RateLimiter
 from bot.discord_bot.replies import InteractionReply, LiveText, MessageReply, ReplyTarget
 from bot.discord_bot.settings import BotSettings
+from bot.serving.context import with_system_prompt
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
 
 if TYPE_CHECKING:
@@ -150,9 +151,8 @@ class AnswerCog(commands.Cog):
     # ---- shared parts ------------------------------------------------------------------
 
     def _question(self, question: str) -> list[Message]:
-        system = self.settings.engine.system_prompt
-        messages: list[Message] = [{"role": "system", "content": system}] if system else []
-        return [*messages, {"role": "user", "content": question.strip()}]
+        question_only: list[Message] = [{"role": "user", "content": question.strip()}]
+        return with_system_prompt(question_only, self.settings.engine.system_prompt)
 
     def _default_variant(self) -> Variant:
         return "finetuned" if self.engine.status().adapter else "base"

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bot.serving.context import trim_oldest_first
+from bot.serving.context import trim_oldest_first, with_system_prompt
 from bot.serving.engine import Message
 
 DISCORD_MESSAGE_LIMIT = 2000
@@ -100,10 +100,8 @@ def chain_to_messages(
         turns.pop(0)
     while turns and turns[-1]["role"] != "user":  # the newest turn is the question
         turns.pop()
-    system: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + trim_oldest_first(
-        turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars
-    )
+    kept = trim_oldest_first(turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars)
+    return with_system_prompt(kept, system_prompt)
 
 
 def strip_mentions_of(text: str, user_id: int) -> str:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
-from finetune.env import (
+from bot.serving.env import (
     env_int,
     env_str,
     load_env_file,
 )
-from finetune.errors import UserError
+from bot.serving.settings import (
+    EngineSettings,
+    LogLevel,
+    log_level_from_env,
+    metrics_port_from_env,
+)
+from freeski_common.errors import UserError
 
 
 def _env_list(name: str) -> list[str]:
@@ -48,7 +53,7 @@ class BotSettings:
     allowed_channel_ids: tuple[int, ...] = ()
     allowed_role_ids: tuple[int, ...] = ()
     metrics_port: int | None = None
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
 
     @classmethod
     def from_env(cls, *, require_token: bool = True) -> BotSettings:

@@ -9,7 +9,14 @@ Front ends (the Discord bot, the HTTP API, the console) talk to an
 - :class:`~bot.serving.openai_engine.OpenAIEngine` — any OpenAI-compatible
   server (vLLM with the adapter as a LoRA module, or another Freeski bot).
 
-Also here: context trimming (:mod:`~bot.serving.context`), metrics and their
-endpoint, and the engine settings. This package imports nothing of
-discord.py or aiohttp's web server; model loading comes from ``finetune``.
+:func:`~bot.serving.factory.build_engine` builds the one ``INFERENCE_BACKEND``
+names, wrapped in :class:`~bot.serving.metrics.CountedEngine`, the boundary
+that counts every answer once whichever backend gave it.
+
+Also here: what the model sees of a conversation (:mod:`~bot.serving.context`:
+the system prompt, trimming), the metrics and their endpoint, the engine and
+process settings and the environment readers every front end's settings use
+(:mod:`~bot.serving.env`). This package imports nothing of discord.py,
+aiohttp's web server or any front end (``tests/test_layers.py`` checks); model
+loading comes from ``finetune``.
 """

@@ -1,7 +1,8 @@
-"""Fitting a conversation into the model's window: the oldest turns go first.
+"""Shaping a conversation for the model: the operator's system prompt, and trimming to fit.
 
-Every front end and the worker trim the same way, so what the model sees of a
-long reply chain does not depend on where the question came from.
+Every front end, the worker and the OpenAI-compatible engine use these, so
+what the model sees of a long reply chain, and whether ``SYSTEM_PROMPT`` leads
+it, does not depend on where the question came from or which backend answers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bot.serving.engine import Message
+
+
+def with_system_prompt(messages: Sequence[Message], system_prompt: str) -> list[Message]:
+    """``messages`` led by the operator's ``SYSTEM_PROMPT``, unless it is empty or one leads already.
+
+    A conversation that brings its own system message (an API client's) keeps
+    it; applying this twice changes nothing, so a front end and an engine may
+    both call it.
+    """
+    chat = list(messages)
+    if system_prompt and (not chat or chat[0]["role"] != "system"):
+        chat.insert(0, {"role": "system", "content": system_prompt})
+    return chat
 
 
 def trim_oldest_first(

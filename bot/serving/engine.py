@@ -15,6 +15,8 @@ from typing import Literal, Protocol, TypedDict, runtime_checkable
 
 Variant = Literal["base", "finetuned"]
 VARIANTS: tuple[Variant, ...] = ("base", "finetuned")
+# How an answer ended: by itself, at its token budget, or stopped (shutdown, caller gone).
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class Message(TypedDict):
@@ -39,7 +41,7 @@ class Answer:
 
     text: str
     variant: Variant
-    finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float = 0.0  # waiting for a batch slot

@@ -1,17 +1,24 @@
 """Build the configured :class:`~bot.serving.engine.Engine`; the one place that knows the backends.
 
 The local engine is imported only when it is chosen: a bot that answers
-through a vLLM server never imports torch.
+through a vLLM server never imports torch. Whichever it is, it comes wrapped
+in :class:`~bot.serving.metrics.CountedEngine`, so every backend's answers are
+counted once and the same way.
 """
 
 from __future__ import annotations
 
 from bot.serving.engine import Engine
+from bot.serving.metrics import CountedEngine
 from bot.serving.settings import EngineSettings
 
 
-def build_engine(settings: EngineSettings) -> Engine:
+def build_engine(settings: EngineSettings) -> CountedEngine:
     """The engine ``INFERENCE_BACKEND`` names, not yet started."""
+    return CountedEngine(_backend(settings))
+
+
+def _backend(settings: EngineSettings) -> Engine:
     if settings.backend == "openai":
         from bot.serving.openai_engine import OpenAIEngine
 

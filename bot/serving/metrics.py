@@ -2,6 +2,19 @@
 
 Defined once at import (prometheus-client registries reject duplicates), so
 engines, the API and the bot just update them; ``METRICS_PORT`` exposes them.
+
+Two owners, so nothing is counted twice:
+
+- :class:`CountedEngine`, the Engine boundary that
+  :func:`~bot.serving.factory.build_engine` puts around every backend, counts
+  what a caller sees of each request: :data:`ANSWERS` (by variant and outcome,
+  failures included), :data:`GENERATED_TOKENS`, :data:`FIRST_TOKEN_SECONDS` and
+  :data:`TOKENS_PER_SECOND`. A local "queue full" and a remote 429 are both
+  ``outcome="busy"`` because both reach the caller as ``EngineBusy``.
+- The backends count only what they alone can see: the local worker its
+  scheduling (:data:`QUEUE_DEPTH`, :data:`BATCH_SIZE`, :data:`QUEUE_SECONDS`,
+  :data:`GPU_MEMORY_BYTES`), the OpenAI engine its requests in flight
+  (:data:`QUEUE_DEPTH`), and both :data:`ERRORS` by kind.
 """
 
 from __future__ import annotations
@@ -9,10 +22,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from bot.serving.engine import Answer, EngineBusy, EngineTimeout, EngineUnavailable
+from bot.serving.engine import (
+    VARIANTS,
+    Answer,
+    Engine,
+    EngineBusy,
+    EngineStatus,
+    EngineTimeout,
+    EngineUnavailable,
+    Message,
+    OnText,
+    Variant,
+)
 
 QUEUE_DEPTH = Gauge("freeski_queue_depth", "Requests waiting for the inference worker")
 BATCH_SIZE = Histogram(
@@ -41,9 +66,9 @@ def outcome_of(result: Answer | BaseException) -> str:
     """The ``outcome`` label of :data:`ANSWERS` for a request that ended with ``result``.
 
     An answer is labelled by how it finished (``stop``, ``length``,
-    ``cancelled``), as the local worker does; a failure by its kind (``busy``,
-    ``timeout``, ``unavailable``, ``cancelled``, ``error``). One mapping for
-    every engine, so a dashboard reads the same whichever backend answers.
+    ``cancelled``); a failure by its kind (``busy``, ``timeout``,
+    ``unavailable``, ``cancelled``, ``error``). One mapping for every engine,
+    so a dashboard reads the same whichever backend answers.
     """
     if isinstance(result, Answer):
         return result.finish_reason
@@ -81,3 +106,72 @@ class RecentRate:
             return 0.0
         span = max(now - self._events[0][0], 1.0)
         return sum(tokens for _, tokens in self._events) / span
+
+
+class CountedEngine:
+    """An :class:`~bot.serving.engine.Engine` that counts every request once, at the boundary.
+
+    It wraps any backend and forwards everything; what it adds is the
+    per-request metrics listed in this module's docstring, taken from the
+    :class:`~bot.serving.engine.Answer` or the exception the caller gets. A
+    ``compare`` counts one answer per variant; when it fails, both variants
+    count that failure (they were asked together and end together).
+    """
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        variant: Variant = "finetuned",
+        max_new_tokens: int | None = None,
+        on_text: OnText | None = None,
+    ) -> Answer:
+        try:
+            answer = await self.inner.generate(
+                messages, variant=variant, max_new_tokens=max_new_tokens, on_text=on_text
+            )
+        except (Exception, asyncio.CancelledError) as error:
+            ANSWERS.labels(variant, outcome_of(error)).inc()
+            raise
+        self._count(answer)
+        return answer
+
+    async def compare(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[Variant, str], None] | None = None,
+    ) -> tuple[Answer, Answer]:
+        try:
+            base, finetuned = await self.inner.compare(
+                messages, max_new_tokens=max_new_tokens, on_text=on_text
+            )
+        except (Exception, asyncio.CancelledError) as error:
+            for variant in VARIANTS:
+                ANSWERS.labels(variant, outcome_of(error)).inc()
+            raise
+        self._count(base)
+        self._count(finetuned)
+        return base, finetuned
+
+    def status(self) -> EngineStatus:
+        return self.inner.status()
+
+    def _count(self, answer: Answer) -> None:
+        ANSWERS.labels(answer.variant, outcome_of(answer)).inc()
+        if answer.completion_tokens:
+            GENERATED_TOKENS.labels(answer.variant).inc(answer.completion_tokens)
+        if answer.first_token_s is not None:
+            FIRST_TOKEN_SECONDS.observe(answer.first_token_s)
+        # The backend's own window, so the gauge and /status show the same number.
+        TOKENS_PER_SECOND.set(self.inner.status().tokens_per_s)

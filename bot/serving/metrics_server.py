@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 
 
 @dataclass

@@ -6,26 +6,30 @@ replicas share it, and this engine is the bot's end of that wire. Base answers
 ask for the server's base model id and finetuned answers for the LoRA's name,
 so one server answers both and batches them together, as the local worker does.
 
-The server is another machine that can be busy, restarting or gone. Opening a
-request is retried with backoff (honouring ``Retry-After``) while the deadline
-allows; once text has streamed to the user a retry would repeat it, so a
-failure after that point ends the answer. Every failure reaches the caller as
-an :class:`~bot.serving.engine.EngineError` whose message can be shown to the user;
-the details an operator needs go to the log.
+The wire itself (requests, server-sent events, error statuses) is the official
+``openai`` client's. What the client cannot know is ours: the request's
+deadline (``REQUEST_TIMEOUT_S``, queue included) and what a failure means to a
+Discord user. So the client's own retries are off, and opening a request is
+retried here, with backoff honouring ``Retry-After``, on 429, 5xx and refused
+connections, while the deadline allows. Once text has streamed to the user a
+retry would repeat it, so a failure after that point ends the answer. Every
+failure reaches the caller as an :class:`~bot.serving.engine.EngineError` whose
+message can be shown to the user; the details an operator needs go to the log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
+import openai
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionChunk
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -34,9 +38,9 @@ from tenacity import (
     stop_before_delay,
     wait_exponential_jitter,
 )
-from yarl import URL
 
 from bot.serving import metrics
+from bot.serving.context import with_system_prompt
 from bot.serving.engine import (
     VARIANTS,
     Answer,
@@ -45,6 +49,7 @@ from bot.serving.engine import (
     EngineStatus,
     EngineTimeout,
     EngineUnavailable,
+    FinishReason,
     Message,
     OnText,
     Variant,
@@ -52,11 +57,14 @@ from bot.serving.engine import (
 )
 from bot.serving.settings import EngineSettings
 from finetune.generation import STOP_STRINGS
+from freeski_common.http import parse_retry_after
 
 log = logging.getLogger(__name__)
 
 UNREACHABLE = "The answering server can't be reached right now; please try again in a minute."
 CUT_OFF = "The answering server stopped in the middle of the answer; please try again."
+# The client insists on a key; servers started without one (vLLM's default) ignore it.
+NO_KEY = "EMPTY"
 
 
 @dataclass(frozen=True)
@@ -69,63 +77,23 @@ class RetryPolicy:
     connect_timeout_s: float = 10.0
 
 
-class _Refused(Exception):
-    """The server answered the request with an error status instead of a stream."""
-
-    def __init__(self, status: int, retry_after_s: float | None, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
-        self.status = status
-        self.retry_after_s = retry_after_s
-        self.detail = detail
-
-    @property
-    def retryable(self) -> bool:
-        return self.status == 429 or self.status >= 500
-
-
 def _is_retryable(error: BaseException) -> bool:
-    if isinstance(error, _Refused):
-        return error.retryable
-    return isinstance(error, aiohttp.ClientConnectionError)
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code == 429 or error.status_code >= 500
+    return isinstance(error, openai.APIConnectionError)  # refused, reset, connect timeout
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-async def sse_data(stream: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """The ``data`` payload of each server-sent event, multi-line data joined."""
-    data: list[str] = []
-    async for raw in stream:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        field, _, value = line.partition(":")
-        if field == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
+def _retry_after_s(error: BaseException | None) -> float | None:
+    if isinstance(error, openai.APIStatusError):
+        return parse_retry_after(error.response.headers.get("Retry-After"))
+    return None
 
 
 @dataclass
 class _Stream:
     """What one streamed completion produced."""
 
-    pieces: list[str]
+    pieces: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_s: float | None = None
     prompt_tokens: int = 0
@@ -140,12 +108,12 @@ class OpenAIEngine:
     def __init__(self, settings: EngineSettings, *, retry: RetryPolicy | None = None) -> None:
         self._settings = settings
         self._retry = retry or RetryPolicy()
-        self._url = URL(settings.openai_base_url.rstrip("/") + "/chat/completions")
+        self._where = _without_credentials(settings.openai_base_url)
         self._model_names: dict[Variant, str] = {
             "base": settings.base_model_name,
             "finetuned": settings.finetuned_model_name,
         }
-        self._session: aiohttp.ClientSession | None = None
+        self._client: AsyncOpenAI | None = None
         self._closed = False
         self._reachable: bool | None = None  # unknown until the first request
         self._in_flight = 0
@@ -156,29 +124,27 @@ class OpenAIEngine:
         self._started_at = time.monotonic()
 
     async def start(self) -> None:
-        if self._session is not None and not self._closed:
+        if self._client is not None and not self._closed:
             return
-        headers = {"Accept": "text/event-stream"}
-        if self._settings.openai_api_key:
-            headers["Authorization"] = f"Bearer {self._settings.openai_api_key}"
-        self._session = aiohttp.ClientSession(
-            headers=headers,
+        # The client logs every request at INFO; the bot's log is for what an operator acts on.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
+        self._client = AsyncOpenAI(
+            base_url=self._settings.openai_base_url,
+            api_key=self._settings.openai_api_key or NO_KEY,
+            max_retries=0,  # ours below know the request's deadline
             # The overall deadline is the request timeout, enforced around each request;
             # only connecting gets its own, shorter limit so a dead host is retried early.
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self._retry.connect_timeout_s, sock_read=None
-            ),
-            connector=aiohttp.TCPConnector(limit=self._settings.queue_size),
+            timeout=openai.Timeout(None, connect=self._retry.connect_timeout_s),
         )
         self._closed = False
         self._started_at = time.monotonic()
-        log.info("answering through %s", self._url.with_user(None))
+        log.info("answering through %s/chat/completions", self._where)
 
     async def close(self) -> None:
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def generate(
         self,
@@ -190,13 +156,7 @@ class OpenAIEngine:
     ) -> Answer:
         if variant not in self._model_names:
             raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
-        try:
-            answer = await self._generate(messages, variant, max_new_tokens, on_text)
-        except BaseException as error:
-            metrics.ANSWERS.labels(variant, metrics.outcome_of(error)).inc()
-            raise
-        metrics.ANSWERS.labels(variant, metrics.outcome_of(answer)).inc()
-        return answer
+        return await self._generate(messages, variant, max_new_tokens, on_text)
 
     async def compare(
         self,
@@ -227,20 +187,21 @@ class OpenAIEngine:
         return base, finetuned
 
     def status(self) -> EngineStatus:
-        tokens_per_s = self._recent_tokens.per_second()
+        parts = urlsplit(self._settings.openai_base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         return EngineStatus(
             backend=self.backend,
             model=self._model_names["base"],
             adapter=self._model_names["finetuned"],
-            device=f"remote {self._url.host}:{self._url.port}",
-            ready=self._session is not None and not self._closed and self._reachable is not False,
+            device=f"remote {parts.hostname}:{port}",
+            ready=self._client is not None and not self._closed and self._reachable is not False,
             queue_depth=self._in_flight,
             queue_size=self._settings.queue_size,
             max_batch=self._settings.max_batch,
             batches_served=0,  # the server batches; it does not say how
             requests_served=self._requests_served,
             tokens_generated=self._tokens_generated,
-            tokens_per_s=tokens_per_s,
+            tokens_per_s=self._recent_tokens.per_second(),
             uptime_s=time.monotonic() - self._started_at,
         )
 
@@ -251,21 +212,21 @@ class OpenAIEngine:
         max_new_tokens: int | None,
         on_text: OnText | None,
     ) -> Answer:
-        if self._session is None or self._closed:
+        if self._client is None or self._closed:
             raise EngineUnavailable("The bot is not answering right now (its engine is stopped).")
         if self._in_flight >= self._settings.queue_size:
             metrics.ERRORS.labels("queue_full").inc()
             raise EngineBusy(retry_after_s=max(1.0, self._recent_latency_s))
         limit = self._settings.max_new_tokens  # MAX_NEW_TOKENS caps every answer, as locally
         max_tokens = min(max_new_tokens or limit, limit)
-        payload = self._payload(messages, variant, max_tokens)
+        request = self._request(messages, variant, max_tokens)
         timeout_s = self._settings.request_timeout_s
         started = time.monotonic()
         self._in_flight += 1
         metrics.QUEUE_DEPTH.set(self._in_flight)
         try:
             stream = await asyncio.wait_for(
-                self._complete(self._session, payload, started, on_text), timeout_s
+                self._complete(self._client, request, started, on_text), timeout_s
             )
         except asyncio.TimeoutError:
             metrics.ERRORS.labels("timeout").inc()
@@ -285,10 +246,6 @@ class OpenAIEngine:
         self._tokens_generated += completion_tokens
         self._recent_tokens.add(completion_tokens)
         self._recent_latency_s = 0.8 * self._recent_latency_s + 0.2 * total_s
-        metrics.GENERATED_TOKENS.labels(variant).inc(completion_tokens)
-        metrics.TOKENS_PER_SECOND.set(self._recent_tokens.per_second())
-        if stream.first_token_s is not None:
-            metrics.FIRST_TOKEN_SECONDS.observe(stream.first_token_s)
         return Answer(
             text="".join(stream.pieces),
             variant=variant,
@@ -299,16 +256,14 @@ class OpenAIEngine:
             total_s=total_s,
         )
 
-    def _payload(
+    def _request(
         self, messages: Sequence[Message], variant: Variant, max_tokens: int
     ) -> dict[str, Any]:
+        """The keyword arguments of ``chat.completions.create`` for one answer."""
         chat = [{"role": m["role"], "content": m["content"]} for m in messages]
-        system_prompt = self._settings.system_prompt
-        if system_prompt and (not chat or chat[0]["role"] != "system"):
-            chat.insert(0, {"role": "system", "content": system_prompt})
-        payload: dict[str, Any] = {
+        request: dict[str, Any] = {
             "model": self._model_names[variant],
-            "messages": chat,
+            "messages": with_system_prompt(chat, self._settings.system_prompt),  # type: ignore[arg-type]
             "max_tokens": max_tokens,
             "temperature": self._settings.temperature,
             "top_p": self._settings.top_p,
@@ -318,52 +273,59 @@ class OpenAIEngine:
         }
         if self._settings.repetition_penalty != 1.0:
             # A vLLM extension; REPETITION_PENALTY=1 leaves it out for strict servers.
-            payload["repetition_penalty"] = self._settings.repetition_penalty
-        return payload
+            request["extra_body"] = {"repetition_penalty": self._settings.repetition_penalty}
+        return request
 
     async def _complete(
         self,
-        session: aiohttp.ClientSession,
-        payload: dict[str, Any],
+        client: AsyncOpenAI,
+        request: dict[str, Any],
         started: float,
         on_text: OnText | None,
     ) -> _Stream:
         try:
-            response = await self._open_with_retries(session, payload)
-        except _Refused as refused:
-            raise self._engine_error(refused, payload["model"]) from None
-        except aiohttp.ClientConnectionError as error:
-            log.warning("inference server %s unreachable: %s", self._url.with_user(None), error)
+            chunks = await self._open_with_retries(client, request)
+        except openai.APIStatusError as refused:
+            raise self._engine_error(refused, request["model"]) from None
+        except openai.APIConnectionError as error:
+            log.warning("inference server %s unreachable: %s", self._where, error)
             raise EngineUnavailable(UNREACHABLE) from None
-        async with response:
+        async with chunks:
             try:
-                return await self._read(response, started, on_text)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+                return await self._read(chunks, started, on_text)
+            except openai.APIConnectionError as error:  # the connection broke mid-stream
                 metrics.ERRORS.labels("stream_cut").inc()
-                log.warning("stream from %s cut off: %s", self._url.with_user(None), error)
+                log.warning("stream from %s cut off: %s", self._where, error)
                 raise EngineUnavailable(CUT_OFF) from None
+            except openai.APIError as error:  # an error event in the stream
+                metrics.ERRORS.labels("stream_error").inc()
+                log.warning("inference server failed mid-answer: %s", error.message)
+                raise EngineError(CUT_OFF) from None
+            except ValueError as error:  # a chunk that is not JSON
+                metrics.ERRORS.labels("bad_stream").inc()
+                log.warning("inference server sent a chunk that is not JSON: %s", error)
+                raise EngineError(CUT_OFF) from None
 
     async def _open_with_retries(
-        self, session: aiohttp.ClientSession, payload: dict[str, Any]
-    ) -> aiohttp.ClientResponse:
+        self, client: AsyncOpenAI, request: dict[str, Any]
+    ) -> AsyncStream[ChatCompletionChunk]:
         policy = self._retry
         backoff = wait_exponential_jitter(
             initial=policy.initial_backoff_s, max=policy.max_backoff_s
         )
 
         def wait(state: RetryCallState) -> float:
-            error = state.outcome.exception() if state.outcome else None
-            hint = getattr(error, "retry_after_s", None)
+            hint = _retry_after_s(state.outcome.exception() if state.outcome else None)
             return hint if hint is not None else backoff(state)
 
         def log_retry(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             log.info(
                 "retrying %s in %.1f s (attempt %d failed: %s)",
-                payload["model"],
+                request["model"],
                 state.upcoming_sleep,
                 state.attempt_number,
-                error,
+                _describe(error),
             )
 
         retrying = AsyncRetrying(
@@ -377,74 +339,59 @@ class OpenAIEngine:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._open(session, payload)
+                return await self._open(client, request)
         raise AssertionError("unreachable: tenacity either returns or reraises")
 
     async def _open(
-        self, session: aiohttp.ClientSession, payload: dict[str, Any]
-    ) -> aiohttp.ClientResponse:
-        """One attempt: the response, once the server has accepted the request."""
+        self, client: AsyncOpenAI, request: dict[str, Any]
+    ) -> AsyncStream[ChatCompletionChunk]:
+        """One attempt: the stream, once the server has accepted the request."""
         try:
-            response = await session.post(self._url, json=payload)
-        except aiohttp.ClientConnectionError:
+            chunks = await client.chat.completions.create(**request)
+        except openai.APIStatusError as error:
+            self._reachable = True
+            metrics.ERRORS.labels(f"http_{error.status_code}").inc()
+            raise
+        except openai.APIConnectionError:
             self._reachable = False
             metrics.ERRORS.labels("connection").inc()
             raise
         self._reachable = True
-        if response.status == 200:
-            return response
-        async with response:
-            body = await response.text()
-        metrics.ERRORS.labels(f"http_{response.status}").inc()
-        raise _Refused(
-            response.status,
-            parse_retry_after(response.headers.get("Retry-After")),
-            _error_detail(body),
-        )
+        return chunks
 
     async def _read(
-        self, response: aiohttp.ClientResponse, started: float, on_text: OnText | None
+        self, chunks: AsyncStream[ChatCompletionChunk], started: float, on_text: OnText | None
     ) -> _Stream:
-        stream = _Stream(pieces=[])
-        done = False
-        async for data in sse_data(response.content):
-            if data.strip() == "[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(data)
-            except json.JSONDecodeError:
-                metrics.ERRORS.labels("bad_stream").inc()
-                log.warning("inference server sent a chunk that is not JSON: %.200s", data)
-                raise EngineError(CUT_OFF) from None
-            if "error" in chunk:
-                metrics.ERRORS.labels("stream_error").inc()
-                log.warning("inference server failed mid-answer: %s", chunk["error"])
-                raise EngineError(CUT_OFF)
-            if usage := chunk.get("usage"):
-                stream.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                stream.completion_tokens = int(usage.get("completion_tokens") or 0)
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
+        stream = _Stream()
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                stream.prompt_tokens = chunk.usage.prompt_tokens or 0
+                stream.completion_tokens = chunk.usage.completion_tokens or 0
+            for choice in chunk.choices or ():
+                text = choice.delta.content if choice.delta is not None else None
                 if text:
                     if stream.first_token_s is None:
                         stream.first_token_s = time.monotonic() - started
                     stream.pieces.append(text)
                     if on_text is not None:
                         on_text(text)
-                if choice.get("finish_reason"):
-                    stream.finish_reason = choice["finish_reason"]
-        if not done and stream.finish_reason is None:
+                if choice.finish_reason:
+                    stream.finish_reason = choice.finish_reason
+        if stream.finish_reason is None:  # the body ended without saying how the answer did
             metrics.ERRORS.labels("stream_cut").inc()
             raise EngineUnavailable(CUT_OFF)
         return stream
 
-    def _engine_error(self, refused: _Refused, model: str) -> EngineError:
+    def _engine_error(self, refused: openai.APIStatusError, model: str) -> EngineError:
         """The user-facing error for a request the server would not take."""
-        status = refused.status
-        where = self._url.with_user(None)
+        status, detail, where = refused.status_code, _describe(refused), self._where
         if status == 429:
-            return EngineBusy(retry_after_s=refused.retry_after_s or self._retry.max_backoff_s)
+            retry_after_s = _retry_after_s(refused)
+            return EngineBusy(
+                retry_after_s=retry_after_s
+                if retry_after_s is not None
+                else self._retry.max_backoff_s
+            )
         if status == 504:
             return EngineTimeout("The answering server took too long; please try again later.")
         if status in (401, 403):
@@ -457,15 +404,15 @@ class OpenAIEngine:
                 "%s has no model %r (%s): check BASE_MODEL_NAME / FINETUNED_MODEL_NAME",
                 where,
                 model,
-                refused.detail,
+                detail,
             )
             return EngineUnavailable(
                 "The answering server does not serve this model; tell the bot's operator."
             )
         if status in (502, 503):
-            log.warning("%s is unavailable (HTTP %d): %s", where, status, refused.detail)
+            log.warning("%s is unavailable (HTTP %d): %s", where, status, detail)
             return EngineUnavailable(UNREACHABLE)
-        log.warning("%s failed the request (HTTP %d): %s", where, status, refused.detail)
+        log.warning("%s failed the request (HTTP %d): %s", where, status, detail)
         if status >= 500:
             return EngineError("The answering server failed on this question; please try again.")
         return EngineError(
@@ -473,22 +420,28 @@ class OpenAIEngine:
         )
 
 
-def _error_detail(body: str) -> str:
-    """The server's own error message, for the log."""
-    try:
-        error = json.loads(body).get("error")
-    except (json.JSONDecodeError, AttributeError):
-        return body[:200]
-    if isinstance(error, dict):
-        return str(error.get("message", error))[:200]
+def _describe(error: BaseException | None) -> str:
+    """The server's own error message (or the failure), short enough for a log line."""
+    if isinstance(error, openai.APIStatusError):
+        body = error.body
+        message = body.get("message", body) if isinstance(body, dict) else body
+        return f"HTTP {error.status_code}: {str(message or error.message)[:200]}"
     return str(error)[:200]
 
 
-def _finish_reason(
-    reported: str | None, completion_tokens: int, max_tokens: int
-) -> Literal["stop", "length", "cancelled"]:
+def _without_credentials(url: str) -> str:
+    """``url`` for the log: no ``user:password@``, no trailing slash."""
+    parts = urlsplit(url.rstrip("/"))
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _finish_reason(reported: str | None, completion_tokens: int, max_tokens: int) -> FinishReason:
     if reported in ("stop", "length"):
-        return reported
+        return reported  # type: ignore[return-value]
     if reported == "abort":
         return "cancelled"
     return "length" if completion_tokens >= max_tokens else "stop"

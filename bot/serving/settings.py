@@ -9,21 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from finetune.env import (
+from bot.serving.env import (
     env_bool,
     env_float,
     env_int,
     env_str,
     load_env_file,
 )
-from finetune.errors import UserError
+from finetune.modeling import DEFAULT_BASE_MODEL
+from freeski_common.errors import UserError
 
-DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
-BACKENDS = ("local", "openai")
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+Backend = Literal["local", "openai"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 
 def metrics_port_from_env() -> int | None:
@@ -31,18 +32,18 @@ def metrics_port_from_env() -> int | None:
     return env_int("METRICS_PORT", 0, minimum=0) or None
 
 
-def log_level_from_env() -> str:
+def log_level_from_env() -> LogLevel:
     level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
     if level not in LOG_LEVELS:
         raise UserError(f"LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
-    return level
+    return level  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """What answers: the local single-GPU worker or an OpenAI-compatible server."""
 
-    backend: str = "local"
+    backend: Backend = "local"
     base_model: str = DEFAULT_BASE_MODEL
     adapter_path: Path | None = None
     load_in_4bit: bool = True
@@ -92,7 +93,7 @@ class EngineSettings:
         if top_p > 1.0:
             raise UserError(f"TOP_P={top_p} is too large: it must be between 0 and 1")
         return cls(
-            backend=backend,
+            backend=backend,  # type: ignore[arg-type]
             base_model=base_model,
             adapter_path=adapter_path,
             load_in_4bit=env_bool("LOAD_IN_4BIT", cls.load_in_4bit),

@@ -1,7 +1,9 @@
 """Typed reads of environment variables (and ``.env``), failing with one clear line.
 
-Every package's settings go through these helpers so that a bad value always
-names the variable, what was found and what is expected.
+The bot's settings (engine, Discord, HTTP API) are the product's only
+environment variables, and all go through these helpers, so a bad value always
+names the variable, what was found and what is expected. (Training is
+configured by YAML and options instead; the crawler reads one variable.)
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 
 from dotenv import find_dotenv, load_dotenv
 
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 
 _loaded = False
 
