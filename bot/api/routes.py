@@ -17,6 +17,7 @@ from aiohttp import web
 
 from bot.api.protocol import ApiError, ChatRequest, model_names, parse_chat_request
 from bot.api.settings import ApiSettings
+from bot.api.webchat import add_webchat_routes
 from bot.serving.engine import (
     Answer,
     Engine,
@@ -197,6 +198,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
+    add_webchat_routes(app)
     return app
 
 
