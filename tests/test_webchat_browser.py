@@ -9,6 +9,7 @@ same API over the scripted engine, in process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -25,9 +26,13 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
+from bot.api.feedback import ApiFeedback
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
-from bot.serving.engine import EngineBusy, EngineTimeout
+from bot.feedback.aio import AsyncFeedbackStore
+from bot.feedback.records import AdapterRef
+from bot.feedback.store import FeedbackStore
+from bot.serving.engine import EngineBusy, EngineStatus, EngineTimeout
 from tests.browser import chromium, open_page
 from tests.loopback import api_url_from_log, serve_app
 from tests.scripted_engine import ScriptedEngine
@@ -61,6 +66,7 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
 class ApiProcess:
     url: str  # the page's address: http://127.0.0.1:PORT/
     log: list[str]  # what the server wrote to stderr once it listened
+    feedback_db: Path
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +85,12 @@ def tiny_api(
         "METRICS_PORT": "",
         "LOG_LEVEL": "DEBUG",
     }
+    workdir = tmp_path_factory.mktemp("webchat-api")  # no .env from the checkout
+    feedback_db = workdir / "feedback.sqlite"
+    env["FEEDBACK_DB"] = str(feedback_db)
     process = subprocess.Popen(
         [sys.executable, "-m", "bot", "api", "--port", "0"],
-        cwd=tmp_path_factory.mktemp("webchat-api"),  # no .env from the checkout
+        cwd=workdir,
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -92,7 +101,7 @@ def tiny_api(
         assert process.stderr is not None
         drain = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
         drain.start()
-        yield ApiProcess(url, log)
+        yield ApiProcess(url, log, feedback_db)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
         drain.join(timeout=5)
@@ -256,6 +265,15 @@ async def test_compare_streams_both_answers_side_by_side(
     assert base["x"] + base["width"] <= finetuned["x"]  # two columns
     assert abs(base["y"] - finetuned["y"]) < 1
 
+    # The vote reaches the server's feedback store, on the answers it recorded.
+    await page.get_by_role("button", name="Finetuned is better").click()
+    await expect(page.locator(".turn > .votes .vote-status")).to_have_text("Thanks, vote recorded.")
+    with FeedbackStore(tiny_api.feedback_db) as store:
+        (pair,) = store.pairs()
+    assert (pair.base.answer_id, pair.finetuned.answer_id) == (ids["base"], ids["finetuned"])
+    assert (pair.base.text, pair.finetuned.text) == (texts["base"], texts["finetuned"])
+    assert pair.counts.finetuned == 1
+
     screenshot = tmp_path / "webchat-compare.png"
     await page.screenshot(path=str(screenshot))
     if os.environ.get("FREESKI_SCREENSHOT_DIR"):
@@ -268,10 +286,10 @@ async def test_compare_streams_both_answers_side_by_side(
 
 @contextlib.asynccontextmanager
 async def scripted_api(
-    engine: ScriptedEngine, settings: ApiSettings | None = None
+    engine: ScriptedEngine, *, feedback: ApiFeedback | None = None
 ) -> AsyncIterator[str]:
     await engine.start()
-    async with serve_app(create_app(engine, settings or ApiSettings())) as url:
+    async with serve_app(create_app(engine, ApiSettings(), feedback=feedback)) as url:
         yield url
 
 
@@ -390,3 +408,60 @@ async def test_compare_fits_a_phone_screen(browser: Browser) -> None:
             assert errors.errors == []
     finally:
         await context.close()
+
+
+async def test_votes_from_the_page_land_in_the_feedback_store(
+    context: BrowserContext, tmp_path: Path
+) -> None:
+    page, errors = await open_page(context)
+    store = await AsyncFeedbackStore.open(tmp_path / "feedback.sqlite")
+    feedback = ApiFeedback(store, "scripted-base", AdapterRef(), {})
+    try:
+        async with scripted_api(ScriptedEngine(), feedback=feedback) as url:
+            await page.goto(url)
+            await page.get_by_label("Compare").check()
+            await ask(page, "fat skis for powder")
+            ids = {variant: await answered(page, variant) for variant in ("base", "finetuned")}
+            await answer(page, "base").get_by_role("button", name="Good answer").click()
+            await answer(page, "finetuned").get_by_role("button", name="Bad answer").click()
+            await answer(page, "finetuned").get_by_role("button", name="Good answer").click()
+            await page.get_by_role("button", name="Base is better").click()
+            statuses = page.locator(".vote-status")
+            await expect(statuses).to_have_text(["Thanks, vote recorded."] * 3)
+            pressed = page.locator('.vote[aria-pressed="true"]')
+            await expect(pressed).to_have_count(3)  # the changed vote shows as changed
+
+            base = await store.get_answer(ids["base"])
+            finetuned = await store.get_answer(ids["finetuned"])
+            assert (base.counts.up, base.counts.down) == (1, 0)
+            assert (finetuned.counts.up, finetuned.counts.down) == (1, 0)  # one voter, one vote
+            pair = await store.get_pair(base.pair_id)
+            assert pair.finetuned.answer_id == ids["finetuned"]
+            assert (pair.counts.base, pair.counts.finetuned) == (1, 0)
+            assert base.conversation == [{"role": "user", "content": "fat skis for powder"}]
+    finally:
+        await store.close()
+    assert errors.errors == []
+
+
+class BaseOnlyEngine(ScriptedEngine):
+    """An engine without a finetuned adapter, as with ADAPTER_PATH unset."""
+
+    def status(self) -> EngineStatus:
+        return dataclasses.replace(super().status(), adapter=None)
+
+
+async def test_without_an_adapter_only_the_base_model_is_offered(
+    context: BrowserContext,
+) -> None:
+    page, errors = await open_page(context)
+    engine = BaseOnlyEngine()
+    async with scripted_api(engine) as url:
+        await page.goto(url)
+        await expect(page.get_by_label("Base", exact=True)).to_be_checked()
+        await expect(page.get_by_label("Finetuned", exact=True)).to_be_disabled()
+        await expect(page.get_by_label("Compare")).to_be_disabled()
+        await ask(page, "first day on skis")
+        await answered(page, "base")
+    assert [variant for variant, *_ in engine.requests] == ["base"]
+    assert errors.errors == []

@@ -27,6 +27,15 @@ export async function checkAccess() {
   await request("/v1/models", { method: "GET" });
 }
 
+/** The engine's status from /healthz (it needs no token); null when the server is not there. */
+export async function engineStatus() {
+  try {
+    return (await (await fetch("/healthz")).json()).engine ?? null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * Stream one answer: `onText` gets each new piece of text as it is generated.
  * Resolves to `{id, finishReason}`; `id` is the completion id votes refer to.

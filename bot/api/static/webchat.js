@@ -1,7 +1,7 @@
 // The chat page: the conversation lives in this tab and is the context sent with
 // each question; answers stream from the API; base, finetuned or both side by side.
 
-import { ApiFailure, apiToken, checkAccess, sendFeedback, streamChat } from "./api.js";
+import { ApiFailure, apiToken, checkAccess, engineStatus, sendFeedback, streamChat } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 
 const VARIANTS = ["base", "finetuned"];
@@ -13,6 +13,7 @@ const NOTES = {
 // Context sent with a question, oldest exchanges dropped first; the server trims
 // again, exactly, in tokens. This keeps long chats under its request size limit.
 const CONTEXT_CHARS = 16000;
+const VOTER_KEY = "freeski-voter";
 const NEEDS_TOKEN = "This server needs its API token (API_TOKEN). It is kept for this tab only.";
 
 const byId = (id) => document.getElementById(id);
@@ -172,18 +173,18 @@ function answerSlot(variant) {
 /** 👍/👎 on one answer. */
 function thumbs(completionId) {
   return voteButtons("Was this answer good?", [
-    ["👍", "Good answer", { completion_id: completionId, vote: "up" }],
-    ["👎", "Bad answer", { completion_id: completionId, vote: "down" }],
+    ["👍", "Good answer", { answer_id: completionId, rating: "up" }],
+    ["👎", "Bad answer", { answer_id: completionId, rating: "down" }],
   ]);
 }
 
 /** "Which is better?" under a compared pair. */
 function preference(turn) {
-  const base = turn.answers.base.id;
-  const finetuned = turn.answers.finetuned.id;
+  const pair = { base_answer_id: turn.answers.base.id, finetuned_answer_id: turn.answers.finetuned.id };
   return voteButtons("Which is better?", [
-    ["Base", "Base is better", { completion_id: base, vote: "better", other_completion_id: finetuned }],
-    ["Finetuned", "Finetuned is better", { completion_id: finetuned, vote: "better", other_completion_id: base }],
+    ["Base", "Base is better", { ...pair, choice: "base" }],
+    ["Finetuned", "Finetuned is better", { ...pair, choice: "finetuned" }],
+    ["Both bad", "Both are bad", { ...pair, choice: "both_bad" }],
   ]);
 }
 
@@ -199,7 +200,7 @@ function voteButtons(question, choices) {
     button.setAttribute("aria-pressed", "false");
     button.addEventListener("click", async () => {
       try {
-        await sendFeedback(body);
+        await sendFeedback({ ...body, voter: voterId() });
       } catch (error) {
         status.textContent = error instanceof ApiFailure ? error.message : `The vote failed: ${error.message}`;
         if (error.kind === "auth") askForToken(error.message);
@@ -212,6 +213,17 @@ function voteButtons(question, choices) {
   });
   group.append(element("span", "vote-question", question), ...buttons, status);
   return group;
+}
+
+/** Who votes, as far as the store knows: one random id per browser, so a new vote replaces the old. */
+function voterId() {
+  let id = localStorage.getItem(VOTER_KEY);
+  if (!id) {
+    // getRandomValues, not randomUUID: the page may be served over plain http on a LAN.
+    id = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+    localStorage.setItem(VOTER_KEY, id);
+  }
+  return id;
 }
 
 function setBusy(busy) {
@@ -262,6 +274,17 @@ async function unlock() {
   ui.question.focus();
 }
 
+/** Without an adapter only the base model answers: offer only that. */
+async function offerVariants() {
+  const engine = await engineStatus();
+  if (engine === null || engine.adapter !== null) return;
+  for (const input of document.querySelectorAll('input[name="mode"]')) {
+    input.checked = input.value === "base";
+    input.disabled = input.value !== "base";
+    if (input.disabled) input.parentElement.title = "No finetuned adapter is loaded (ADAPTER_PATH is unset).";
+  }
+}
+
 ui.tokenForm.addEventListener("submit", (event) => {
   event.preventDefault();
   apiToken.set(ui.token.value.trim());
@@ -293,4 +316,5 @@ ui.newChat.addEventListener("click", () => {
   ui.question.focus();
 });
 
+offerVariants();
 unlock();
