@@ -192,12 +192,14 @@ async def test_a_question_streams_its_answer_word_by_word(
     sent = json.loads(response.request.post_data)
     assert sent["model"] == "finetuned"
     assert sent["stream"] is True
-    streamed = streamed_text(await response.text())
+    stream = await response.text()
+    assert stream.count('"content": "') >= 4, stream  # the role, then piece after piece
     shown = await answer(page, "finetuned").locator(".body").text_content()
-    assert as_shown(shown) == as_shown(streamed) != ""
+    assert as_shown(shown) == as_shown(streamed_text(stream)) != ""
+    # The page showed it growing, not all at once (pieces that arrive together render once).
     snapshots = [text for text in await page.evaluate("window.snapshots") if text]
-    assert len(snapshots) >= 3, snapshots  # it grew piece by piece, not all at once
-    assert all(shown.startswith(snapshot.rstrip()) for snapshot in snapshots)
+    assert len(snapshots) >= 2, snapshots
+    assert all(as_shown(shown).startswith(as_shown(snapshot)) for snapshot in snapshots)
     assert errors.errors == []
 
 
@@ -275,6 +277,7 @@ async def test_compare_streams_both_answers_side_by_side(
     assert pair.counts.finetuned == 1
 
     screenshot = tmp_path / "webchat-compare.png"
+    await page.set_viewport_size({"width": 1000, "height": 460})  # the docs' picture, no blank
     await page.screenshot(path=str(screenshot))
     if os.environ.get("FREESKI_SCREENSHOT_DIR"):
         shutil.copy(screenshot, Path(os.environ["FREESKI_SCREENSHOT_DIR"]) / screenshot.name)
