@@ -10,11 +10,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 
+from bot.api.feedback import ApiFeedback, FeedbackRoute
 from bot.api.protocol import (
     ApiError,
     ChatRequest,
@@ -26,13 +27,16 @@ from bot.api.protocol import (
     parse_chat_request,
 )
 from bot.api.settings import ApiSettings
+from bot.api.webchat import add_webchat_routes
 from bot.serving.context import with_system_prompt
 from bot.serving.engine import (
+    Answer,
     Engine,
     EngineBusy,
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    Message,
     Variant,
 )
 from bot.serving.settings import EngineSettings
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Told of every finished answer: completion id, the messages answered, the answer, max_tokens.
+OnAnswer = Callable[[str, Sequence[Message], Answer, int | None], None]
 
 
 class ChatApi:
@@ -52,8 +58,10 @@ class ChatApi:
         settings: ApiSettings,
         models: Mapping[str, Variant],
         system_prompt: str = "",
+        on_answer: OnAnswer | None = None,
     ) -> None:
         self._engine = engine
+        self._on_answer = on_answer
         self._settings = settings
         self._models = dict(models)
         self._system_prompt = system_prompt
@@ -85,6 +93,7 @@ class ChatApi:
         answer = await self._engine.generate(
             chat.messages, variant=chat.variant, max_new_tokens=chat.max_tokens
         )
+        self._answered(completion_id, chat, answer)
         return web.json_response(completion_body(completion_id, chat.model, answer))
 
     async def _stream(
@@ -133,6 +142,7 @@ class ChatApi:
                         log.error("answer %s failed", completion_id, exc_info=error)
                     await _send(response, _error_event(error))
                 else:
+                    self._answered(completion_id, chat, answer)  # before a vote can follow
                     await _send(response, chunks.finish(answer.finish_reason))
                     if chat.include_usage:
                         await _send(response, chunks.usage(answer))
@@ -144,6 +154,10 @@ class ChatApi:
         finally:
             if not task.done():  # the client went away: free the engine's slot
                 task.cancel()
+
+    def _answered(self, completion_id: str, chat: ChatRequest, answer: Answer) -> None:
+        if self._on_answer is not None:
+            self._on_answer(completion_id, chat.messages, answer, chat.max_tokens)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(models_body(self._models, self._created))
@@ -164,10 +178,20 @@ def create_app(
     settings: ApiSettings,
     *,
     engine_settings: EngineSettings | None = None,
+    feedback: ApiFeedback | None = None,
 ) -> web.Application:
-    """The API over an engine someone else starts and closes (the bot, or :func:`serve`)."""
+    """The API over an engine someone else starts and closes (the bot, or :func:`serve`).
+
+    With ``feedback``, answers are recorded and ``POST /v1/feedback`` takes votes on them.
+    """
     system_prompt = engine_settings.system_prompt if engine_settings is not None else ""
-    api = ChatApi(engine, settings, model_names(engine_settings), system_prompt)
+    api = ChatApi(
+        engine,
+        settings,
+        model_names(engine_settings),
+        system_prompt,
+        feedback.record if feedback else None,
+    )
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[_openai_errors, _bearer_auth(settings.token)],
@@ -175,6 +199,8 @@ def create_app(
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
+    app.router.add_post("/v1/feedback", FeedbackRoute(feedback).post)
+    add_webchat_routes(app, feedback=feedback is not None)
     return app
 
 

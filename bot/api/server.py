@@ -7,13 +7,17 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
+from bot.api.feedback import ApiFeedback
 from bot.api.protocol import model_names
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
+from bot.feedback.store import feedback_db_from_env
 from bot.serving.engine import (
     Engine,
 )
@@ -49,18 +53,22 @@ async def serve(
     *,
     engine_settings: EngineSettings | None = None,
     metrics_port: int | None = None,
+    feedback_db: Path | None = None,
 ) -> None:
     """Serve the API until SIGINT/SIGTERM, starting ``engine`` and closing it at the end.
 
     The port is taken before the engine starts, so a port in use fails at
     once rather than after minutes of model loading; meanwhile ``/healthz``
-    says 503 and questions get the engine's "still loading" answer.
+    says 503 and questions get the engine's "still loading" answer. With
+    ``feedback_db``, answers are recorded there and ``POST /v1/feedback`` takes votes.
     """
     check_bind_allowed(settings)
+    feedback = await _open_feedback(feedback_db, engine_settings) if feedback_db else None
     # A client that hangs up cancels its handler, and with it its place in the
     # engine's queue: nobody waits for an answer no one will read.
     runner = web.AppRunner(
-        create_app(engine, settings, engine_settings=engine_settings), handler_cancellation=True
+        create_app(engine, settings, engine_settings=engine_settings, feedback=feedback),
+        handler_cancellation=True,
     )
     metrics_server = None
     try:
@@ -79,6 +87,7 @@ async def serve(
             host, port = runner.addresses[0][:2]
             url = f"http://{host}:{port}/v1"
             log.info("serving %s at %s (SIGINT or SIGTERM stops)", ", ".join(model_names()), url)
+            log.info("web chat: open http://%s:%s/ in a browser", host, port)
             await stop.wait()
             log.info("stopping: finishing in-flight requests")
     finally:
@@ -86,6 +95,19 @@ async def serve(
         if metrics_server is not None:
             metrics_server.close()
         await engine.close()
+        if feedback is not None:
+            await feedback.store.close()
+
+
+async def _open_feedback(path: Path, engine_settings: EngineSettings | None) -> ApiFeedback:
+    try:
+        feedback = await ApiFeedback.open(path, engine_settings or EngineSettings())
+    except (OSError, sqlite3.Error, ValueError) as error:
+        raise UserError(
+            f"cannot open FEEDBACK_DB={path} ({error}): point it at a writable file, or set it to off"
+        ) from None
+    log.info("recording answers and votes in %s", path)
+    return feedback
 
 
 def _parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
@@ -114,11 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_bind_allowed(settings)
     engine_settings = EngineSettings.from_env()
     metrics_port = metrics_port_from_env()
+    feedback_db = feedback_db_from_env()
     logging.basicConfig(
         level=log_level_from_env(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     engine = build_engine(engine_settings)
-    asyncio.run(serve(engine, settings, engine_settings=engine_settings, metrics_port=metrics_port))
+    asyncio.run(
+        serve(
+            engine,
+            settings,
+            engine_settings=engine_settings,
+            metrics_port=metrics_port,
+            feedback_db=feedback_db,
+        )
+    )
     return 0
 
 

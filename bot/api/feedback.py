@@ -1,0 +1,190 @@
+"""Votes through the API: ``POST /v1/feedback``, and the answers they are about.
+
+With a feedback store (``FEEDBACK_DB``), every answer the API gives is recorded
+there under its completion id (the ``id`` of the ``chat.completion`` or of its
+chunks), queued before the answer's last chunk is sent, so a vote that follows
+it always finds it: the store runs its calls on one thread, in order. Votes
+land in the same store as the Discord buttons', as ``web:<voter>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, StringConstraints, ValidationError
+
+from bot.api.protocol import ApiError
+from bot.feedback.aio import AsyncFeedbackStore
+from bot.feedback.records import (
+    AdapterRef,
+    AnswerRecord,
+    FeedbackError,
+    InvalidRecord,
+    StoredAnswer,
+    UnknownAnswer,
+    UnknownPair,
+)
+from bot.serving.engine import Answer, Message
+from bot.serving.settings import EngineSettings
+
+# What the store accepts as an id; a completion id (chatcmpl-<hex>) is one.
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class AnswerVoteBody(BaseModel):
+    """👍/👎 on one answer."""
+
+    answer_id: Id
+    rating: Literal["up", "down"]
+    voter: Id
+
+
+class PairVoteBody(BaseModel):
+    """Which of two answers to the same question is better (compare mode)."""
+
+    base_answer_id: Id
+    finetuned_answer_id: Id
+    choice: Literal["base", "finetuned", "both_bad"]
+    voter: Id
+
+
+@dataclass(frozen=True)
+class ApiFeedback:
+    """The store, and what the API stamps on each answer it records: model, adapter, settings."""
+
+    store: AsyncFeedbackStore
+    model: str
+    adapter: AdapterRef
+    settings: Mapping[str, Any]
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], engine: EngineSettings) -> ApiFeedback:
+        """Open the store and hash the adapter's weights, both off the event loop."""
+        store = await AsyncFeedbackStore.open(path)
+        adapter = await asyncio.to_thread(AdapterRef.from_path, engine.adapter_path)
+        if engine.backend == "openai":  # the server's adapter: named by its model name there
+            model = engine.base_model_name
+            adapter = AdapterRef(adapter.path or engine.finetuned_model_name, adapter.hash)
+        else:
+            model = engine.base_model
+        settings = {
+            "backend": engine.backend,
+            "max_new_tokens": engine.max_new_tokens,
+            "temperature": engine.temperature,
+            "top_p": engine.top_p,
+            "repetition_penalty": engine.repetition_penalty,
+        }
+        return cls(store, model, adapter, settings)
+
+    def record(
+        self,
+        completion_id: str,
+        messages: Sequence[Message],
+        answer: Answer,
+        max_tokens: int | None,
+    ) -> None:
+        """Queue an answer for the store; one stopped by a shutdown is not worth a vote."""
+        if answer.finish_reason == "cancelled":
+            return
+        settings = dict(self.settings)
+        if max_tokens is not None and max_tokens < settings.get("max_new_tokens", max_tokens + 1):
+            settings["max_new_tokens"] = max_tokens
+        self.store.record_answer_soon(
+            AnswerRecord(
+                conversation=list(messages),
+                text=answer.text,
+                variant=answer.variant,
+                model=self.model,
+                source="api",
+                adapter=self.adapter,
+                settings=settings,
+                answer_id=completion_id,
+            )
+        )
+
+
+class FeedbackRoute:
+    """``POST /v1/feedback``; a 404 that says why when the server keeps no feedback."""
+
+    def __init__(self, feedback: ApiFeedback | None) -> None:
+        self._feedback = feedback
+
+    async def post(self, request: web.Request) -> web.Response:
+        if self._feedback is None:
+            raise ApiError(
+                404,
+                "This server keeps no feedback (FEEDBACK_DB is off): set FEEDBACK_DB to a file.",
+                code="feedback_disabled",
+            )
+        vote = _parse_vote(await _json_body(request))
+        voter = f"web:{vote.voter}"
+        store = self._feedback.store
+        try:
+            if isinstance(vote, AnswerVoteBody):
+                result = await store.vote_answer(vote.answer_id, voter, vote.rating)
+                return web.json_response(
+                    {
+                        "answer_id": vote.answer_id,
+                        "rating": vote.rating,
+                        "previous": result.previous,
+                        "counts": {"up": result.counts.up, "down": result.counts.down},
+                    }
+                )
+            base = await store.get_answer(vote.base_answer_id)
+            finetuned = await store.get_answer(vote.finetuned_answer_id)
+            if _question(base) != _question(finetuned):
+                raise InvalidRecord("the two answers are not answers to the same question")
+            pair_id = await store.pair_answers(base.answer_id, finetuned.answer_id)
+            pair = await store.vote_pair(pair_id, voter, vote.choice)
+        except (UnknownAnswer, UnknownPair) as error:
+            raise ApiError(
+                404, f"{error}: vote on an answer this server gave.", code="not_found"
+            ) from None
+        except FeedbackError as error:
+            raise ApiError(400, str(error)) from None
+        return web.json_response(
+            {
+                "pair_id": pair_id,
+                "choice": vote.choice,
+                "previous": pair.previous,
+                "counts": {
+                    "base": pair.counts.base,
+                    "finetuned": pair.counts.finetuned,
+                    "both_bad": pair.counts.both_bad,
+                },
+            }
+        )
+
+
+def _question(answer: StoredAnswer) -> str:
+    return answer.conversation[-1]["content"]
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"The request body is not valid JSON: {error}.") from None
+
+
+def _parse_vote(body: Any) -> AnswerVoteBody | PairVoteBody:
+    """One of the two vote shapes; the first problem names its field."""
+    if not isinstance(body, dict) or not ({"rating", "choice"} & body.keys()):
+        raise ApiError(
+            400,
+            "Send {'answer_id', 'rating': 'up'|'down', 'voter'} or "
+            "{'base_answer_id', 'finetuned_answer_id', 'choice': 'base'|'finetuned'|'both_bad', 'voter'}.",
+        )
+    shape = AnswerVoteBody if "rating" in body else PairVoteBody
+    try:
+        return shape.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"])
+        raise ApiError(400, f"'{param}': {first['msg']}.", param=param) from None
