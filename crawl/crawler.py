@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm
 
 from crawl.errors import CrawlError
-from crawl.fetcher import Fetcher, FetchOptions, FetchResult
+from crawl.fetcher import Clock, Fetcher, FetchOptions, FetchResult
 from crawl.site import ForumSite, ParseError
 from crawl.store import PageRecord, Store, ThreadRow
 
@@ -73,7 +73,12 @@ def url_rebaser(site: ForumSite, forum_url: str):
 
 
 async def crawl(
-    site: ForumSite, store: Store, options: CrawlOptions, fetch_options: FetchOptions
+    site: ForumSite,
+    store: Store,
+    options: CrawlOptions,
+    fetch_options: FetchOptions,
+    *,
+    clock: Clock | None = None,
 ) -> CrawlSummary:
     """Crawl ``options.forum_url`` into ``store``; raises CrawlError for a forum URL it cannot use."""
     try:
@@ -81,7 +86,8 @@ async def crawl(
     except ValueError as exc:
         raise CrawlError(f"--forum-url: {exc}") from None
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(options.forum_url))
-    async with Fetcher.open(origin, fetch_options, url_rebaser(site, options.forum_url)) as fetcher:
+    rebase = url_rebaser(site, options.forum_url)
+    async with Fetcher.open(origin, fetch_options, rebase, clock) as fetcher:
         return await Crawler(site, store, fetcher, options, forum).run()
 
 
