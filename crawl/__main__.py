@@ -4,6 +4,7 @@ python -m crawl fetch [--forum-url URL] --db FILE [--max-threads N] [--pages-per
                       [--concurrency 4] [--delay SECONDS] [--refresh]
 python -m crawl dataset --db FILE --out DIR [--test-fraction 0.1] [--seed 0]
                         [--min-answer-chars N] [--max-chars N] [--tokenizer NAME_OR_DIR]
+                        [--copypasta-threads 3]
 python -m crawl serve-sample [--host 127.0.0.1] [--port 0] [--dir DIR]
 
 The option names are a stable interface: operators' scripts depend on them.
@@ -38,6 +39,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("1 would make every text copypasta: give 2 or more")
     return value
 
 
@@ -206,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_DIR",
         help="tokenizer name or directory for token-length stats (optional)",
     )
+    dataset.add_argument(
+        "--copypasta-threads",
+        metavar="N",
+        type=_at_least_two,
+        default=3,
+        help="drop every copy of a text posted in this many different threads or more "
+        "(spam, signatures, copypasta) (default: %(default)s)",
+    )
 
     serve = commands.add_parser(
         "serve-sample", help="serve the bundled sample forum on a local port"
@@ -271,6 +287,7 @@ def dataset_main(args: argparse.Namespace) -> int:
         min_answer_chars=args.min_answer_chars,
         max_chars=args.max_chars,
         tokenizer=args.tokenizer,
+        copypasta_threads=args.copypasta_threads,
     )
     stats = build_dataset(args.db, args.out, options)
     dropped = ", ".join(f"{rule} {n}" for rule, n in stats["dropped"].items() if n) or "none"

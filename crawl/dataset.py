@@ -1,9 +1,12 @@
 """The question/answer dataset: store → cleaned prompt/completion rows → train/test JSONL + stats.
 
 One thread gives one prompt (its title and opening post) and one row per reply
-that answers it. The split is by thread, so no question is seen in training
-and then tested on; which split a thread lands in depends only on the seed and
-its id, so crawling more threads later moves none of the old ones.
+that answers it. Text pasted into several threads (shop ads, signatures,
+copypasta) is found in a first pass over the whole store and kept out of every
+thread, not only after its first copy. The split is by thread, so no question
+is seen in training and then tested on; which split a thread lands in depends
+only on the seed and its id, so crawling more threads later moves none of the
+old ones.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ DROP_RULES = (
     "emoji_only",
     "too_short",
     "too_long",
+    "copypasta",
     "repeats_question",
     "by_question_author",
     "duplicate",
@@ -47,14 +51,33 @@ class DatasetOptions:
     min_answer_chars: int = 20
     max_chars: int = 4000
     tokenizer: str | None = None
+    copypasta_threads: int = 3  # text in this many different threads is spam, not an answer
+
+
+def _text_key(text: str) -> bytes:
+    """A short digest of the near-duplicate key: a whole store's worth fits in memory."""
+    return hashlib.blake2b(normalise(text).encode(), digest_size=16).digest()
+
+
+def find_copypasta(posts_by_thread: Iterable[list[StoredPost]], threads: int) -> set[bytes]:
+    """Keys of the texts posted, verbatim or nearly (the near-duplicate key), in ``threads``
+    or more different threads: shop ads, signatures and copypasta, not answers."""
+    seen_in: defaultdict[bytes, set[str]] = defaultdict(set)
+    for posts in posts_by_thread:
+        for post in posts:
+            text = "" if post.deleted else clean_text(post.text).text
+            if normalise(text):
+                seen_in[_text_key(text)].add(post.thread_id)
+    return {key for key, thread_ids in seen_in.items() if len(thread_ids) >= threads}
 
 
 class _Builder:
     """Turns threads into rows, keeping the counts stats.json reports."""
 
-    def __init__(self, store: Store, options: DatasetOptions) -> None:
+    def __init__(self, store: Store, options: DatasetOptions, copypasta: set[bytes]) -> None:
         self.store = store
         self.options = options
+        self.copypasta = copypasta
         self.dropped: Counter[str] = Counter({rule: 0 for rule in DROP_RULES})
         self.edited: Counter[str] = Counter({name: 0 for name, _ in EDITS})
         self.seen_exact: set[str] = set()
@@ -114,6 +137,8 @@ class _Builder:
             reason = "too_short"
         if reason is None and len(text) > self.options.max_chars:
             reason = "too_long"
+        if reason is None and _text_key(text) in self.copypasta:
+            reason = "copypasta"
         if reason is None and repeats(text, prompt):
             reason = "repeats_question"
         if reason is None and opening.author and reply.author == opening.author:
@@ -218,10 +243,16 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CrawlError(f"--out {out} is a file: give a directory")
+    if options.copypasta_threads < 2:
+        raise CrawlError(
+            f"--copypasta-threads {options.copypasta_threads}: give 2 or more (threads a text "
+            "must appear in to be dropped as copypasta)"
+        )
     count_tokens = _token_counter(options.tokenizer) if options.tokenizer else None
     with Store.open(db, create=False) as store:
         threads = sorted(store.threads(), key=lambda t: _sort_key(t.id))
-        builder = _Builder(store, options)
+        copypasta = find_copypasta((store.posts(t.id) for t in threads), options.copypasta_threads)
+        builder = _Builder(store, options, copypasta)
         rows: list[dict] = []
         for thread in tqdm(threads, unit="thread", desc="dataset", disable=None):
             posts = store.posts(thread.id)
