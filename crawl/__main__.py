@@ -275,6 +275,11 @@ def fetch_main(args: argparse.Namespace) -> int:
     print(
         f"store {args.db}: {counts['threads']} threads, {counts['posts']} posts, {counts['pages']} pages"
     )
+    if summary.listing_error:
+        raise CrawlError(
+            f"the listing stopped before the forum's end, at {summary.listing_error}; what was "
+            "fetched is stored: fix the cause and run the same command to go on"
+        )
     return 0
 
 
@@ -326,7 +331,11 @@ def serve_sample_main(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fetch": fetch_main, "dataset": dataset_main, "serve-sample": serve_sample_main}
+COMMANDS = {
+    "fetch": fetch_main,
+    "dataset": dataset_main,
+    "serve-sample": serve_sample_main,
+}
 
 
 @cli_entry

@@ -97,7 +97,7 @@ class _Builder:
         rows = []
         for reply in replies:
             reason, answer = self._answer(reply, base_prompt, opening)
-            context = self._quote_context(reply, opening, by_id) if reason is None else ""
+            context = self._quote_context(reply, posts, by_id) if reason is None else ""
             prompt = base_prompt + context
             if reason is None and len(prompt) > self.options.max_chars:
                 reason = "prompt_too_long"
@@ -150,22 +150,38 @@ class _Builder:
         return reason, text
 
     def _quote_context(
-        self, reply: StoredPost, opening: StoredPost, by_id: dict[str, StoredPost]
+        self, reply: StoredPost, posts: list[StoredPost], by_id: dict[str, StoredPost]
     ) -> str:
         """A reply to another reply is answered in the light of it: keep the quote in the prompt."""
+        opening = posts[0]
         for quote in reply.quotes:
-            if quote.get("post_id") == opening.id:
-                continue  # already the question
-            quoted = by_id.get(quote.get("post_id") or "")
-            author = quote.get("author") or (quoted.author if quoted else None) or "someone"
             text = clean_text(quote.get("text") or "").text
+            quoted = by_id.get(quote.get("post_id") or "")
+            if quoted is None and not quote.get("post_id"):
+                quoted = _quoted_by_text(text, posts[: posts.index(reply)])
+            if quoted is opening or quote.get("post_id") == opening.id:
+                continue  # already the question
+            author = quote.get("author") or (quoted.author if quoted else None) or "someone"
             if text:
                 return f"\n\n{author} wrote:\n{text}"
         return ""
 
     def _source_url(self, thread: ThreadRow, post: StoredPost) -> str:
         page_url = self.store.page_url(thread.id, post.page) or thread.url
+        if not post.id.isdigit():
+            return page_url  # an id the crawler derived: the page has no anchor for it
         return f"{page_url}#post-{post.id}"
+
+
+def _quoted_by_text(text: str, earlier: list[StoredPost]) -> StoredPost | None:
+    """The latest earlier post holding the quoted text, for a quote the page gave no post id."""
+    key = normalise(text)
+    if not key:
+        return None
+    for post in reversed(earlier):
+        if key in normalise(clean_text(post.text).text):
+            return post
+    return None
 
 
 def split_key(thread_id: str, seed: int) -> float:
@@ -256,8 +272,9 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         rows: list[dict] = []
         for thread in tqdm(threads, unit="thread", desc="dataset", disable=None):
             posts = store.posts(thread.id)
-            if posts and posts[0].position == 1:
+            if posts and posts[0].page == 1 and posts[0].position == 1:
                 rows.extend(builder.rows(thread, posts))
+        markup = store.markup_report()
     if builder.threads == 0:
         raise CrawlError(
             f"the store {db} holds no thread with its opening post: run `python -m crawl fetch` first"
@@ -282,6 +299,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         "dropped": dict(builder.dropped),
         "edited": dict(builder.edited),
         "quote_context": builder.quote_context,
+        "markup": markup,
         "lengths": {"chars": _length_stats(rows, len)},
         "options": asdict(options),
     }

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,30 @@ from crawl.errors import EXIT_USER_ERROR
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@contextmanager
+def serve_sample(site_dir: Path | None = None) -> Iterator[str]:
+    """``python -m crawl serve-sample`` in a subprocess; yields the forum URL it prints."""
+    argv = [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"]
+    if site_dir is not None:
+        argv += ["--dir", str(site_dir)]
+    server = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving sample forum at http://127.0.0.1:"), line
+        yield line.split(" at ", 1)[1].strip()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -35,6 +62,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["fetch", "--db", "x.sqlite", "--concurrency", "0"], "--concurrency: 0 is not at least 1"),
         (["fetch", "--db", "x.sqlite", "--delay", "-1"], "--delay: -1 is negative"),
         (["dataset", "--db", "x", "--out", "y", "--test-fraction", "1.5"], "1.5 is not in [0, 1)"),
+        (["dataset", "--db", "x", "--out", "y", "--copypasta-threads", "1"], "give 2 or more"),
     ],
 )
 def test_usage_mistakes_are_one_line(capsys, argv, says):
@@ -124,3 +152,29 @@ def test_serve_sample_fetch_and_dataset_the_demo_way(tmp_path):
     assert all(
         n > 0 for rule, n in stats["dropped"].items() if rule not in ("too_long", "prompt_too_long")
     )
+
+
+def test_fetch_ends_with_an_error_when_the_listing_stops_before_its_end(capsys, tmp_path):
+    """A listing page whose rows vanished is not the end of the forum: exit 2, and say where."""
+    site_dir = tmp_path / "site"
+    shutil.copytree(FIXTURES / "forum/site", site_dir)
+    listing_page_2 = site_dir / "forum/1/Ski-Gabber/page-2.html"
+    shutil.copy(FIXTURES / "forum/pages/listing-new-layout.html", listing_page_2)
+    db = tmp_path / "f.sqlite"
+    with serve_sample(site_dir) as forum_url:
+        argv = ["fetch", "--forum-url", forum_url, "--db", str(db), "--delay", "0"]
+        assert main(argv) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    *warnings, err = captured.err.splitlines()  # the crawl logged the page as it failed
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"parse_error: {forum_url}?page=2: no thread rows, although the previous listing page "
+        "had rows and a next page: the listing layout changed? (run `python -m crawl check` "
+        "on this URL)"
+    )
+    assert err.startswith(
+        f"error: the listing stopped before the forum's end, at {forum_url}?page=2: no thread rows"
+    )
+    assert err.endswith("fix the cause and run the same command to go on")
+    assert "Traceback" not in captured.err
+    assert f"the listing stopped early: {forum_url}?page=2: no thread rows" in captured.out
+    assert "crawled 4 threads" in captured.out  # page 1's threads are all in the store

@@ -445,3 +445,31 @@ def test_a_copypasta_threshold_below_two_is_refused(tmp_path):
     db = make_store(tmp_path, many_threads(2))
     with pytest.raises(CrawlError, match="--copypasta-threads 1: give 2 or more"):
         build_dataset(db, tmp_path / "out", DatasetOptions(copypasta_threads=1))
+
+
+def test_a_quote_without_a_post_id_is_matched_to_the_quoted_post_by_its_text(tmp_path):
+    """Pages that show no post ids still say what a reply answers: the question (no context
+    added) or an earlier reply (kept as context, by its author when the page names one)."""
+    of_question = Quote(None, None, QUESTION["text"])
+    of_reply = Quote(None, "bob", "crank your DIN to 12")
+    db = make_store(
+        tmp_path,
+        {
+            "1": (
+                "DIN",
+                [
+                    QUESTION,
+                    {"by": "bob", "text": "Just crank your DIN to 12."},
+                    {"text": "Please do not, set it by the chart.", "quotes": [of_reply]},
+                    {"text": "Every four to six days on snow.", "quotes": [of_question]},
+                ],
+            )
+        },
+    )
+    stats = build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0))
+    rows = {
+        r["post_id"]: r["prompt"][0]["content"] for r in read_rows(tmp_path / "out/train.jsonl")
+    }
+    assert rows["1002"] == f"DIN\n\n{QUESTION['text']}\n\nbob wrote:\ncrank your DIN to 12"
+    assert rows["1003"] == f"DIN\n\n{QUESTION['text']}"
+    assert stats["quote_context"] == 1
