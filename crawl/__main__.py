@@ -1,5 +1,6 @@
 """``python -m crawl``: crawl a forum into a store, build the Q/A dataset, serve the sample forum.
 
+python -m crawl check URL_OR_FILE [--url URL] [--user-agent TEXT] [--timeout SECONDS]
 python -m crawl fetch [--forum-url URL] --db FILE [--max-threads N] [--pages-per-thread 10]
                       [--concurrency 4] [--delay SECONDS] [--refresh]
 python -m crawl dataset --db FILE --out DIR [--test-fraction 0.1] [--seed 0]
@@ -223,6 +224,40 @@ def build_parser() -> argparse.ArgumentParser:
         "(spam, signatures, copypasta) (default: %(default)s)",
     )
 
+    check = commands.add_parser(
+        "check",
+        help="show what the parser finds on one page (run it on the live site before a crawl)",
+    )
+    check.add_argument(
+        "target",
+        metavar="URL_OR_FILE",
+        help="a listing or thread page: an http(s) URL (robots.txt obeyed) or a saved HTML file",
+    )
+    check.add_argument(
+        "--url",
+        metavar="URL",
+        help="for a saved file: the URL it was saved from (thread id, page number)",
+    )
+    check.add_argument(
+        "--user-agent",
+        metavar="TEXT",
+        default=default_user_agent(),
+        help="User-Agent header, also matched against robots.txt (default: as for fetch)",
+    )
+    check.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=30.0,
+        help="seconds for the request (default: %(default)s)",
+    )
+    check.add_argument(
+        "--site",
+        choices=sorted(SITES),
+        default="newschoolers",
+        help="the site module that parses the page (default: %(default)s)",
+    )
+
     serve = commands.add_parser(
         "serve-sample", help="serve the bundled sample forum on a local port"
     )
@@ -304,6 +339,21 @@ def dataset_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_main(args: argparse.Namespace) -> int:
+    from crawl.check import check_page, fetch_page, is_url, read_saved
+    from crawl.site import get_site
+
+    if is_url(args.target):
+        options = FetchOptions(
+            user_agent=args.user_agent, concurrency=1, delay=0, timeout=args.timeout, max_tries=3
+        )
+        html, url = asyncio.run(fetch_page(args.target, options))
+    else:
+        html, url = read_saved(Path(args.target), args.url)
+    print(check_page(get_site(args.site), html, url))
+    return 0
+
+
 def serve_sample_main(args: argparse.Namespace) -> int:
     from crawl.sample_site import SAMPLE_FORUM_DIR, first_listing_path, serve_forum
 
@@ -332,6 +382,7 @@ def serve_sample_main(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "check": check_main,
     "fetch": fetch_main,
     "dataset": dataset_main,
     "serve-sample": serve_sample_main,

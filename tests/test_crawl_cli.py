@@ -20,6 +20,7 @@ from crawl.errors import EXIT_USER_ERROR
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
+THREAD_700003 = "forum/thread/700003/Park-skis-in-powder---too-soft-"
 
 
 @contextmanager
@@ -63,6 +64,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["fetch", "--db", "x.sqlite", "--delay", "-1"], "--delay: -1 is negative"),
         (["dataset", "--db", "x", "--out", "y", "--test-fraction", "1.5"], "1.5 is not in [0, 1)"),
         (["dataset", "--db", "x", "--out", "y", "--copypasta-threads", "1"], "give 2 or more"),
+        (["check"], "the following arguments are required: URL_OR_FILE"),
     ],
 )
 def test_usage_mistakes_are_one_line(capsys, argv, says):
@@ -152,6 +154,68 @@ def test_serve_sample_fetch_and_dataset_the_demo_way(tmp_path):
     assert all(
         n > 0 for rule, n in stats["dropped"].items() if rule not in ("too_long", "prompt_too_long")
     )
+
+
+def test_check_a_saved_thread_page_shows_what_the_parser_found(capsys):
+    page = FIXTURES / "forum/site" / THREAD_700003 / "page-1.html"
+    assert main(["check", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"thread page {page.resolve().as_uri()}\n")
+    assert "  title: Park skis in powder - too soft?  (thread 700003)\n" in out
+    assert (
+        "  posts: 3  authors: 3/3  dates: 3/3  quotes: 1  edited: 2  deleted: 0  signatures: 1\n"
+        in out
+    )
+    assert "  next page: yes  page count: 3\n" in out
+    assert "#2 4800011 pnw_pillows 2023-01-11T08:36:41: A soft 98 is fine in powder." in out
+    assert "  verified  div.post-body " in out
+    assert "  assumed   div.post-header a.username " in out
+    assert out.rstrip().endswith("fallbacks used: none")
+
+
+def test_check_a_page_with_only_the_verified_markup_says_what_fell_back(capsys, tmp_path):
+    from crawl.sample_render import render
+
+    render(FIXTURES / "forum-markup/threads.yaml", tmp_path / "site", "verified")
+    thread = "forum/thread/710002/Tuning---base-bevel-0-5-or-1-degree-"
+    url = f"https://www.newschoolers.com/{thread}"
+    assert main(["check", str(tmp_path / "site" / thread / "page-1.html"), "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "  title: Tuning - base bevel 0.5 or 1 degree?  (thread 710002)\n" in out
+    assert "  posts: 5  authors: 0/5  dates: 0/5" in out
+    assert "  recovered: 3 posts read out of posts that swallowed them\n" in out
+    assert "  next page: yes" in out
+    assert "div.posts div.post" in out and "matched nothing" in out
+    assert (
+        "fallbacks used: thread-id:url, title:<title>, next:page-link, posts:div.post-body" in out
+    )
+    listing = tmp_path / "site/forum/1/Ski-Gabber/page-1.html"
+    assert main(["check", str(listing)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("listing page ") and "  threads: 4  sticky: 0  next page: yes" in out
+
+
+def test_check_a_live_page_obeys_robots_txt(capsys):
+    with serve_sample(FIXTURES / "forum/site") as forum_url:
+        origin = forum_url.removesuffix("/forum/1/Ski-Gabber")
+        assert main(["check", forum_url]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"listing page {forum_url}\n") and "  threads: 4  sticky: 1" in out
+        assert main(["check", f"{origin}/{THREAD_700003}?page=2"]) == 0
+        assert "  posts: 3  authors: 3/3" in capsys.readouterr().out
+        err = one_line_error(capsys, ["check", f"{origin}/forum/thread/700004/Disallowed-thread"])
+        assert "robots.txt of http://127.0.0.1:" in err and "disallows" in err
+
+
+def test_check_failures_are_one_line(capsys, tmp_path):
+    err = one_line_error(capsys, ["check", str(tmp_path / "missing.html")])
+    assert "is neither a file nor an http(s) URL" in err
+    err = one_line_error(capsys, ["check", str(FIXTURES / "forum/pages/challenge.html")])
+    assert "neither a listing nor a thread page" in err
+    url = "https://www.newschoolers.com/forum/thread/1/x"
+    challenge = str(FIXTURES / "forum/pages/challenge.html")
+    err = one_line_error(capsys, ["check", challenge, "--url", url])
+    assert "nothing could be read as a thread page: no main#thread and no div.post-body" in err
 
 
 def test_fetch_ends_with_an_error_when_the_listing_stops_before_its_end(capsys, tmp_path):
