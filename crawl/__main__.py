@@ -1,9 +1,11 @@
 """``python -m crawl``: crawl a forum into a store, build the Q/A dataset, serve the sample forum.
 
+python -m crawl check URL_OR_FILE [--url URL] [--user-agent TEXT] [--timeout SECONDS]
 python -m crawl fetch [--forum-url URL] --db FILE [--max-threads N] [--pages-per-thread 10]
                       [--concurrency 4] [--delay SECONDS] [--refresh]
 python -m crawl dataset --db FILE --out DIR [--test-fraction 0.1] [--seed 0]
                         [--min-answer-chars N] [--max-chars N] [--tokenizer NAME_OR_DIR]
+                        [--copypasta-threads 3]
 python -m crawl serve-sample [--host 127.0.0.1] [--port 0] [--dir DIR]
 
 The option names are a stable interface: operators' scripts depend on them.
@@ -32,6 +34,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("1 would make every text copypasta: give 2 or more")
     return value
 
 
@@ -200,6 +209,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_DIR",
         help="tokenizer name or directory for token-length stats (optional)",
     )
+    dataset.add_argument(
+        "--copypasta-threads",
+        metavar="N",
+        type=_at_least_two,
+        default=3,
+        help="drop every copy of a text posted in this many different threads or more "
+        "(spam, signatures, copypasta) (default: %(default)s)",
+    )
+
+    check = commands.add_parser(
+        "check",
+        help="show what the parser finds on one page (run it on the live site before a crawl)",
+    )
+    check.add_argument(
+        "target",
+        metavar="URL_OR_FILE",
+        help="a listing or thread page: an http(s) URL (robots.txt obeyed) or a saved HTML file",
+    )
+    check.add_argument(
+        "--url",
+        metavar="URL",
+        help="for a saved file: the URL it was saved from (thread id, page number)",
+    )
+    check.add_argument(
+        "--user-agent",
+        metavar="TEXT",
+        default=default_user_agent(),
+        help="User-Agent header, also matched against robots.txt (default: as for fetch)",
+    )
+    check.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=30.0,
+        help="seconds for the request (default: %(default)s)",
+    )
+    check.add_argument(
+        "--site",
+        choices=sorted(SITES),
+        default="newschoolers",
+        help="the site module that parses the page (default: %(default)s)",
+    )
 
     serve = commands.add_parser(
         "serve-sample", help="serve the bundled sample forum on a local port"
@@ -253,6 +304,11 @@ def fetch_main(args: argparse.Namespace) -> int:
     print(
         f"store {args.db}: {counts['threads']} threads, {counts['posts']} posts, {counts['pages']} pages"
     )
+    if summary.listing_error:
+        raise CrawlError(
+            f"the listing stopped before the forum's end, at {summary.listing_error}; what was "
+            "fetched is stored: fix the cause and run the same command to go on"
+        )
     return 0
 
 
@@ -265,6 +321,7 @@ def dataset_main(args: argparse.Namespace) -> int:
         min_answer_chars=args.min_answer_chars,
         max_chars=args.max_chars,
         tokenizer=args.tokenizer,
+        copypasta_threads=args.copypasta_threads,
     )
     stats = build_dataset(args.db, args.out, options)
     dropped = ", ".join(f"{rule} {n}" for rule, n in stats["dropped"].items() if n) or "none"
@@ -273,6 +330,21 @@ def dataset_main(args: argparse.Namespace) -> int:
         f"(train {stats['splits']['train']['rows']}, test {stats['splits']['test']['rows']}); "
         f"dropped: {dropped}"
     )
+    return 0
+
+
+def check_main(args: argparse.Namespace) -> int:
+    from crawl.check import check_page, fetch_page, is_url, read_saved
+    from crawl.site import get_site
+
+    if is_url(args.target):
+        options = FetchOptions(
+            user_agent=args.user_agent, concurrency=1, delay=0, timeout=args.timeout, max_tries=3
+        )
+        html, url = asyncio.run(fetch_page(args.target, options))
+    else:
+        html, url = read_saved(Path(args.target), args.url)
+    print(check_page(get_site(args.site), html, url))
     return 0
 
 
@@ -300,7 +372,12 @@ def serve_sample_main(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fetch": fetch_main, "dataset": dataset_main, "serve-sample": serve_sample_main}
+COMMANDS = {
+    "check": check_main,
+    "fetch": fetch_main,
+    "dataset": dataset_main,
+    "serve-sample": serve_sample_main,
+}
 
 
 @cli_entry

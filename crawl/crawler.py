@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from crawl.errors import CrawlError
-from crawl.fetcher import Fetcher, FetchOptions, FetchResult
-from crawl.site import ForumSite, ParseError
+from crawl.fetcher import Clock, Fetcher, FetchOptions, FetchResult
+from crawl.site import ForumSite, Markup, ParseError
 from crawl.store import PageRecord, Store, ThreadRow
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,47 @@ class CrawlSummary:
     requests: int = 0
     max_in_flight: int = 0
     seconds: float = 0.0
+    pages_parsed: int = 0
+    pages_recovered: int = 0  # pages where posts were read out of a post that swallowed them
+    posts_recovered: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)  # fallback -> pages that used it
+    selector_matches: Counter[str] = field(default_factory=Counter)  # assumed selector -> total
+    listing_error: str | None = None  # why the listing walk stopped before the forum's end
+
+    def note_markup(self, markup: Markup) -> None:
+        self.pages_parsed += 1
+        self.pages_recovered += markup.recovered > 0
+        self.posts_recovered += markup.recovered
+        self.fallbacks.update(markup.fallbacks)
+        for selector, count in markup.assumed.items():
+            self.selector_matches[selector] += count
+
+    @property
+    def matched_nothing(self) -> list[str]:
+        """The assumed selectors that matched no element on any page parsed in this run."""
+        return sorted(s for s, n in self.selector_matches.items() if n == 0)
 
     def describe(self) -> str:
         states = ", ".join(f"{n} {s}" for s, n in sorted(self.thread_states.items())) or "none"
         rate = self.pages_fetched / self.seconds if self.seconds > 0 else 0.0
-        return (
+        recovered = f"{self.pages_recovered} page{'s' * (self.pages_recovered != 1)} recovered"
+        if self.posts_recovered:
+            recovered += f" ({self.posts_recovered} posts read out of posts that swallowed them)"
+        lines = [
             f"crawled {self.threads} threads ({states}); {self.pages_fetched} pages fetched, "
-            f"{self.pages_from_store} already in the store, {self.errors} errors; "
+            f"{self.pages_from_store} already in the store, {self.errors} errors, {recovered}; "
             f"{self.requests} requests in {self.seconds:.1f} s ({rate:.1f} pages/s)"
-        )
+        ]
+        if self.fallbacks or self.matched_nothing:
+            used = ", ".join(f"{name} on {n} pages" for name, n in sorted(self.fallbacks.items()))
+            lines.append(
+                f"markup of the {self.pages_parsed} pages parsed: assumed selectors that matched "
+                f"nothing: {', '.join(self.matched_nothing) or 'none'}; fallbacks used: "
+                f"{used or 'none'} (check the site with `python -m crawl check URL`)"
+            )
+        if self.listing_error:
+            lines.append(f"the listing stopped early: {self.listing_error}")
+        return "\n".join(lines)
 
 
 def url_rebaser(site: ForumSite, forum_url: str):
@@ -73,7 +106,12 @@ def url_rebaser(site: ForumSite, forum_url: str):
 
 
 async def crawl(
-    site: ForumSite, store: Store, options: CrawlOptions, fetch_options: FetchOptions
+    site: ForumSite,
+    store: Store,
+    options: CrawlOptions,
+    fetch_options: FetchOptions,
+    *,
+    clock: Clock | None = None,
 ) -> CrawlSummary:
     """Crawl ``options.forum_url`` into ``store``; raises CrawlError for a forum URL it cannot use."""
     try:
@@ -81,7 +119,8 @@ async def crawl(
     except ValueError as exc:
         raise CrawlError(f"--forum-url: {exc}") from None
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(options.forum_url))
-    async with Fetcher.open(origin, fetch_options, url_rebaser(site, options.forum_url)) as fetcher:
+    rebase = url_rebaser(site, options.forum_url)
+    async with Fetcher.open(origin, fetch_options, rebase, clock) as fetcher:
         return await Crawler(site, store, fetcher, options, forum).run()
 
 
@@ -135,6 +174,8 @@ class Crawler:
                     "check --forum-url"
                 )
             if record.state != "ok":
+                # The page before promised this one: not the forum's end, and the report says so.
+                self.summary.listing_error = f"{url}: {record.error or record.state}"
                 break
             for thread in self.store.listed_threads(url):
                 if thread.id in seen or (limit is not None and len(seen) >= limit):
@@ -161,17 +202,23 @@ class Crawler:
             return record
         try:
             listing = self.site.parse_listing(result.text, result.final_url)
+            if number > 1 and not listing.threads:
+                raise ParseError(
+                    "no thread rows, although the previous listing page had rows and a next "
+                    "page: the listing layout changed? (run `python -m crawl check` on this URL)"
+                )
         except ParseError as exc:
             record = replace(record, state="parse_error", error=str(exc))
             self._error(record)
             self.store.save_page(record)
             return record
+        self._note_markup(url, listing.markup)
         links = []
         for link in listing.threads:
             on_host = self.rebase(link.url)
             if on_host is not None:
                 links.append((link, on_host))
-        record = replace(record, has_next=listing.has_next)
+        record = replace(record, has_next=listing.has_next).with_markup(listing.markup)
         self.store.save_listing(record, self.forum, links)
         return record
 
@@ -228,7 +275,8 @@ class Crawler:
             self._error(record)
             self.store.save_thread_page(record, None)
             return record
-        record = replace(record, has_next=page.has_next)
+        self._note_markup(url, page.markup)
+        record = replace(record, has_next=page.has_next).with_markup(page.markup)
         moved = None
         if number == 1 and result.final_url != url:
             # Stored under where it lives, so the next run looks for it there and finds it.
@@ -260,6 +308,18 @@ class Crawler:
         if result.state != "disallowed":
             self.summary.pages_fetched += 1
         return result
+
+    def _note_markup(self, url: str, markup: Markup) -> None:
+        """Count what the page needed; say the first time each fallback is used in a run."""
+        for name in markup.fallbacks:
+            if name not in self.summary.fallbacks:
+                log.warning(
+                    "markup: %s needed the fallback %s (assumed markup missing); "
+                    "said once per run, counted in the summary",
+                    url,
+                    name,
+                )
+        self.summary.note_markup(markup)
 
     def _error(self, record: PageRecord) -> None:
         if record.state == "disallowed":

@@ -1,9 +1,12 @@
 """The question/answer dataset: store → cleaned prompt/completion rows → train/test JSONL + stats.
 
 One thread gives one prompt (its title and opening post) and one row per reply
-that answers it. The split is by thread, so no question is seen in training
-and then tested on; which split a thread lands in depends only on the seed and
-its id, so crawling more threads later moves none of the old ones.
+that answers it. Text pasted into several threads (shop ads, signatures,
+copypasta) is found in a first pass over the whole store and kept out of every
+thread, not only after its first copy. The split is by thread, so no question
+is seen in training and then tested on; which split a thread lands in depends
+only on the seed and its id, so crawling more threads later moves none of the
+old ones.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ DROP_RULES = (
     "emoji_only",
     "too_short",
     "too_long",
+    "copypasta",
     "repeats_question",
     "by_question_author",
     "duplicate",
@@ -47,14 +51,33 @@ class DatasetOptions:
     min_answer_chars: int = 20
     max_chars: int = 4000
     tokenizer: str | None = None
+    copypasta_threads: int = 3  # text in this many different threads is spam, not an answer
+
+
+def _text_key(text: str) -> bytes:
+    """A short digest of the near-duplicate key: a whole store's worth fits in memory."""
+    return hashlib.blake2b(normalise(text).encode(), digest_size=16).digest()
+
+
+def find_copypasta(posts_by_thread: Iterable[list[StoredPost]], threads: int) -> set[bytes]:
+    """Keys of the texts posted, verbatim or nearly (the near-duplicate key), in ``threads``
+    or more different threads: shop ads, signatures and copypasta, not answers."""
+    seen_in: defaultdict[bytes, set[str]] = defaultdict(set)
+    for posts in posts_by_thread:
+        for post in posts:
+            text = "" if post.deleted else clean_text(post.text).text
+            if normalise(text):
+                seen_in[_text_key(text)].add(post.thread_id)
+    return {key for key, thread_ids in seen_in.items() if len(thread_ids) >= threads}
 
 
 class _Builder:
     """Turns threads into rows, keeping the counts stats.json reports."""
 
-    def __init__(self, store: Store, options: DatasetOptions) -> None:
+    def __init__(self, store: Store, options: DatasetOptions, copypasta: set[bytes]) -> None:
         self.store = store
         self.options = options
+        self.copypasta = copypasta
         self.dropped: Counter[str] = Counter({rule: 0 for rule in DROP_RULES})
         self.edited: Counter[str] = Counter({name: 0 for name, _ in EDITS})
         self.seen_exact: set[str] = set()
@@ -74,7 +97,7 @@ class _Builder:
         rows = []
         for reply in replies:
             reason, answer = self._answer(reply, base_prompt, opening)
-            context = self._quote_context(reply, opening, by_id) if reason is None else ""
+            context = self._quote_context(reply, posts, by_id) if reason is None else ""
             prompt = base_prompt + context
             if reason is None and len(prompt) > self.options.max_chars:
                 reason = "prompt_too_long"
@@ -114,6 +137,8 @@ class _Builder:
             reason = "too_short"
         if reason is None and len(text) > self.options.max_chars:
             reason = "too_long"
+        if reason is None and _text_key(text) in self.copypasta:
+            reason = "copypasta"
         if reason is None and repeats(text, prompt):
             reason = "repeats_question"
         if reason is None and opening.author and reply.author == opening.author:
@@ -125,22 +150,38 @@ class _Builder:
         return reason, text
 
     def _quote_context(
-        self, reply: StoredPost, opening: StoredPost, by_id: dict[str, StoredPost]
+        self, reply: StoredPost, posts: list[StoredPost], by_id: dict[str, StoredPost]
     ) -> str:
         """A reply to another reply is answered in the light of it: keep the quote in the prompt."""
+        opening = posts[0]
         for quote in reply.quotes:
-            if quote.get("post_id") == opening.id:
-                continue  # already the question
-            quoted = by_id.get(quote.get("post_id") or "")
-            author = quote.get("author") or (quoted.author if quoted else None) or "someone"
             text = clean_text(quote.get("text") or "").text
+            quoted = by_id.get(quote.get("post_id") or "")
+            if quoted is None and not quote.get("post_id"):
+                quoted = _quoted_by_text(text, posts[: posts.index(reply)])
+            if quoted is opening or quote.get("post_id") == opening.id:
+                continue  # already the question
+            author = quote.get("author") or (quoted.author if quoted else None) or "someone"
             if text:
                 return f"\n\n{author} wrote:\n{text}"
         return ""
 
     def _source_url(self, thread: ThreadRow, post: StoredPost) -> str:
         page_url = self.store.page_url(thread.id, post.page) or thread.url
+        if not post.id.isdigit():
+            return page_url  # an id the crawler derived: the page has no anchor for it
         return f"{page_url}#post-{post.id}"
+
+
+def _quoted_by_text(text: str, earlier: list[StoredPost]) -> StoredPost | None:
+    """The latest earlier post holding the quoted text, for a quote the page gave no post id."""
+    key = normalise(text)
+    if not key:
+        return None
+    for post in reversed(earlier):
+        if key in normalise(clean_text(post.text).text):
+            return post
+    return None
 
 
 def split_key(thread_id: str, seed: int) -> float:
@@ -218,15 +259,22 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CrawlError(f"--out {out} is a file: give a directory")
+    if options.copypasta_threads < 2:
+        raise CrawlError(
+            f"--copypasta-threads {options.copypasta_threads}: give 2 or more (threads a text "
+            "must appear in to be dropped as copypasta)"
+        )
     count_tokens = _token_counter(options.tokenizer) if options.tokenizer else None
     with Store.open(db, create=False) as store:
         threads = sorted(store.threads(), key=lambda t: _sort_key(t.id))
-        builder = _Builder(store, options)
+        copypasta = find_copypasta((store.posts(t.id) for t in threads), options.copypasta_threads)
+        builder = _Builder(store, options, copypasta)
         rows: list[dict] = []
         for thread in tqdm(threads, unit="thread", desc="dataset", disable=None):
             posts = store.posts(thread.id)
-            if posts and posts[0].position == 1:
+            if posts and posts[0].page == 1 and posts[0].position == 1:
                 rows.extend(builder.rows(thread, posts))
+        markup = store.markup_report()
     if builder.threads == 0:
         raise CrawlError(
             f"the store {db} holds no thread with its opening post: run `python -m crawl fetch` first"
@@ -251,6 +299,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         "dropped": dict(builder.dropped),
         "edited": dict(builder.edited),
         "quote_context": builder.quote_context,
+        "markup": markup,
         "lengths": {"chars": _length_stats(rows, len)},
         "options": asdict(options),
     }

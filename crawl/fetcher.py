@@ -13,6 +13,10 @@ so politeness is enforced in one place rather than trusted to every caller:
   request to the host, not only the one retried;
 * a page that keeps failing is given up after ``max_tries`` and reported,
   never raised: one bad page does not stop a crawl.
+
+Every wait (pacing, backoff, ``Retry-After``) is measured and slept on one
+:class:`Clock`, the event loop's unless another is given, so the timing rules
+can be tested on a clock that a test moves by hand.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -108,25 +113,47 @@ class _Backoff(wait_base):
         return min(self.maximum, exponential + random.uniform(0, self.base))
 
 
-class _Pacer:
+class Clock(Protocol):
+    """Where the fetcher reads the time and waits."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic clock."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class LoopClock:
+    """The running event loop's monotonic clock and ``asyncio.sleep``: what a crawl uses."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class Pacer:
     """Spaces request starts to one host at least ``interval`` seconds apart."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Clock | None = None) -> None:
         self.interval = interval
-        self._next_start = 0.0
+        self.clock = clock or LoopClock()
+        self._next_start: float | None = None
         self._lock = asyncio.Lock()
 
     async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
         async with self._lock:
-            delay = self._next_start - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._next_start = loop.time() + self.interval
+            if self._next_start is not None:
+                delay = self._next_start - self.clock.now()
+                if delay > 0:
+                    await self.clock.sleep(delay)
+            self._next_start = self.clock.now() + self.interval
 
     def hold_off(self, seconds: float) -> None:
         """Push the next start back: the server asked every client to wait."""
-        self._next_start = max(self._next_start, asyncio.get_running_loop().time() + seconds)
+        until = self.clock.now() + seconds
+        self._next_start = until if self._next_start is None else max(self._next_start, until)
 
 
 def origin_of(url: str) -> str:
@@ -143,6 +170,7 @@ class Fetcher:
         origin: str,
         options: FetchOptions,
         map_url: Callable[[str], str | None] = lambda url: url,
+        clock: Clock | None = None,
     ) -> None:
         self.origin = origin
         self.options = options
@@ -150,7 +178,7 @@ class Fetcher:
         self._map_url = map_url
         self._robots: Protego | None = None
         self._slots = asyncio.Semaphore(options.concurrency)
-        self._pacer = _Pacer(options.delay)
+        self._pacer = Pacer(options.delay, clock)
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests = 0
@@ -162,6 +190,7 @@ class Fetcher:
         origin: str,
         options: FetchOptions,
         map_url: Callable[[str], str | None] = lambda url: url,
+        clock: Clock | None = None,
     ) -> AsyncIterator[Fetcher]:
         """A fetcher with its own session, robots.txt already read (raises CrawlError if unreadable)."""
         timeout = aiohttp.ClientTimeout(total=options.timeout)
@@ -170,7 +199,7 @@ class Fetcher:
         async with aiohttp.ClientSession(
             headers=headers, timeout=timeout, connector=connector
         ) as session:
-            fetcher = cls(session, origin, options, map_url)
+            fetcher = cls(session, origin, options, map_url, clock)
             await fetcher.load_robots()
             yield fetcher
 
@@ -266,6 +295,7 @@ class Fetcher:
         self, url: str, headers: dict[str, str]
     ) -> tuple[_Response, int] | FetchResult:
         retrying = AsyncRetrying(
+            sleep=self._pacer.clock.sleep,
             retry=retry_if_exception_type((RetryableResponse, *RETRYABLE_ERRORS)),
             stop=stop_after_attempt(self.options.max_tries),
             wait=_Backoff(

@@ -1,10 +1,17 @@
 """Render a forum described in a compact YAML file into static pages in the site's markup.
 
 The bundled sample forum (``crawl/sample_forum``) and the test fixtures are
-produced this way, so their HTML follows one template, the one described in
-``shared/newschoolers.md``, and a content edit never means hand-editing forty
-pages. What is served and parsed is the rendered HTML, committed beside the
-YAML; ``python -m crawl.sample_render CONTENT.yaml OUT_DIR`` regenerates it.
+produced this way, so their HTML follows one template, the markup described in
+``docs/crawl.md`` ("What is known of newschoolers.com"), and a content edit
+never means hand-editing forty pages. What is served and parsed is the rendered
+HTML, committed beside the YAML; ``python -m crawl.sample_render CONTENT.yaml
+OUT_DIR`` regenerates it.
+
+``--markup verified`` renders only what was verified on the live site: listing
+rows ``a.thread`` with an ``h2``, post text in bare ``div.post-body`` elements
+(quoted text inside, before the reply), the ``<title>`` and absolute
+``page=N`` links. No post containers, ids, authors, dates, pagination block,
+signatures or deletion notes: what a crawl gets if every guess is wrong.
 
 Layout written under OUT_DIR (what :mod:`crawl.sample_site` serves)::
 
@@ -64,8 +71,14 @@ def posted(moment: datetime) -> str:
     return f"{moment:%b} {day}{suffix} {moment.year} at {hour}:{moment:%M:%S}{ampm}"
 
 
-def render(content_path: Path, out_dir: Path) -> int:
+MARKUPS = ("full", "verified")
+
+
+def render(content_path: Path, out_dir: Path, markup: str = "full") -> int:
     """Write the pages for ``content_path`` into ``out_dir`` (replaced); returns the page count."""
+    if markup not in MARKUPS:
+        raise ValueError(f"markup {markup!r}: give one of {', '.join(MARKUPS)}")
+    verified = markup == "verified"
     spec = yaml.safe_load(content_path.read_text(encoding="utf-8"))
     forum = spec["forum"]
     threads = [
@@ -85,12 +98,13 @@ def render(content_path: Path, out_dir: Path) -> int:
     listing_dir = out_dir / forum_path.lstrip("/")
     listing_dir.mkdir(parents=True)
     for number, rows in enumerate(layout, start=1):
-        body = "\n".join(_listing_row(row, by_id) for row in rows)
-        page = _listing_page(forum, forum_path, body, number, len(layout))
+        body = "\n".join(_listing_row(row, by_id, verified) for row in rows)
+        page = _listing_page(forum, forum_path, body, number, len(layout), verified)
         (listing_dir / f"page-{number}.html").write_text(page, encoding="utf-8")
         pages += 1
     (listing_dir / "past-end.html").write_text(
-        _listing_page(forum, forum_path, "", len(layout) + 1, len(layout)), encoding="utf-8"
+        _listing_page(forum, forum_path, "", len(layout) + 1, len(layout), verified),
+        encoding="utf-8",
     )
 
     post_id = FIRST_POST_ID
@@ -104,8 +118,11 @@ def render(content_path: Path, out_dir: Path) -> int:
         thread_dir = out_dir / thread.path().lstrip("/")
         thread_dir.mkdir(parents=True)
         for number, chunk in enumerate(chunks, start=1):
-            posts_html = "\n".join(_post(thread, forum, ids, i) for i in chunk)
-            page = _thread_page(thread, forum, posts_html, number, len(chunks))
+            if verified:
+                posts_html = "\n".join(_verified_post(thread, i) for i in chunk)
+            else:
+                posts_html = "\n".join(_post(thread, forum, ids, i) for i in chunk)
+            page = _thread_page(thread, forum, posts_html, number, len(chunks), verified)
             (thread_dir / f"page-{number}.html").write_text(page, encoding="utf-8")
             pages += 1
     return pages
@@ -117,12 +134,14 @@ def _default_listing(threads: list[_Thread], per_page: int) -> list[list[int]]:
     return [sticky + normal[i : i + per_page] for i in range(0, len(normal), per_page)]
 
 
-def _listing_row(row: int | str, by_id: dict[int, _Thread]) -> str:
+def _listing_row(row: int | str, by_id: dict[int, _Thread], verified: bool) -> str:
     """One listing row; ``"<id>:bare"`` links to the slugless URL the site redirects."""
     thread_id, _, variant = str(row).partition(":")
     thread = by_id[int(thread_id)]
     host = BARE_HOST if thread.index % 7 == 3 else CANONICAL
     href = f"{host}/forum/thread/{thread.id}" if variant == "bare" else host + thread.path()
+    if verified:
+        return f'<a class="thread" href="{href}">\n  <h2>{php_escape(thread.title)}</h2>\n</a>'
     classes = "thread sticky" if thread.sticky else "thread"
     replies = len(thread.posts) - 1
     return (
@@ -133,15 +152,19 @@ def _listing_row(row: int | str, by_id: dict[int, _Thread]) -> str:
     )
 
 
-def _head(title: str, canonical: str, prev_url: str | None, next_url: str | None) -> str:
+def _head(
+    title: str, canonical: str, prev_url: str | None, next_url: str | None, verified: bool
+) -> str:
     links = [f'<link rel="canonical" href="{canonical}">']
     if prev_url:
         links.append(f'<link rel="prev" href="{prev_url}">')
     if next_url:
         links.append(f'<link rel="next" href="{next_url}">')
+    if verified:
+        links = []
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{title}</title>\n" + "\n".join(links) + "\n</head>\n<body>\n"
+        f"<title>{title}</title>\n" + "".join(f"{link}\n" for link in links) + "</head>\n<body>\n"
         '<div class="guest-banner">Welcome to Newschoolers! <a href="https://www.newschoolers.com/join">'
         "Join the community</a> to post, vote and follow your favourite skiers.</div>\n"
     )
@@ -151,27 +174,36 @@ def _page_url(path: str, number: int) -> str:
     return CANONICAL + path + ("" if number == 1 else f"?page={number}")
 
 
-def _pagination(path: str, number: int, count: int) -> str:
+def _pagination(path: str, number: int, count: int, verified: bool) -> str:
     if count <= 1:
         return ""
     links = []
     for n in range(1, count + 1):
-        current = ' class="current"' if n == number else ""
+        current = ' class="current"' if n == number and not verified else ""
         links.append(f'<a href="{_page_url(path, n)}"{current}>{n}</a>')
     if number < count:
-        links.append(
-            f'<a class="next" rel="next" href="{_page_url(path, number + 1)}">Next &raquo;</a>'
-        )
+        attributes = "" if verified else ' class="next" rel="next"'
+        links.append(f'<a{attributes} href="{_page_url(path, number + 1)}">Next &raquo;</a>')
+    if verified:
+        return f"<div>{' '.join(links)}</div>\n"
     return f'<div class="pagination" data-page="{number}" data-pages="{count}">{" ".join(links)}</div>\n'
 
 
-def _listing_page(forum: dict, path: str, rows: str, number: int, count: int) -> str:
+def _listing_page(
+    forum: dict, path: str, rows: str, number: int, count: int, verified: bool
+) -> str:
     prev_url = _page_url(path, number - 1) if number > 1 else None
     next_url = _page_url(path, number + 1) if number < count else None
     head = _head(
-        f"{forum['name']} - Forum - Newschoolers.com", _page_url(path, number), prev_url, next_url
+        f"{forum['name']} - Forum - Newschoolers.com",
+        _page_url(path, number),
+        prev_url,
+        next_url,
+        verified,
     )
-    pagination = _pagination(path, number, count) if number <= count else ""
+    pagination = _pagination(path, number, count, verified) if number <= count else ""
+    if verified:
+        return head + f"<main>\n<div>\n{rows}\n</div>\n{pagination}</main>\n</body>\n</html>\n"
     return (
         head
         + f'<main id="forum" data-forum-id="{forum["id"]}">\n<h1 class="forum-title">{forum["name"]}</h1>\n'
@@ -179,15 +211,23 @@ def _listing_page(forum: dict, path: str, rows: str, number: int, count: int) ->
     )
 
 
-def _thread_page(thread: _Thread, forum: dict, posts: str, number: int, count: int) -> str:
+def _thread_page(
+    thread: _Thread, forum: dict, posts: str, number: int, count: int, verified: bool
+) -> str:
     path = thread.path()
     prev_url = _page_url(path, number - 1) if number > 1 else None
     next_url = _page_url(path, number + 1) if number < count else None
     title = php_escape(thread.title)
     head = _head(
-        f"{title} - {forum['name']} - Newschoolers.com", _page_url(path, number), prev_url, next_url
+        f"{title} - {forum['name']} - Newschoolers.com",
+        _page_url(path, number),
+        prev_url,
+        next_url,
+        verified,
     )
-    pagination = _pagination(path, number, count)
+    pagination = _pagination(path, number, count, verified)
+    if verified:  # no heading: the title is only in <title>
+        return head + f"<main>\n<div>\n{posts}\n</div>\n{pagination}</main>\n</body>\n</html>\n"
     return (
         head
         + f'<main id="thread" data-thread-id="{thread.id}">\n<h1 class="thread-title">{title}</h1>\n'
@@ -201,12 +241,37 @@ def _body_html(text: str, raw_html: bool) -> str:
     return text if raw_html else php_escape(text).replace("\n", "<br />\n")
 
 
+def _moment(thread: _Thread, index: int) -> datetime:
+    return EPOCH + timedelta(days=3 * thread.index, minutes=41 * index, seconds=7 * thread.id % 60)
+
+
+def _edit_notice(index: int, moment: datetime) -> str:
+    what = "thread" if index == 0 else "post"
+    return f"<br />\n<br />\n**This {what} was edited on {posted(moment + timedelta(hours=2, minutes=13))}"
+
+
+def _verified_post(thread: _Thread, index: int) -> str:
+    """A post as far as it is verified: its text in a ``div.post-body``, any quote first."""
+    post = thread.posts[index]
+    body = ""
+    if not post.get("deleted"):  # how the site marks a deleted post is not known
+        if "quote" in post:
+            quoted = int(post["quote"]) - 1
+            quoted_text = post.get("quote_text") or thread.posts[quoted]["text"]
+            body += (
+                f"<blockquote>{php_escape(thread.posts[quoted]['by'])} wrote:<br />\n"
+                f"{_body_html(quoted_text, bool(post.get('quote_html')))}</blockquote>\n"
+            )
+        body += _body_html(post["text"], bool(post.get("html")))
+        if post.get("edited"):
+            body += _edit_notice(index, _moment(thread, index))
+    return f'<div class="post-body">{body}</div>'
+
+
 def _post(thread: _Thread, forum: dict, ids: list[int], index: int) -> str:
     post = thread.posts[index]
     post_id = ids[index]
-    moment = EPOCH + timedelta(
-        days=3 * thread.index, minutes=41 * index, seconds=7 * thread.id % 60
-    )
+    moment = _moment(thread, index)
     author = php_escape(post["by"])
     classes = ["post"]
     if index == 0:
@@ -226,9 +291,7 @@ def _post(thread: _Thread, forum: dict, ids: list[int], index: int) -> str:
             )
         body += _body_html(post["text"], bool(post.get("html")))
         if post.get("edited"):
-            what = "thread" if index == 0 else "post"
-            edit_time = moment + timedelta(hours=2, minutes=13)
-            body += f"<br />\n<br />\n**This {what} was edited on {posted(edit_time)}"
+            body += _edit_notice(index, moment)
     sig = f'\n  <div class="sig">{_body_html(post["sig"], False)}</div>' if post.get("sig") else ""
     karma = (post_id * 7) % 13
     return (
@@ -247,8 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m crawl.sample_render", description=__doc__)
     parser.add_argument("content", type=Path, help="the forum's YAML content file")
     parser.add_argument("out", type=Path, help="directory to write the pages to (replaced)")
+    parser.add_argument(
+        "--markup",
+        choices=MARKUPS,
+        default="full",
+        help="full: the assumed markup too; verified: only what was seen on the live site",
+    )
     args = parser.parse_args(argv)
-    count = render(args.content, args.out)
+    count = render(args.content, args.out, args.markup)
     print(f"rendered {count} files into {args.out}")
     return 0
 

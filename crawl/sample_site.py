@@ -5,7 +5,8 @@ URLs map onto the layout :mod:`crawl.sample_render` writes: a path is a
 directory, ``?page=N`` picks ``page-N.html`` in it. Past the last page a
 listing answers with its empty page (``past-end.html``, 200) and a thread with
 404, and a directory holding only one subdirectory (``/forum/thread/<id>``,
-no slug) answers 301 to it: the behaviours ``shared/newschoolers.md`` assumes.
+no slug) answers 301 to it: the site's behaviours as docs/crawl.md ("What is known of
+newschoolers.com") lists them, assumed ones included.
 """
 
 from __future__ import annotations

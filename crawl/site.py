@@ -8,12 +8,37 @@ URL rule and selector of a real site lives in that site's module (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
 class ParseError(Exception):
-    """A page did not have the layout the site module expects; the crawl records it and goes on."""
+    """Nothing on a page could be read; the crawl records it and goes on."""
+
+
+@dataclass(frozen=True)
+class Markup:
+    """How a page met the site module's selectors, so a wrong guess about the markup shows.
+
+    A site module parses what it can and says here what it had to work around:
+    the crawl reports it once per run, the store keeps it per page, and
+    ``python -m crawl check`` prints it for one page.
+    """
+
+    # Elements each selector matched on the page, for the selectors guessed (assumed) and
+    # those seen on the real site (verified).
+    assumed: Mapping[str, int] = field(default_factory=dict)
+    verified: Mapping[str, int] = field(default_factory=dict)
+    # Names of the fallbacks the page needed, e.g. "posts:div.post-body".
+    fallbacks: tuple[str, ...] = ()
+    # Posts read out of another post whose unclosed tags had swallowed them.
+    recovered: int = 0
+
+    @property
+    def unmatched(self) -> list[str]:
+        """The assumed selectors that matched nothing on this page."""
+        return [selector for selector, count in self.assumed.items() if count == 0]
 
 
 @dataclass(frozen=True)
@@ -33,6 +58,7 @@ class ListingPage:
     threads: list[ThreadLink]
     has_next: bool
     page_count: int | None = None
+    markup: Markup = field(default_factory=Markup)
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,9 @@ class Post:
 
     ``text`` is the post's own text (quotes and signature held apart) exactly as
     the reader sees it, bbcode and "edited on" lines included: what to keep is
-    the dataset builder's decision, made and counted there.
+    the dataset builder's decision, made and counted there. ``position`` is the
+    post's number in the thread when the page shows one, else its place on the
+    page: either way, page then position is reading order.
     """
 
     post_id: str
@@ -76,6 +104,7 @@ class ThreadPage:
     page_count: int | None = None
     author: str | None = None  # of the opening post, on a thread's first page
     created: str | None = None
+    markup: Markup = field(default_factory=Markup)
 
 
 class ForumSite(Protocol):
@@ -102,7 +131,11 @@ class ForumSite(Protocol):
         ...
 
     def parse_thread(self, html: str, url: str) -> ThreadPage:
-        """Parse a thread page; raises :class:`ParseError` on an unexpected layout."""
+        """Parse a thread page; raises :class:`ParseError` when nothing in it can be read."""
+        ...
+
+    def page_kind(self, html: str, url: str) -> str | None:
+        """``"listing"`` or ``"thread"`` for a page (by its URL, else its content), or None."""
         ...
 
 

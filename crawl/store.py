@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from crawl.errors import CrawlError
-from crawl.site import Post, ThreadLink, ThreadPage
+from crawl.site import Markup, Post, ThreadLink, ThreadPage
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS posts (
     id         TEXT PRIMARY KEY,            -- the site's post id
     thread_id  TEXT NOT NULL REFERENCES threads(id),
     page       INTEGER NOT NULL,
-    position   INTEGER NOT NULL,            -- 1 = the opening post
+    position   INTEGER NOT NULL,            -- its #N, else its place on the page; 1 on page 1 = the question
     author     TEXT,
     created    TEXT,
     html       TEXT NOT NULL,               -- the post's element as served
@@ -68,9 +69,25 @@ CREATE TABLE IF NOT EXISTS pages (
     etag          TEXT,
     last_modified TEXT,
     attempts      INTEGER NOT NULL DEFAULT 0,
-    error         TEXT
+    error         TEXT,
+    recovered     INTEGER NOT NULL DEFAULT 0,    -- posts read out of a post that swallowed them
+    fallbacks     TEXT NOT NULL DEFAULT '[]',    -- JSON list: the markup fallbacks the page needed
+    selectors     TEXT NOT NULL DEFAULT '{}'     -- JSON {assumed selector: elements it matched}
 );
 """
+
+# How to bring a store written by an older crawler up to this one, step by step.
+MIGRATIONS = {
+    "1": (
+        "ALTER TABLE pages ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE pages ADD COLUMN fallbacks TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE pages ADD COLUMN selectors TEXT NOT NULL DEFAULT '{}'",
+        # Schema 1's parser gave up on pages that this one reads (posts swallowed by unclosed
+        # tags, guessed markup missing): forget those pages so the next run fetches them again.
+        "DELETE FROM pages WHERE state = 'parse_error'",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    ),
+}
 
 # Pages in these states are kept on a rerun: the answer would not change by asking again.
 # fetch_error (retries exhausted) and disallowed (robots.txt may change) are looked at again.
@@ -92,10 +109,26 @@ class PageRecord:
     last_modified: str | None = None
     attempts: int = 0
     error: str | None = None
+    recovered: int = 0
+    fallbacks: tuple[str, ...] = ()
+    selectors: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def settled(self) -> bool:
+        # A listing page that did not parse is asked again: the listing is the crawl's map,
+        # and what stood in for it (a challenge page, a new layout) may be gone next time.
+        if self.kind == "listing" and self.state == "parse_error":
+            return False
         return self.state in SETTLED_STATES
+
+    def with_markup(self, markup: Markup) -> PageRecord:
+        """This record carrying what the parser said of the page's markup."""
+        return replace(
+            self,
+            recovered=markup.recovered,
+            fallbacks=tuple(markup.fallbacks),
+            selectors=dict(markup.assumed),
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +191,13 @@ class Store:
                     (SCHEMA_VERSION,),
                 )
             version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+            while version in MIGRATIONS:
+                with db:
+                    for statement in MIGRATIONS[version]:
+                        db.execute(statement)
+                version = db.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'"
+                ).fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise CrawlError(
                 f"{path} is not a forum store ({exc}): give a new file or the one `fetch` wrote"
@@ -196,19 +236,24 @@ class Store:
             last_modified=row["last_modified"],
             attempts=row["attempts"],
             error=row["error"],
+            recovered=row["recovered"],
+            fallbacks=tuple(json.loads(row["fallbacks"])),
+            selectors=json.loads(row["selectors"]),
         )
 
     def _put_page(self, record: PageRecord) -> None:
         self._db.execute(
             """INSERT INTO pages(url, kind, thread_id, number, state, status, has_next, fetched_at,
-                                 etag, last_modified, attempts, error)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                 etag, last_modified, attempts, error, recovered, fallbacks,
+                                 selectors)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(url) DO UPDATE SET
                  kind=excluded.kind, thread_id=excluded.thread_id, number=excluded.number,
                  state=excluded.state, status=excluded.status, has_next=excluded.has_next,
                  fetched_at=excluded.fetched_at, etag=excluded.etag,
                  last_modified=excluded.last_modified, attempts=excluded.attempts,
-                 error=excluded.error""",
+                 error=excluded.error, recovered=excluded.recovered,
+                 fallbacks=excluded.fallbacks, selectors=excluded.selectors""",
             (
                 record.url,
                 record.kind,
@@ -222,6 +267,9 @@ class Store:
                 record.last_modified,
                 record.attempts,
                 record.error,
+                record.recovered,
+                json.dumps(list(record.fallbacks)),
+                json.dumps(dict(record.selectors), sort_keys=True),
             ),
         )
 
@@ -324,7 +372,7 @@ class Store:
     # --- reading for the dataset -----------------------------------------------------
     def posts(self, thread_id: str) -> list[StoredPost]:
         rows = self._db.execute(
-            "SELECT * FROM posts WHERE thread_id = ? ORDER BY position, id", (thread_id,)
+            "SELECT * FROM posts WHERE thread_id = ? ORDER BY page, position, id", (thread_id,)
         )
         return [
             StoredPost(
@@ -358,14 +406,49 @@ class Store:
         }
         for state, count in self._db.execute("SELECT state, COUNT(*) FROM pages GROUP BY state"):
             result[f"pages_{state}"] = count
+        result["pages_recovered"] = self._db.execute(
+            "SELECT COUNT(*) FROM pages WHERE recovered > 0"
+        ).fetchone()[0]
         return result
+
+    def markup_report(self) -> dict:
+        """How the stored pages met the site module's markup guesses (``stats.json`` ``markup``).
+
+        ``matched_nothing`` lists the assumed selectors that matched no element on any page
+        that tried them: the guesses an operator should check first.
+        """
+        fallbacks: Counter[str] = Counter()
+        totals: Counter[str] = Counter()
+        pages = recovered_pages = recovered_posts = 0
+        rows = self._db.execute(
+            "SELECT recovered, fallbacks, selectors FROM pages WHERE state = 'ok' ORDER BY url"
+        )
+        for row in rows:
+            pages += 1
+            recovered_pages += row["recovered"] > 0
+            recovered_posts += row["recovered"]
+            fallbacks.update(json.loads(row["fallbacks"]))
+            for selector, count in json.loads(row["selectors"]).items():
+                totals[selector] += count
+        parse_errors = self._db.execute(
+            "SELECT COUNT(*) FROM pages WHERE state = 'parse_error'"
+        ).fetchone()[0]
+        return {
+            "pages": pages,
+            "parse_errors": parse_errors,
+            "recovered_pages": recovered_pages,
+            "recovered_posts": recovered_posts,
+            "fallbacks": dict(sorted(fallbacks.items())),
+            "matched_nothing": sorted(s for s, n in totals.items() if n == 0),
+        }
 
     def dump(self) -> Iterator[tuple]:
         """Every stored row except fetch times, in a fixed order: equal dumps, equal stores."""
         queries = (
             "SELECT * FROM threads ORDER BY id",
             "SELECT * FROM posts ORDER BY id",
-            """SELECT url, kind, thread_id, number, state, status, has_next, etag, last_modified, error
+            """SELECT url, kind, thread_id, number, state, status, has_next, etag, last_modified, error,
+                      recovered, fallbacks, selectors
                FROM pages ORDER BY url""",
         )
         for query in queries:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,31 @@ from crawl.errors import EXIT_USER_ERROR
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+THREAD_700003 = "forum/thread/700003/Park-skis-in-powder---too-soft-"
+
+
+@contextmanager
+def serve_sample(site_dir: Path | None = None) -> Iterator[str]:
+    """``python -m crawl serve-sample`` in a subprocess; yields the forum URL it prints."""
+    argv = [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"]
+    if site_dir is not None:
+        argv += ["--dir", str(site_dir)]
+    server = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving sample forum at http://127.0.0.1:"), line
+        yield line.split(" at ", 1)[1].strip()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -35,6 +63,8 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["fetch", "--db", "x.sqlite", "--concurrency", "0"], "--concurrency: 0 is not at least 1"),
         (["fetch", "--db", "x.sqlite", "--delay", "-1"], "--delay: -1 is negative"),
         (["dataset", "--db", "x", "--out", "y", "--test-fraction", "1.5"], "1.5 is not in [0, 1)"),
+        (["dataset", "--db", "x", "--out", "y", "--copypasta-threads", "1"], "give 2 or more"),
+        (["check"], "the following arguments are required: URL_OR_FILE"),
     ],
 )
 def test_usage_mistakes_are_one_line(capsys, argv, says):
@@ -124,3 +154,91 @@ def test_serve_sample_fetch_and_dataset_the_demo_way(tmp_path):
     assert all(
         n > 0 for rule, n in stats["dropped"].items() if rule not in ("too_long", "prompt_too_long")
     )
+
+
+def test_check_a_saved_thread_page_shows_what_the_parser_found(capsys):
+    page = FIXTURES / "forum/site" / THREAD_700003 / "page-1.html"
+    assert main(["check", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"thread page {page.resolve().as_uri()}\n")
+    assert "  title: Park skis in powder - too soft?  (thread 700003)\n" in out
+    assert (
+        "  posts: 3  authors: 3/3  dates: 3/3  quotes: 1  edited: 2  deleted: 0  signatures: 1\n"
+        in out
+    )
+    assert "  next page: yes  page count: 3\n" in out
+    assert "#2 4800011 pnw_pillows 2023-01-11T08:36:41: A soft 98 is fine in powder." in out
+    assert "  verified  div.post-body " in out
+    assert "  assumed   div.post-header a.username " in out
+    assert out.rstrip().endswith("fallbacks used: none")
+
+
+def test_check_a_page_with_only_the_verified_markup_says_what_fell_back(capsys, tmp_path):
+    from crawl.sample_render import render
+
+    render(FIXTURES / "forum-markup/threads.yaml", tmp_path / "site", "verified")
+    thread = "forum/thread/710002/Tuning---base-bevel-0-5-or-1-degree-"
+    url = f"https://www.newschoolers.com/{thread}"
+    assert main(["check", str(tmp_path / "site" / thread / "page-1.html"), "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "  title: Tuning - base bevel 0.5 or 1 degree?  (thread 710002)\n" in out
+    assert "  posts: 5  authors: 0/5  dates: 0/5" in out
+    assert "  recovered: 3 posts read out of posts that swallowed them\n" in out
+    assert "  next page: yes" in out
+    assert "div.posts div.post" in out and "matched nothing" in out
+    assert (
+        "fallbacks used: thread-id:url, title:<title>, next:page-link, posts:div.post-body" in out
+    )
+    listing = tmp_path / "site/forum/1/Ski-Gabber/page-1.html"
+    assert main(["check", str(listing)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("listing page ") and "  threads: 4  sticky: 0  next page: yes" in out
+
+
+def test_check_a_live_page_obeys_robots_txt(capsys):
+    with serve_sample(FIXTURES / "forum/site") as forum_url:
+        origin = forum_url.removesuffix("/forum/1/Ski-Gabber")
+        assert main(["check", forum_url]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"listing page {forum_url}\n") and "  threads: 4  sticky: 1" in out
+        assert main(["check", f"{origin}/{THREAD_700003}?page=2"]) == 0
+        assert "  posts: 3  authors: 3/3" in capsys.readouterr().out
+        err = one_line_error(capsys, ["check", f"{origin}/forum/thread/700004/Disallowed-thread"])
+        assert "robots.txt of http://127.0.0.1:" in err and "disallows" in err
+
+
+def test_check_failures_are_one_line(capsys, tmp_path):
+    err = one_line_error(capsys, ["check", str(tmp_path / "missing.html")])
+    assert "is neither a file nor an http(s) URL" in err
+    err = one_line_error(capsys, ["check", str(FIXTURES / "forum/pages/challenge.html")])
+    assert "neither a listing nor a thread page" in err
+    url = "https://www.newschoolers.com/forum/thread/1/x"
+    challenge = str(FIXTURES / "forum/pages/challenge.html")
+    err = one_line_error(capsys, ["check", challenge, "--url", url])
+    assert "nothing could be read as a thread page: no main#thread and no div.post-body" in err
+
+
+def test_fetch_ends_with_an_error_when_the_listing_stops_before_its_end(capsys, tmp_path):
+    """A listing page whose rows vanished is not the end of the forum: exit 2, and say where."""
+    site_dir = tmp_path / "site"
+    shutil.copytree(FIXTURES / "forum/site", site_dir)
+    listing_page_2 = site_dir / "forum/1/Ski-Gabber/page-2.html"
+    shutil.copy(FIXTURES / "forum/pages/listing-new-layout.html", listing_page_2)
+    db = tmp_path / "f.sqlite"
+    with serve_sample(site_dir) as forum_url:
+        argv = ["fetch", "--forum-url", forum_url, "--db", str(db), "--delay", "0"]
+        assert main(argv) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    *warnings, err = captured.err.splitlines()  # the crawl logged the page as it failed
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"parse_error: {forum_url}?page=2: no thread rows, although the previous listing page "
+        "had rows and a next page: the listing layout changed? (run `python -m crawl check` "
+        "on this URL)"
+    )
+    assert err.startswith(
+        f"error: the listing stopped before the forum's end, at {forum_url}?page=2: no thread rows"
+    )
+    assert err.endswith("fix the cause and run the same command to go on")
+    assert "Traceback" not in captured.err
+    assert f"the listing stopped early: {forum_url}?page=2: no thread rows" in captured.out
+    assert "crawled 4 threads" in captured.out  # page 1's threads are all in the store

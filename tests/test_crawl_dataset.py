@@ -17,6 +17,7 @@ from crawl.site import Post, Quote, ThreadLink, ThreadPage
 from crawl.store import PageRecord, Store
 
 GOOD = "Wax it every five days and scrape it thin, then brush tip to tail."
+AD = "SkiShop Outlet: 30% off all wax and tuning kits this week, free shipping over $50!"
 
 
 def add_thread(store: Store, thread_id: str, title: str, posts: list[dict]) -> None:
@@ -76,16 +77,25 @@ def test_each_drop_rule_drops_the_case_made_for_it(tmp_path):
         {"text": GOOD},
         {"text": GOOD},  # an exact duplicate
         {"text": GOOD.upper().replace(",", " ;")},  # the same, shouted
+        {"by": "shop", "text": AD},  # also in thread 2: two threads is copypasta here
     ]
     long_question = {"by": "q", "text": "Which skis? " * 40}
     db = make_store(
         tmp_path,
         {
             "1": ("Waxing", [QUESTION, *replies]),
-            "2": ("Long", [long_question, {"text": "A 100 underfoot twin tip does everything."}]),
+            "2": (
+                "Long",
+                [
+                    long_question,
+                    {"text": "A 100 underfoot twin tip does everything."},
+                    {"by": "shop2", "text": AD.lower()},
+                ],
+            ),
         },
     )
-    stats = build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0, max_chars=300))
+    options = DatasetOptions(test_fraction=0, max_chars=300, copypasta_threads=2)
+    stats = build_dataset(db, tmp_path / "out", options)
     assert stats["dropped"] == {
         "deleted": 1,
         "empty": 1,
@@ -94,6 +104,7 @@ def test_each_drop_rule_drops_the_case_made_for_it(tmp_path):
         "emoji_only": 1,
         "too_short": 1,
         "too_long": 1,
+        "copypasta": 2,
         "repeats_question": 1,
         "by_question_author": 1,
         "duplicate": 1,
@@ -106,7 +117,7 @@ def test_each_drop_rule_drops_the_case_made_for_it(tmp_path):
     assert rows[0]["prompt"] == [{"role": "user", "content": f"Waxing\n\n{QUESTION['text']}"}]
     assert rows[0]["thread_id"] == "1" and rows[0]["post_id"] == "1011"
     assert rows[0]["source_url"] == "http://forum.test/forum/thread/1/t#post-1011"
-    assert stats["rows"] == 1 and stats["threads"] == 2 and stats["posts"] == 16
+    assert stats["rows"] == 1 and stats["threads"] == 2 and stats["posts"] == 18
 
 
 def test_an_answer_dropped_for_its_long_prompt_does_not_make_a_later_copy_a_duplicate(tmp_path):
@@ -390,3 +401,75 @@ def test_expected_failures_are_crawl_errors(tmp_path):
     with pytest.raises(CrawlError, match="tokenizer /nonexistent: cannot load it"):
         build_dataset(db, tmp_path / "out", DatasetOptions(tokenizer="/nonexistent"))
     assert not (tmp_path / "out").exists()
+
+
+def ad_threads(copies: int) -> dict[str, tuple[str, list[dict]]]:
+    """Threads that each get one good answer; the first ``copies`` also get the shop's ad,
+    written a little differently each time (case, punctuation)."""
+    variants = [AD, AD.upper(), AD.replace(":", " -").replace("!", "!!"), AD.lower()]
+    threads = many_threads(4)
+    for n, thread_id in enumerate(sorted(threads)[:copies]):
+        threads[thread_id][1].append({"by": f"shop{n}", "text": variants[n]})
+    return threads
+
+
+def test_text_pasted_into_three_threads_is_copypasta_and_every_copy_is_dropped(tmp_path):
+    db = make_store(tmp_path, ad_threads(3))
+    stats = build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0))
+    answers = [r["completion"][0]["content"] for r in read_rows(tmp_path / "out/train.jsonl")]
+    assert not any("skishop" in answer.lower() for answer in answers)
+    assert stats["dropped"]["copypasta"] == 3 and stats["dropped"]["duplicate"] == 0
+    assert stats["rows"] == len(answers) == 8  # the two real answers of each thread
+    assert stats["options"]["copypasta_threads"] == 3
+
+
+@pytest.mark.parametrize(("copies", "threshold"), [(2, 3), (3, 4)])
+def test_text_in_fewer_threads_than_the_threshold_is_only_deduplicated(tmp_path, copies, threshold):
+    db = make_store(tmp_path, ad_threads(copies))
+    options = DatasetOptions(test_fraction=0, copypasta_threads=threshold)
+    stats = build_dataset(db, tmp_path / "out", options)
+    assert stats["dropped"]["copypasta"] == 0
+    assert stats["dropped"]["near_duplicate"] == copies - 1  # the first copy is kept
+    answers = [r["completion"][0]["content"] for r in read_rows(tmp_path / "out/train.jsonl")]
+    assert answers.count(AD) == 1
+
+
+def test_the_same_text_repeated_within_one_thread_is_not_copypasta(tmp_path):
+    threads = many_threads(3)
+    threads["100"][1].extend({"by": f"u{n}", "text": AD} for n in range(3))
+    stats = build_dataset(make_store(tmp_path, threads), tmp_path / "out", DatasetOptions())
+    assert stats["dropped"]["copypasta"] == 0 and stats["dropped"]["duplicate"] == 2
+
+
+def test_a_copypasta_threshold_below_two_is_refused(tmp_path):
+    db = make_store(tmp_path, many_threads(2))
+    with pytest.raises(CrawlError, match="--copypasta-threads 1: give 2 or more"):
+        build_dataset(db, tmp_path / "out", DatasetOptions(copypasta_threads=1))
+
+
+def test_a_quote_without_a_post_id_is_matched_to_the_quoted_post_by_its_text(tmp_path):
+    """Pages that show no post ids still say what a reply answers: the question (no context
+    added) or an earlier reply (kept as context, by its author when the page names one)."""
+    of_question = Quote(None, None, QUESTION["text"])
+    of_reply = Quote(None, "bob", "crank your DIN to 12")
+    db = make_store(
+        tmp_path,
+        {
+            "1": (
+                "DIN",
+                [
+                    QUESTION,
+                    {"by": "bob", "text": "Just crank your DIN to 12."},
+                    {"text": "Please do not, set it by the chart.", "quotes": [of_reply]},
+                    {"text": "Every four to six days on snow.", "quotes": [of_question]},
+                ],
+            )
+        },
+    )
+    stats = build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0))
+    rows = {
+        r["post_id"]: r["prompt"][0]["content"] for r in read_rows(tmp_path / "out/train.jsonl")
+    }
+    assert rows["1002"] == f"DIN\n\n{QUESTION['text']}\n\nbob wrote:\ncrank your DIN to 12"
+    assert rows["1003"] == f"DIN\n\n{QUESTION['text']}"
+    assert stats["quote_context"] == 1

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections import Counter, defaultdict
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from crawl.crawler import CrawlOptions, crawl
+from crawl.crawler import CrawlOptions, CrawlSummary, crawl
 from crawl.errors import CrawlError
-from crawl.fetcher import Fetcher, FetchOptions, parse_retry_after
+from crawl.fetcher import Fetcher, FetchOptions, Pacer, parse_retry_after
 from crawl.newschoolers import NewschoolersSite
 from crawl.sample_site import serve_forum
 from crawl.store import Store
@@ -34,6 +35,28 @@ FAST = FetchOptions(
 )
 
 
+class FakeClock:
+    """A clock that moves only when something sleeps on it: pacing and backoff are checked
+    in its time, so the tests neither wait for real seconds nor depend on the machine's speed.
+
+    A sleeper wakes at the time it fell asleep plus its delay (or later, if another sleeper
+    already moved the clock past that): concurrent sleeps overlap as on a real clock.
+    """
+
+    def __init__(self) -> None:
+        self.time = 0.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        start = self.time
+        self.slept.append(seconds)
+        await asyncio.sleep(0)
+        self.time = max(self.time, start + seconds)
+
+
 @dataclass
 class FaultyServer:
     """Counts every request and answers the planned fault for the n-th hit of a path."""
@@ -45,12 +68,13 @@ class FaultyServer:
     max_in_flight: int = 0
     stop_after: int | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    clock: FakeClock | None = None  # request times on this clock; the wall clock if None
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
         key = request.path_qs
         self.hits[key] += 1
-        self.times[key].append(time.monotonic())
+        self.times[key].append(self.clock.now() if self.clock else time.monotonic())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -85,23 +109,42 @@ class FaultyServer:
         return sum(n for path, n in self.hits.items() if path != "/robots.txt")
 
 
-async def run_crawl(base: str, db: Path, *, options: FetchOptions = FAST, **kw) -> tuple:
+async def run_crawl(
+    base: str, db: Path, *, options: FetchOptions = FAST, clock: FakeClock | None = None, **kw
+) -> tuple:
     with Store.open(db) as store:
         summary = await crawl(
             NewschoolersSite(),
             store,
             CrawlOptions(forum_url=base + LISTING, progress=False, **kw),
             options,
+            clock=clock,
         )
         return summary, store.counts(), {t.id: t for t in store.threads()}, list(store.dump())
 
 
 def page_states(db: Path) -> dict[str, str]:
-    with Store.open(db) as store:
-        return {row[0].split("/", 3)[3]: row[4] for row in store.dump() if len(row) == 10}
+    """Each stored page's state, by its URL's path and query."""
+    with closing(sqlite3.connect(db)) as connection:
+        rows = connection.execute("SELECT url, state FROM pages").fetchall()
+    return {url.split("/", 3)[3]: state for url, state in rows}
 
 
-async def test_faults_retries_robots_404_redirects_and_the_concurrency_limit(tmp_path):
+@dataclass(frozen=True)
+class FaultyCrawl:
+    server: FaultyServer
+    base: str
+    summary: CrawlSummary
+    counts: dict
+    threads: dict
+    states: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def faulty_crawl(tmp_path_factory) -> FaultyCrawl:
+    """One crawl of the fixture forum through every fault at once; the tests below each
+    check what one fault did to it."""
+    clock = FakeClock()
     server = FaultyServer(
         plan={
             LISTING: [503],  # then success
@@ -109,30 +152,77 @@ async def test_faults_retries_robots_404_redirects_and_the_concurrency_limit(tmp
             T2: [429],  # Retry-After: 1
             T2 + "?page=2": ["challenge"],  # a page the parser does not recognise
             T7: ["hang"],  # a timeout, then success
-        }
+        },
+        clock=clock,
     )
-    async with serve_forum(SITE_DIR, middlewares=[server.middleware]) as base:
-        summary, counts, threads, _ = await run_crawl(base, tmp_path / "f.sqlite")
+    db = tmp_path_factory.mktemp("faulty") / "f.sqlite"
 
-    hits = server.hits
+    async def run() -> FaultyCrawl:
+        async with serve_forum(SITE_DIR, middlewares=[server.middleware]) as base:
+            summary, counts, threads, _ = await run_crawl(base, db, clock=clock)
+        return FaultyCrawl(server, base, summary, counts, threads, page_states(db))
+
+    return asyncio.run(run())
+
+
+def test_a_503_on_the_listing_is_retried_and_the_listing_ends_at_its_last_page(faulty_crawl):
+    hits = faulty_crawl.server.hits
     assert hits[LISTING] == 2 and hits[LISTING + "?page=2"] == 1
     assert hits[LISTING + "?page=3"] == 0  # page 2 has no next link
-    assert hits[T1] == FAST.max_tries
-    assert hits[T2] == 2
+
+
+def test_a_page_that_keeps_failing_is_given_up_after_max_tries_and_recorded(faulty_crawl):
+    assert faulty_crawl.server.hits[T1] == FAST.max_tries
+    assert faulty_crawl.states[T1.lstrip("/")] == "fetch_error"
+
+
+def test_retry_after_is_honoured(faulty_crawl):
+    server = faulty_crawl.server
+    assert server.hits[T2] == 2
     retry_gap = server.times[T2][1] - server.times[T2][0]
     assert retry_gap >= 0.95, f"Retry-After: 1 was not honoured ({retry_gap:.2f} s)"
-    assert hits[T7] == 2
-    assert hits["/forum/thread/700006/Deleted-thread"] == 1  # 404: recorded, not retried
+
+
+def test_a_timeout_is_retried(faulty_crawl):
+    assert faulty_crawl.server.hits[T7] == 2
+
+
+def test_a_404_is_recorded_not_retried(faulty_crawl):
+    assert faulty_crawl.server.hits["/forum/thread/700006/Deleted-thread"] == 1
+    assert faulty_crawl.states["forum/thread/700006/Deleted-thread"] == "not_found"
+
+
+def test_robots_txt_disallowed_pages_are_never_requested(faulty_crawl):
+    hits = faulty_crawl.server.hits
     assert not any("700004" in path for path in hits)  # robots.txt disallows it
     assert not any(
         path.startswith(("/forum/print/", "/forum/reply/", "/members/")) for path in hits
     )
-    # Listed on both listing pages, fetched once per page.
-    assert [hits[T3], hits[T3 + "?page=2"], hits[T3 + "?page=3"]] == [1, 1, 1]
-    assert hits["/forum/thread/700005"] == 1 and hits[T5] == 1  # 301 followed
-    assert server.max_in_flight == 2 and summary.max_in_flight == 2
+    assert faulty_crawl.states["forum/thread/700004/Disallowed-thread"] == "disallowed"
 
-    assert {tid: t.state for tid, t in threads.items()} == {
+
+def test_a_thread_listed_on_two_listing_pages_is_fetched_once_per_page(faulty_crawl):
+    hits = faulty_crawl.server.hits
+    assert [hits[T3], hits[T3 + "?page=2"], hits[T3 + "?page=3"]] == [1, 1, 1]
+    assert faulty_crawl.threads["700003"].page_count == 3
+
+
+def test_a_slugless_link_is_followed_through_the_301_and_the_thread_moves(faulty_crawl):
+    hits = faulty_crawl.server.hits
+    assert hits["/forum/thread/700005"] == 1 and hits[T5] == 1  # 301 followed
+    assert faulty_crawl.threads["700005"].url == faulty_crawl.base + T5
+
+
+def test_no_more_than_concurrency_requests_are_in_flight(faulty_crawl):
+    assert faulty_crawl.server.max_in_flight == 2 and faulty_crawl.summary.max_in_flight == 2
+
+
+def test_a_page_the_parser_cannot_read_is_a_parse_error(faulty_crawl):
+    assert faulty_crawl.states[T2.lstrip("/") + "?page=2"] == "parse_error"
+
+
+def test_every_thread_ends_in_the_state_its_faults_give_it(faulty_crawl):
+    assert {tid: t.state for tid, t in faulty_crawl.threads.items()} == {
         "700001": "error",
         "700002": "error",
         "700003": "done",
@@ -141,14 +231,12 @@ async def test_faults_retries_robots_404_redirects_and_the_concurrency_limit(tmp
         "700006": "not_found",
         "700007": "done",
     }
-    assert threads["700005"].url == base + T5  # moved to where the redirect pointed
-    assert threads["700003"].page_count == 3 and threads["700001"].sticky
-    states = page_states(tmp_path / "f.sqlite")
-    assert states[T1.lstrip("/")] == "fetch_error"
-    assert states[T2.lstrip("/") + "?page=2"] == "parse_error"
-    assert states["forum/thread/700004/Disallowed-thread"] == "disallowed"
-    assert states["forum/thread/700006/Deleted-thread"] == "not_found"
-    assert counts["posts"] == 3 + 9 + 2 + 2  # 700002 p1, 700003, 700005, 700007
+    assert faulty_crawl.threads["700001"].sticky
+
+
+def test_the_summary_counts_the_posts_stored_and_the_errors(faulty_crawl):
+    assert faulty_crawl.counts["posts"] == 3 + 9 + 2 + 2  # 700002 p1, 700003, 700005, 700007
+    summary = faulty_crawl.summary
     assert summary.errors == 3  # 700001 gave up, 700002 page 2 unparsable, 700006 gone
     assert summary.thread_states["done"] == 3
 
@@ -240,18 +328,74 @@ async def serve_robots(robots_txt: str, hits: Counter | None = None):
 
 
 async def test_robots_crawl_delay_spaces_requests(tmp_path):
+    clock = FakeClock()
     async with (
         serve_robots("User-agent: *\nCrawl-delay: 1\n") as origin,
-        Fetcher.open(origin, FAST) as fetcher,
+        Fetcher.open(origin, FAST, clock=clock) as fetcher,
     ):
         assert fetcher.crawl_delay == 1.0
-        started = time.monotonic()
+        started = clock.now()
         results = await asyncio.gather(
             fetcher.fetch(f"{origin}/p/1"), fetcher.fetch(f"{origin}/p/2")
         )
-        elapsed = time.monotonic() - started
+        elapsed = clock.now() - started
     assert [r.state for r in results] == ["ok", "ok"]
     assert elapsed >= 0.95
+    assert clock.slept == [pytest.approx(1.0)]  # the second request waited its turn, once
+
+
+async def test_the_pacer_spaces_starts_by_its_interval_and_a_hold_off_pushes_them_back():
+    clock = FakeClock()
+    pacer = Pacer(2.0, clock)
+    starts = []
+
+    async def start() -> None:
+        await pacer.wait()
+        starts.append(clock.now())
+
+    await asyncio.gather(*(start() for _ in range(3)))
+    assert starts == [0.0, 2.0, 4.0]
+    pacer.hold_off(10.0)  # at 4.0, the server says: wait 10 s
+    await start()
+    assert starts[-1] == 14.0
+    pacer.hold_off(1.0)  # shorter than the spacing already due: changes nothing
+    await start()
+    assert starts[-1] == 16.0
+    clock.time = 30.0  # time passed with no request: the next one goes at once
+    await start()
+    assert starts[-1] == 30.0 and clock.slept == [2.0, 2.0, 10.0, 2.0]
+
+
+async def test_backoff_and_retry_after_sleep_on_the_fetchers_clock():
+    """A 429's Retry-After and a 503's backoff are waited on the injected clock, not the wall."""
+    clock = FakeClock()
+    answers = iter(
+        [web.Response(status=429, headers={"Retry-After": "7"}), web.Response(status=503)]
+    )
+
+    async def page(_: web.Request) -> web.Response:
+        return next(answers, web.Response(text="ok"))
+
+    app = web.Application()
+    app.router.add_get("/robots.txt", lambda _: web.Response(status=404))
+    app.router.add_get("/p", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        options = FetchOptions(delay=0, max_tries=3, backoff=4.0, max_backoff=60.0)
+        async with Fetcher.open(origin, options, clock=clock) as fetcher:
+            wall = time.monotonic()
+            result = await fetcher.fetch(f"{origin}/p")
+            wall = time.monotonic() - wall
+    finally:
+        await runner.cleanup()
+    assert result.state == "ok" and result.attempts == 3
+    # 7 s as the server said, then 4 s doubled once plus up to 4 s of jitter.
+    assert clock.slept[0] == 7.0 and 8.0 <= clock.slept[-1] <= 12.0
+    assert clock.now() >= 15.0 and wall < 5.0
 
 
 async def test_robots_rules_follow_rfc_9309_longest_match_and_wildcards():

@@ -114,13 +114,39 @@ def test_unclosed_tags_still_parse_post_by_post():
     [
         ("challenge.html", "no main#thread"),
         ("no-posts.html", "no posts"),
-        ("post-without-id.html", "without data-post-id"),
-        ("swallowed-post.html", "contains another post"),
     ],
 )
-def test_pages_the_parser_cannot_trust_are_parse_errors(fixture: str, message: str):
+def test_pages_with_nothing_to_read_are_parse_errors(fixture: str, message: str):
     with pytest.raises(ParseError, match=message):
         site.parse_thread(read(FIXTURES / "pages" / fixture), "https://x/forum/thread/1/y")
+
+
+def test_a_post_swallowed_by_the_unclosed_tags_of_the_one_before_is_a_post_of_its_own():
+    """Post 1 never closes its body or itself, so post 2 sits inside it: a browser still shows
+    two posts, and so does the parser, each with its own text only."""
+    page = site.parse_thread(read(FIXTURES / "pages/swallowed-post.html"), "u")
+    assert [(p.post_id, p.position, p.author) for p in page.posts] == [
+        ("9000001", 1, "diy_tuner"),
+        ("9000002", 2, "shoptech_dave"),
+    ]
+    assert page.posts[0].text == "What angle should my side edges be? Beginner tuner"
+    assert page.posts[1].text == (
+        "Three degrees for carving, two for park.\n\nKeep the base edge at one"
+    )
+    assert "9000002" not in page.posts[0].html  # the stored element is the post's own part
+    assert page.author == "diy_tuner" and page.markup.recovered == 1
+    assert page.markup.fallbacks == ()
+
+
+def test_a_post_without_an_id_gets_one_derived_from_its_thread_page_and_place():
+    url = "https://www.newschoolers.com/forum/thread/800003/Odd-layout?page=2"
+    page = site.parse_thread(read(FIXTURES / "pages/post-without-id.html"), url)
+    (post,) = page.posts
+    assert post.post_id == "800003-p2-1" and post.author == "someone"
+    assert post.text == "A post the site rendered without its id."
+    assert page.markup.fallbacks == ("post-ids:derived",)
+    again = site.parse_thread(read(FIXTURES / "pages/post-without-id.html"), url)
+    assert again.posts[0].post_id == post.post_id  # the same on every crawl
 
 
 def test_a_listing_whose_rows_changed_shape_is_a_parse_error():
