@@ -1,0 +1,75 @@
+"""How answers, pairs, voters and adapters are named in the feedback store.
+
+Voters are stored only as a keyed hash (HMAC-SHA256 with a per-installation
+salt), so the database never holds a Discord user id in clear and a leaked
+copy without the salt cannot be matched against known ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from bot.serving.engine import Message
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+SALT_BYTES = 32
+
+
+def new_answer_id() -> str:
+    """A fresh random answer id (``a-`` + 20 hex digits)."""
+    return f"a-{secrets.token_hex(10)}"
+
+
+def new_pair_id() -> str:
+    """A fresh random pair id (``p-`` + 20 hex digits)."""
+    return f"p-{secrets.token_hex(10)}"
+
+
+def hash_voter(voter: str, salt: bytes) -> str:
+    """The stored form of a voter: 32 hex digits of HMAC-SHA256(salt, voter).
+
+    ``voter`` should be namespaced by its platform (``discord:<user id>``,
+    ``web:<session id>``) so ids from two platforms never collide.
+    """
+    if not voter:
+        raise ValueError("a voter id must not be empty")
+    return hmac.new(salt, voter.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def load_or_create_salt(path: Path) -> bytes:
+    """The salt kept beside the database, created (mode 0600) by whichever process comes first."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        salt = bytes.fromhex(path.read_text().strip())
+        if len(salt) < 16:
+            raise ValueError(f"{path} holds a salt shorter than 16 bytes") from None
+        return salt
+    salt = secrets.token_bytes(SALT_BYTES)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(salt.hex() + "\n")
+    return salt
+
+
+def conversation_key(conversation: list[Message] | tuple[Message, ...]) -> str:
+    """Default thread key: a hash of the first user message, the root of the conversation."""
+    first = next((m["content"] for m in conversation if m["role"] == "user"), "")
+    return hashlib.sha256(first.strip().encode()).hexdigest()[:16]
+
+
+def adapter_weights_hash(adapter_dir: str | os.PathLike[str]) -> str | None:
+    """First 16 hex digits of the SHA-256 of the adapter's weights file, None if there is none."""
+    directory = Path(adapter_dir)
+    for name in WEIGHT_FILES:
+        weights = directory / name
+        if weights.is_file():
+            digest = hashlib.sha256()
+            with weights.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            return digest.hexdigest()[:16]
+    return None
