@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -260,6 +262,25 @@ async def test_votes_survive_a_restart_and_stay_one_per_user(world: World):
         summary = store.summary(AdapterRef.from_path(world.settings.engine.adapter_path))
     assert (summary.base, summary.finetuned, summary.both_bad) == (1, 2, 1)
     assert summary.down >= 2
+
+
+async def test_export_turns_those_clicks_into_both_files(world: World, tmp_path: Path):
+    from bot.feedback.export import ExportOptions, export_feedback
+
+    assert world.settings.feedback_db is not None
+    out = tmp_path / "preferences"
+    stats = export_feedback(world.settings.feedback_db, out, ExportOptions(test_fraction=0.5))
+    prefs = [
+        json.loads(line)
+        for split in ("train", "test")
+        for line in (out / split / "preferences.jsonl").read_text().splitlines()
+    ]
+    assert len(prefs) == 1  # the /compare: finetuned 2, base 1, both bad 1
+    assert prefs[0]["prompt"] == [{"role": "user", "content": "Is rocker good on ice?"}]
+    assert prefs[0]["chosen"][0]["content"].startswith("finetuned:")
+    assert prefs[0]["rejected"][0]["content"].startswith("base:")
+    assert stats["ratings"]["kept"] >= 2
+    assert stats["ratings"]["dropped"].get("tie") == 1  # "Which skis for park?": 1 up, 1 down
 
 
 async def test_feedback_off_means_no_buttons(world: World):
