@@ -236,3 +236,14 @@ def test_metrics_export_the_current_adapters_votes(store: FeedbackStore) -> None
     assert "freeski_feedback_win_rate 0.75" in text
     assert "freeski_feedback_decided_votes 4.0" in text
     assert 'freeski_feedback_votes{kind="finetuned"} 3.0' in text
+
+
+def test_feedback_db_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.feedback.store import feedback_db_from_env
+
+    monkeypatch.delenv("FEEDBACK_DB", raising=False)
+    assert feedback_db_from_env() == Path("data/feedback.sqlite")
+    monkeypatch.setenv("FEEDBACK_DB", "~/votes.sqlite")
+    assert feedback_db_from_env() == Path("~/votes.sqlite").expanduser()
+    monkeypatch.setenv("FEEDBACK_DB", "off")
+    assert feedback_db_from_env() is None
