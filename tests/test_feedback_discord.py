@@ -75,6 +75,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         engine=EngineSettings(base_model="tiny-base", adapter_path=adapter),
         guild_id=GUILD_ID,
         rate_limit_per_minute=0,
+        max_question_chars=5000,
         feedback_db=root / "votes" / "feedback.sqlite",
     )
     world = World(fake, engine, settings)
@@ -130,6 +131,41 @@ async def test_a_mention_answer_carries_thumbs_buttons(world: World):
     assert ids[0].startswith("fb:a:") and ids[0].endswith(":up")
     assert ids[1] == ids[0][: -len("up")] + "down"
     assert reply["sent_allowed_mentions"] == {"parse": []}
+
+
+async def test_ask_and_long_answers_carry_the_buttons_under_their_last_part(world: World):
+    interaction = await world.fake.slash_command("ask", {"question": "Best goggles?"})
+    token = interaction["token"]
+    asked = await world.fake.wait_for(
+        lambda: next(
+            (
+                m
+                for m in world.fake.messages.values()
+                if m.get("interaction_token") == token and custom_ids(m)
+            ),
+            None,
+        )
+    )
+    assert [cid.rsplit(":", 1)[1] for cid in custom_ids(asked)] == ["up", "down"]
+
+    question = " ".join(f"powder{i}" for i in range(400))  # the scripted answer echoes it
+    message = await world.fake.user_says(question, author=new_user())
+    parts = [await answered_part(world.fake, message["id"])]
+    while not custom_ids(parts[-1]):
+        parts.append(await answered_part(world.fake, parts[-1]["id"]))
+    assert len(parts) >= 2, "the answer was long enough to be split"
+    assert all(not custom_ids(p) for p in parts[:-1])
+
+
+async def answered_part(fake: FakeDiscord, message_id: str) -> dict:
+    def done() -> dict | None:
+        for message in fake.bot_messages():
+            reference = message.get("message_reference") or {}
+            if reference.get("message_id") == message_id and not message["content"].endswith(" …"):
+                return message
+        return None
+
+    return await fake.wait_for(done)
 
 
 async def test_a_click_is_acknowledged_privately_in_time_and_stored_hashed(world: World):
@@ -281,6 +317,15 @@ async def test_export_turns_those_clicks_into_both_files(world: World, tmp_path:
     assert prefs[0]["rejected"][0]["content"].startswith("base:")
     assert stats["ratings"]["kept"] >= 2
     assert stats["ratings"]["dropped"].get("tie") == 1  # "Which skis for park?": 1 up, 1 down
+
+
+async def test_an_unusable_feedback_db_is_one_line(tmp_path: Path) -> None:
+    from finetune.errors import UserError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match=r"FEEDBACK_DB=.*cannot open it.*FEEDBACK_DB=off"):
+        await feedback_views.DiscordFeedback.open(blocker / "feedback.sqlite", EngineSettings())
 
 
 async def test_feedback_off_means_no_buttons(world: World):

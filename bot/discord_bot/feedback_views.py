@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from bot.feedback.records import (
 )
 from bot.serving.engine import Answer, Message
 from bot.serving.settings import EngineSettings
+from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,13 @@ class DiscordFeedback:
 
     @classmethod
     async def open(cls, path: Path, engine: EngineSettings) -> DiscordFeedback:
-        store = await AsyncFeedbackStore.open(path)
+        try:
+            store = await AsyncFeedbackStore.open(path)
+        except (OSError, sqlite3.Error, ValueError) as exc:
+            raise UserError(
+                f"FEEDBACK_DB={path}: cannot open it ({exc}); point it at a writable file, "
+                "or set FEEDBACK_DB=off"
+            ) from None
         feedback = cls(store, await asyncio.to_thread(provenance_for, engine))
         metrics.publish(await feedback.summary())
         log.info(
