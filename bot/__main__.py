@@ -1,5 +1,7 @@
 """``python -m bot``: the Discord bot; ``--console`` chats in the terminal; ``api`` serves HTTP.
 
+``python -m bot feedback export`` turns the collected votes into preference datasets.
+
 Settings are read and checked before torch or discord.py are imported, so a
 missing token or model is one line and a non-zero exit, not a traceback.
 """
@@ -25,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bot.api.server import main as api_main
 
         return api_main(args[1:])
+    if args[:1] == ["feedback"]:
+        from bot.feedback.cli import main as feedback_main
+
+        return feedback_main(args[1:])
     return run(args)
 
 
@@ -33,7 +39,8 @@ def run(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="python -m bot",
         description="Serve the Freeski bot on Discord (settings from the environment and .env). "
-        "`python -m bot api` serves the OpenAI-compatible HTTP API instead.",
+        "`python -m bot api` serves the OpenAI-compatible HTTP API instead; "
+        "`python -m bot feedback export` writes the votes out as preference data.",
     )
     parser.add_argument(
         "--console",

@@ -5,6 +5,7 @@ python -m finetune estimate --config configs/mistral-7b-8gb.yaml [...]     GPU m
 python -m finetune evaluate --run DIR [--prompts FILE]                      loss and answers
 python -m finetune merge --run DIR --out DIR                                16-bit merged model
 python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          build the test model
+python -m finetune dpo --config C --adapter RUN/adapter --dataset DIR --output-dir RUN2   DPO on votes
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from finetune.errors import UserError, cli_entry
 from freeski_common.cli import ArgumentParser
 
-SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model")
+SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model", "dpo")
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -129,7 +130,22 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def dpo_main(argv: Sequence[str]) -> int:
+    from finetune.dpo_config import parse_dpo_config
+
+    config = parse_dpo_config(argv)
+    config.run_dir  # noqa: B018 - fail on a missing --output-dir before the slow imports
+    config.adapter_dir  # noqa: B018 - and on a missing SFT adapter
+
+    from finetune.dpo import train_dpo
+
+    result = train_dpo(config)
+    print(f"DPO run written to {result.run_dir}")
+    return 0
+
+
 COMMANDS = {
+    "dpo": dpo_main,
     "estimate": estimate_main,
     "evaluate": evaluate_main,
     "merge": merge_main,

@@ -47,10 +47,12 @@ class MetricsLog(TrainerCallback):
 class LogLine(ProgressCallback):
     """tqdm bars as usual, but one readable line per logging step instead of a raw dict."""
 
+    keys: tuple[str, ...] = LOGGED_KEYS
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
-        fields = [f"{key} {logs[key]:.4g}" for key in LOGGED_KEYS if key in logs]
+        fields = [f"{key} {logs[key]:.4g}" for key in self.keys if key in logs]
         if fields:
             self.training_bar.write(
                 f"step {state.global_step}/{state.max_steps}  " + "  ".join(fields)

@@ -192,7 +192,7 @@ class FinetuneConfig:
     def load(cls, path: str | Path) -> "FinetuneConfig":
         """Read a saved ``config.yaml`` (a run's, for evaluate and merge)."""
         values = _read_yaml_mapping(Path(path))
-        _reject_unknown_keys(values, f"{path}")
+        _reject_unknown_keys(values, f"{path}", config_keys(cls))
         return cls(**values)
 
 
@@ -238,11 +238,15 @@ def _check_types(config: FinetuneConfig) -> None:
             setattr(config, f.name, float(value))
 
 
-KNOWN_KEYS = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
+def config_keys(config_class: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(config_class))
 
 
-def _suggestion(key: str, *, as_option: bool = False) -> str:
-    close = difflib.get_close_matches(key.replace("-", "_"), KNOWN_KEYS, n=1)
+KNOWN_KEYS = config_keys(FinetuneConfig)
+
+
+def _suggestion(key: str, *, as_option: bool = False, known: Sequence[str] = KNOWN_KEYS) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
     if not close:
         return ""
     return (
@@ -266,17 +270,23 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return values
 
 
-def _reject_unknown_keys(values: dict[str, Any], where: str) -> None:
+def _reject_unknown_keys(
+    values: dict[str, Any], where: str, known: Sequence[str] = KNOWN_KEYS
+) -> None:
     for key in values:
-        if key not in KNOWN_KEYS:
-            raise UserError(f"{where}: unknown key {key!r}{_suggestion(str(key))}")
+        if key not in known:
+            raise UserError(f"{where}: unknown key {key!r}{_suggestion(str(key), known=known)}")
 
 
 class ConfigParser(OneLineErrors, TrlParser):
     """trl's YAML + CLI parser, with failures reported as :class:`UserError` lines."""
 
-    def __init__(self, prog: str = "python -m finetune") -> None:
-        super().__init__(FinetuneConfig, prog=prog, allow_abbrev=False)
+    def __init__(
+        self, prog: str = "python -m finetune", config_class: type[FinetuneConfig] = FinetuneConfig
+    ) -> None:
+        super().__init__(config_class, prog=prog, allow_abbrev=False)
+        self.config_class = config_class
+        self.known = config_keys(config_class)
         self.add_argument("--config", help="YAML file of config keys (command line wins)")
 
     def parse(self, argv: Sequence[str]) -> FinetuneConfig:
@@ -284,18 +294,19 @@ class ConfigParser(OneLineErrors, TrlParser):
         config_path = _pop_config_path(args)
         if config_path is not None:
             values = _read_yaml_mapping(config_path)
-            _reject_unknown_keys(values, str(config_path))
+            _reject_unknown_keys(values, str(config_path), self.known)
             # The file sets defaults, so the command line still wins (what TrlParser does).
             self.set_defaults_with_config(**values)
         namespace, unknown = self.parse_known_args(args)
         if unknown:
             option = next((a for a in unknown if a.startswith("-")), unknown[0])
             raise UserError(
-                f"unknown option {option}{_suggestion(option.lstrip('-'), as_option=True)} "
-                "(see python -m finetune --help)"
+                f"unknown option {option}"
+                f"{_suggestion(option.lstrip('-'), as_option=True, known=self.known)} "
+                f"(see {self.prog} --help)"
             )
-        values = {k: v for k, v in vars(namespace).items() if k in KNOWN_KEYS}
-        return FinetuneConfig(**values)
+        values = {k: v for k, v in vars(namespace).items() if k in self.known}
+        return self.config_class(**values)
 
 
 def _pop_config_path(args: list[str]) -> Path | None:

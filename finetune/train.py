@@ -92,7 +92,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return Path(found) if found else None
 
 
-def prepare_run_dir(config: FinetuneConfig) -> Path | None:
+def prepare_run_dir(
+    config: FinetuneConfig, frozen: Sequence[str] = FROZEN_ON_RESUME
+) -> Path | None:
     """Create the run directory; return the checkpoint to resume from, if resuming.
 
     A run with something to lose (a checkpoint, or a finished run's adapter and
@@ -119,8 +121,8 @@ def prepare_run_dir(config: FinetuneConfig) -> Path | None:
             "(drop --resume to start a new run there)"
         )
     if saved.is_file():
-        previous = FinetuneConfig.load(saved)
-        for key in FROZEN_ON_RESUME:
+        previous = type(config).load(saved)
+        for key in frozen:
             if getattr(previous, key) != getattr(config, key):
                 raise UserError(
                     f"--resume cannot change {key} ({getattr(previous, key)!r} -> "
@@ -163,15 +165,26 @@ def lora_config(config: FinetuneConfig) -> Any:
 
 def sft_config(config: FinetuneConfig, device: str) -> Any:
     """trl's arguments for this run; precision and optimizer follow the device."""
-    import torch
     from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_arguments(config, device),
+        max_length=config.max_length,
+        packing=config.packing,
+        packing_strategy="bfd",
+    )
+
+
+def trainer_arguments(config: FinetuneConfig, device: str) -> dict[str, Any]:
+    """The Trainer arguments every trl trainer of a run shares (SFT here, DPO in finetune.dpo)."""
+    import torch
 
     from finetune.estimate import optimizer_name
     from finetune.modeling import compute_dtype
 
     on_cuda = device.startswith("cuda")
     dtype = compute_dtype(device)  # the dtype the base was loaded with drives mixed precision
-    return SFTConfig(
+    return dict(
         output_dir=str(config.run_dir / CHECKPOINTS_DIR),
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -190,9 +203,6 @@ def sft_config(config: FinetuneConfig, device: str) -> Any:
         use_cpu=not on_cuda,
         seed=config.seed,
         data_seed=config.seed,
-        max_length=config.max_length,
-        packing=config.packing,
-        packing_strategy="bfd",
         logging_steps=config.logging_steps,
         logging_first_step=True,
         eval_strategy="steps",

@@ -2,9 +2,11 @@
 
 One aiohttp server on 127.0.0.1 plays both halves of Discord. REST calls are
 recorded (method, path, JSON body) so tests assert on what the bot sent;
-messages are stored so the bot can fetch a reply chain back. The gateway
-speaks HELLO → IDENTIFY → READY → GUILD_CREATE, acknowledges heartbeats, and
-lets a test push MESSAGE_CREATE / INTERACTION_CREATE as a user would.
+messages are stored (with their components) so the bot can fetch a reply
+chain back. The gateway speaks HELLO → IDENTIFY → READY → GUILD_CREATE,
+acknowledges heartbeats, and lets a test push MESSAGE_CREATE and
+INTERACTION_CREATE as a user would: slash commands (type 2) and button clicks
+(type 3, carrying the clicked message and the button's ``custom_id``).
 
 Point discord.py at it with :meth:`FakeDiscord.patch_discord` before login;
 the bot's own code is not changed.
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -73,12 +76,23 @@ def member_payload(user: dict[str, Any] | None = None, roles: list[int] | None =
     return payload
 
 
+def custom_ids(message: dict[str, Any]) -> list[str]:
+    """The ``custom_id`` of every button on a message, row by row."""
+    return [
+        component["custom_id"]
+        for row in message.get("components") or []
+        for component in row.get("components", [])
+        if "custom_id" in component
+    ]
+
+
 @dataclass
 class Call:
     method: str
     path: str
     query: dict[str, str]
     body: dict[str, Any] | None
+    at: float = field(default_factory=time.monotonic)  # when it arrived, for ack deadlines
 
 
 @dataclass
@@ -91,6 +105,7 @@ class FakeDiscord:
     user: dict[str, Any] = field(default_factory=lambda: user_payload(USER_ID, "skier"))
     calls: list[Call] = field(default_factory=list)
     messages: dict[int, dict[str, Any]] = field(default_factory=dict)
+    interactions: dict[str, dict[str, Any]] = field(default_factory=dict)  # id → payload sent
     commands: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # scope → commands
     rate_limit_next: dict[str, int] = field(default_factory=dict)  # "METHOD path-prefix" → times
     reject_token: bool = False  # answer logins with 401, as for a revoked token
@@ -184,21 +199,17 @@ class FakeDiscord:
             {"id": str(message_id), "channel_id": str(channel_id), "guild_id": str(GUILD_ID)},
         )
 
-    async def slash_command(
-        self, name: str, options: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        """A user runs ``/name`` in the guild channel; returns the interaction payload."""
-        command = next(c for c in self.commands.get(f"guild:{GUILD_ID}", []) if c["name"] == name)
+    def _interaction(self, kind: int, user: dict[str, Any] | None) -> dict[str, Any]:
         interaction = {
             "id": str(self.next_id()),
             "application_id": str(APP_ID),
-            "type": 2,
+            "type": kind,
             "token": f"interaction-token-{self.next_id()}",
             "version": 1,
             "guild_id": str(GUILD_ID),
             "channel_id": str(CHANNEL_ID),
             "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID)},
-            "member": {**member_payload(self.user), "permissions": EVERYONE_PERMISSIONS},
+            "member": {**member_payload(user or self.user), "permissions": EVERYONE_PERMISSIONS},
             "app_permissions": EVERYONE_PERMISSIONS,
             "locale": "en-US",
             "guild_locale": "en-US",
@@ -206,19 +217,53 @@ class FakeDiscord:
             "attachment_size_limit": 8 * 1024 * 1024,
             "authorizing_integration_owners": {"0": str(GUILD_ID)},
             "context": 0,
-            "data": {
-                "id": command["id"],
-                "name": name,
-                "type": 1,
-                "guild_id": str(GUILD_ID),
-                "options": [
-                    {"name": key, "type": 3, "value": value}
-                    for key, value in (options or {}).items()
-                ],
-            },
+        }
+        self.interactions[interaction["id"]] = interaction
+        return interaction
+
+    async def slash_command(
+        self, name: str, options: dict[str, str] | None = None, *, user: dict | None = None
+    ) -> dict[str, Any]:
+        """A user runs ``/name`` in the guild channel; returns the interaction payload."""
+        command = next(c for c in self.commands.get(f"guild:{GUILD_ID}", []) if c["name"] == name)
+        interaction = self._interaction(2, user)
+        interaction["data"] = {
+            "id": command["id"],
+            "name": name,
+            "type": 1,
+            "guild_id": str(GUILD_ID),
+            "options": [
+                {"name": key, "type": 3, "value": value} for key, value in (options or {}).items()
+            ],
         }
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
+
+    async def click(
+        self, message_id: int | str, custom_id: str, *, user: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A user clicks the button ``custom_id`` under a message; returns the interaction payload.
+
+        Like Discord, the click names any ``custom_id`` the message carries; a
+        button that is not on the message cannot be clicked.
+        """
+        message = self.messages[int(message_id)]
+        if custom_id not in custom_ids(message):
+            raise AssertionError(f"message {message_id} has no button {custom_id!r}")
+        interaction = self._interaction(3, user)
+        interaction["message"] = message
+        interaction["data"] = {"custom_id": custom_id, "component_type": 2}
+        await self.dispatch("INTERACTION_CREATE", interaction)
+        return interaction
+
+    def callback_for(self, interaction: dict[str, Any]) -> Call | None:
+        """The bot's answer to an interaction (its first callback), if it came."""
+        path = f"/interactions/{interaction['id']}/{interaction['token']}/callback"
+        return next((c for c in self.calls if c.path == path), None)
+
+    def followups_for(self, interaction: dict[str, Any]) -> list[dict[str, Any]]:
+        token = interaction["token"]
+        return [m for m in self.messages.values() if m.get("followup_token") == token]
 
     # ---- what tests assert on --------------------------------------------------------
 
@@ -319,6 +364,7 @@ class FakeDiscord:
         if method == "POST" and parts[-1] == "messages":
             message = self._message(channel_id, self.bot_user, body.get("content") or "")
             message["embeds"] = body.get("embeds") or []
+            message["components"] = body.get("components") or []
             message["sent_allowed_mentions"] = body.get("allowed_mentions")
             reference = body.get("message_reference")
             if reference:
@@ -347,19 +393,26 @@ class FakeDiscord:
     ) -> web.StreamResponse:
         kind = body.get("type")
         data = body.get("data") or {}
-        message = self._message(CHANNEL_ID, self.bot_user, data.get("content") or "")
-        message["embeds"] = data.get("embeds") or []
-        message["sent_allowed_mentions"] = data.get("allowed_mentions")
-        message["interaction_token"] = token
-        message["flags"] = data.get("flags", 0)
-        self.messages[int(message["id"])] = message
+        interaction = self.interactions.get(interaction_id, {})
+        if kind in (6, 7) and "message" in interaction:  # update the clicked message in place
+            message = self.messages[int(interaction["message"]["id"])]
+            if kind == 7:
+                self._edit(message, data)
+        else:
+            message = self._message(CHANNEL_ID, self.bot_user, data.get("content") or "")
+            message["embeds"] = data.get("embeds") or []
+            message["components"] = data.get("components") or []
+            message["sent_allowed_mentions"] = data.get("allowed_mentions")
+            message["interaction_token"] = token
+            message["flags"] = data.get("flags", 0)
+            self.messages[int(message["id"])] = message
         if query.get("with_response") not in ("1", "true", "True"):
             return web.Response(status=204)
         return _json(
             {
                 "interaction": {
                     "id": interaction_id,
-                    "type": 2,
+                    "type": interaction.get("type", 2),
                     "response_message_id": message["id"],
                     "response_message_loading": kind == 5,
                     "response_message_ephemeral": bool(message["flags"] & 64),
@@ -382,8 +435,10 @@ class FakeDiscord:
         if method == "POST" and len(parts) == 3:  # a followup
             message = self._message(CHANNEL_ID, self.bot_user, body.get("content") or "")
             message["embeds"] = body.get("embeds") or []
+            message["components"] = body.get("components") or []
             message["sent_allowed_mentions"] = body.get("allowed_mentions")
             message["followup_token"] = token
+            message["flags"] = body.get("flags", 0)
             self.messages[int(message["id"])] = message
             return _json(message)
         return _json({"message": "unsupported", "code": 0}, 405)
@@ -405,6 +460,7 @@ class FakeDiscord:
             "mention_roles": [],
             "attachments": [],
             "embeds": [],
+            "components": [],
             "pinned": False,
             "type": 0,
             "flags": 0,
@@ -417,6 +473,8 @@ class FakeDiscord:
             message["content"] = body["content"] or ""
         if "embeds" in body:
             message["embeds"] = body["embeds"] or []
+        if "components" in body:  # Discord keeps a message's buttons unless an edit replaces them
+            message["components"] = body["components"] or []
         message["edited_timestamp"] = _now()
         message["edits"] = message.get("edits", 0) + 1
         message["sent_allowed_mentions"] = body.get(

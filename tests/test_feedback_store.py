@@ -221,3 +221,29 @@ async def test_async_store_keeps_order_and_never_blocks_the_loop(tmp_path: Path)
         await store.vote_answer("a-gone", "discord:1", "up")
     await store.close()
     assert asyncio.get_running_loop().is_running()
+
+
+def test_metrics_export_the_current_adapters_votes(store: FeedbackStore) -> None:
+    from prometheus_client import generate_latest
+
+    from bot.feedback import metrics
+
+    pair_id = store.record_pair(record("base"), record("finetuned"))
+    for n, choice in enumerate(("finetuned", "finetuned", "finetuned", "base")):
+        store.vote_pair(pair_id, f"discord:{n}", choice)  # type: ignore[arg-type]
+    metrics.publish(store.summary(ADAPTER))
+    text = generate_latest().decode()
+    assert "freeski_feedback_win_rate 0.75" in text
+    assert "freeski_feedback_decided_votes 4.0" in text
+    assert 'freeski_feedback_votes{kind="finetuned"} 3.0' in text
+
+
+def test_feedback_db_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.feedback.store import feedback_db_from_env
+
+    monkeypatch.delenv("FEEDBACK_DB", raising=False)
+    assert feedback_db_from_env() == Path("data/feedback.sqlite")
+    monkeypatch.setenv("FEEDBACK_DB", "~/votes.sqlite")
+    assert feedback_db_from_env() == Path("~/votes.sqlite").expanduser()
+    monkeypatch.setenv("FEEDBACK_DB", "off")
+    assert feedback_db_from_env() is None

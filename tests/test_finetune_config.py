@@ -118,3 +118,31 @@ def test_training_without_a_run_directory_is_refused(capsys: pytest.CaptureFixtu
 def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]):
     assert main(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name", ["dpo-tiny-cpu.yaml", "dpo-smollm2-cpu.yaml", "dpo-mistral-7b-8gb.yaml"]
+)
+def test_shipped_dpo_configs_parse_and_round_trip(tmp_path: Path, name: str):
+    from finetune.dpo_config import DpoConfig, parse_dpo_config
+
+    config = parse_dpo_config(["--config", str(CONFIGS / name), "--adapter", "runs/x/adapter"])
+    assert config.beta > 0 and config.adapter == "runs/x/adapter"
+    saved = tmp_path / "config.yaml"
+    config.save(saved)
+    assert DpoConfig.load(saved) == config
+
+
+def test_dpo_keys_are_known_to_dpo_only(tmp_path: Path):
+    from finetune.dpo_config import parse_dpo_config
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("bta: 0.2\n")
+    with pytest.raises(UserError, match="did you mean beta"):
+        parse_dpo_config(["--config", str(typo)])
+    dpo_only = tmp_path / "dpo-only.yaml"
+    dpo_only.write_text("beta: 0.2\n")
+    with pytest.raises(UserError, match="unknown key 'beta'"):
+        parse_config(["--config", str(dpo_only)])
+    with pytest.raises(UserError, match="see python -m finetune dpo --help"):
+        parse_dpo_config(["--bogus-option", "1"])

@@ -9,6 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.commands import AnswerCog
+from bot.discord_bot.feedback_views import DYNAMIC_ITEMS, DiscordFeedback
 from bot.discord_bot.settings import BotSettings
 from bot.serving.engine import Engine
 
@@ -49,10 +50,20 @@ class FreeskiBot(commands.Bot):
         self.shutdown_grace_s = shutdown_grace_s
         self.tree.on_error = self._on_app_command_error
         self._answers: AnswerCog | None = None
+        self.feedback: DiscordFeedback | None = None  # vote buttons; None when FEEDBACK_DB is off
         self._closing = False
 
     async def setup_hook(self) -> None:
-        """Runs after login, before the gateway connects: the place to register commands."""
+        """Runs after login, before the gateway connects: the place to register commands.
+
+        The vote buttons are registered here too, by ``custom_id`` template, so
+        clicks on answers written before a restart are still counted.
+        """
+        if self.settings.feedback_db is not None:
+            self.feedback = await DiscordFeedback.open(
+                self.settings.feedback_db, self.settings.engine
+            )
+            self.add_dynamic_items(*DYNAMIC_ITEMS)
         self._answers = AnswerCog(self, self.engine, self.settings)
         await self.add_cog(self._answers)
         if self.settings.guild_id is not None:
@@ -91,3 +102,6 @@ class FreeskiBot(commands.Bot):
             if self._answers is not None:
                 await self._answers.drain(self.shutdown_grace_s)
         await super().close()
+        if self.feedback is not None:  # after the last answer: its record is the last write
+            feedback, self.feedback = self.feedback, None
+            await feedback.close()

@@ -133,20 +133,29 @@ class AnswerCog(commands.Cog):
                 await interaction.response.send_message(refusal, ephemeral=True)
                 return
             await interaction.response.defer(thinking=True)  # Discord wants an ack within 3 s
+            messages = self._question(question)
             try:
-                base, finetuned = await self.engine.compare(self._question(question))
+                base, finetuned = await self.engine.compare(messages)
             except asyncio.CancelledError:
                 if not self.accepting:  # shutting down: don't leave the user "thinking…"
                     await _try(interaction.edit_original_response(content=NOTES["cancelled"]))
                 raise
-            await _show_comparison(interaction, question, base, finetuned)
+            view = None
+            if self.bot.feedback is not None and "cancelled" not in (
+                base.finish_reason,
+                finetuned.finish_reason,
+            ):
+                view = self.bot.feedback.pair_view_for(messages, base, finetuned)
+            await _show_comparison(interaction, question, base, finetuned, view=view)
 
     @app_commands.command(name="status", description="Model, queue and throughput of the bot")
     async def status(self, interaction: discord.Interaction) -> None:
         async with self._guarded(interaction.id, "/status", _responder(interaction)):
-            await interaction.response.send_message(
-                embed=_status_embed(self.engine), ephemeral=True
-            )
+            embed = _status_embed(self.engine)
+            if self.bot.feedback is not None:
+                for name, value in (await self.bot.feedback.status_rows()).items():
+                    embed.add_field(name=name, value=value, inline=True)
+            await interaction.response.send_message(embed=embed, ephemeral=True)
 
     # ---- shared parts ------------------------------------------------------------------
 
@@ -179,7 +188,10 @@ class AnswerCog(commands.Cog):
             raise
         finally:
             await live.stop()
-        return await live.finish(answer.text, note=NOTES.get(answer.finish_reason, ""))
+        view = None
+        if self.bot.feedback is not None and answer.finish_reason != "cancelled":
+            view = self.bot.feedback.answer_view_for(messages, answer)
+        return await live.finish(answer.text, note=NOTES.get(answer.finish_reason, ""), view=view)
 
     def _refusal(
         self,
@@ -272,21 +284,30 @@ async def _try(message: Awaitable[object]) -> None:
 
 
 async def _show_comparison(
-    interaction: discord.Interaction, question: str, base: Answer, finetuned: Answer
+    interaction: discord.Interaction,
+    question: str,
+    base: Answer,
+    finetuned: Answer,
+    *,
+    view: discord.ui.View | None = None,
 ) -> None:
-    """One embed with the two answers side by side when they fit, else two labelled parts."""
+    """One embed with the two answers side by side when they fit, else two labelled parts.
+
+    ``view`` (the preference buttons) goes under the last part.
+    """
+    extra = {"view": view} if view is not None else {}
     texts = {"base": base.text.strip(), "finetuned": finetuned.text.strip()}
     texts = {label: text or "_(empty answer)_" for label, text in texts.items()}
     if all(len(text) <= EMBED_FIELD_LIMIT for text in texts.values()):
         embed = discord.Embed(title=_shorten(question, 256), colour=discord.Colour.blue())
         for label, text in texts.items():
             embed.add_field(name=label, value=text, inline=True)
-        await interaction.edit_original_response(embed=embed)
+        await interaction.edit_original_response(embed=embed, **extra)
         return
     parts = [p for label, text in texts.items() for p in split_message(f"**{label}**\n{text}")]
-    await interaction.edit_original_response(content=parts[0])
-    for part in parts[1:]:
-        await interaction.followup.send(part)
+    await interaction.edit_original_response(content=parts[0], **(extra if len(parts) == 1 else {}))
+    for number, part in enumerate(parts[1:], start=2):
+        await interaction.followup.send(part, **(extra if number == len(parts) else {}))
 
 
 def _status_embed(engine: Engine) -> discord.Embed:

@@ -28,8 +28,13 @@ class ReplyTarget(Protocol):
     async def show(self, content: str) -> None:
         """Create or edit the first message of the answer."""
 
-    async def finish(self, parts: list[str]) -> list[discord.Message]:
-        """Show the final answer: the first part in the first message, the rest after it."""
+    async def finish(
+        self, parts: list[str], view: discord.ui.View | None = None
+    ) -> list[discord.Message]:
+        """Show the final answer: the first part in the first message, the rest after it.
+
+        ``view`` (the vote buttons) goes on the last part, under the whole answer.
+        """
 
 
 class MessageReply:
@@ -43,18 +48,22 @@ class MessageReply:
         self.question = question
         self.message: discord.Message | None = None
 
-    async def show(self, content: str) -> None:
+    async def show(self, content: str, view: discord.ui.View | None = None) -> None:
+        extra = {"view": view} if view is not None else {}
         if self.message is None:
-            self.message = await self.question.reply(content)
+            self.message = await self.question.reply(content, **extra)
         else:
-            self.message = await self.message.edit(content=content)
+            self.message = await self.message.edit(content=content, **extra)
 
-    async def finish(self, parts: list[str]) -> list[discord.Message]:
-        await self.show(parts[0])
+    async def finish(
+        self, parts: list[str], view: discord.ui.View | None = None
+    ) -> list[discord.Message]:
+        await self.show(parts[0], view if len(parts) == 1 else None)
         assert self.message is not None
         sent = [self.message]
-        for part in parts[1:]:
-            sent.append(await sent[-1].reply(part))
+        for number, part in enumerate(parts[1:], start=2):
+            extra = {"view": view} if view is not None and number == len(parts) else {}
+            sent.append(await sent[-1].reply(part, **extra))
         return sent
 
 
@@ -67,10 +76,14 @@ class InteractionReply:
     async def show(self, content: str) -> None:
         await self.interaction.edit_original_response(content=content)
 
-    async def finish(self, parts: list[str]) -> list[discord.Message]:
-        sent = [await self.interaction.edit_original_response(content=parts[0])]
-        for part in parts[1:]:
-            sent.append(await self.interaction.followup.send(part, wait=True))
+    async def finish(
+        self, parts: list[str], view: discord.ui.View | None = None
+    ) -> list[discord.Message]:
+        first = {"view": view} if view is not None and len(parts) == 1 else {}
+        sent = [await self.interaction.edit_original_response(content=parts[0], **first)]
+        for number, part in enumerate(parts[1:], start=2):
+            extra = {"view": view} if view is not None and number == len(parts) else {}
+            sent.append(await self.interaction.followup.send(part, wait=True, **extra))
         return sent
 
 
@@ -126,10 +139,13 @@ class LiveText:
                 await self._task
             self._task = None
 
-    async def finish(self, text: str, *, note: str = "") -> list[discord.Message]:
+    async def finish(
+        self, text: str, *, note: str = "", view: discord.ui.View | None = None
+    ) -> list[discord.Message]:
         """Replace the preview by the final ``text`` (plus ``note``), split to Discord's limit."""
         await self.stop()
         body = (self.prefix + text.strip()).strip() or "_(the model gave an empty answer)_"
         if note:
             body = f"{body}\n\n{note}"
-        return await self.target.finish(split_message(body))
+        parts = split_message(body)
+        return await (self.target.finish(parts, view) if view else self.target.finish(parts))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from bot.feedback.store import feedback_db_from_env
 from bot.serving.env import (
     env_int,
     env_str,
@@ -54,6 +56,7 @@ class BotSettings:
     allowed_role_ids: tuple[int, ...] = ()
     metrics_port: int | None = None
     log_level: LogLevel = "INFO"
+    feedback_db: Path | None = None  # None: no vote buttons
 
     @classmethod
     def from_env(cls, *, require_token: bool = True) -> BotSettings:
@@ -80,4 +83,5 @@ class BotSettings:
             allowed_role_ids=tuple(env_id_list("ALLOWED_ROLE_IDS")),
             metrics_port=metrics_port_from_env(),
             log_level=log_level_from_env(),
+            feedback_db=feedback_db_from_env(),
         )

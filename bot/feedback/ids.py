@@ -14,8 +14,10 @@ import secrets
 from pathlib import Path
 
 from bot.serving.engine import Message
+from finetune.fingerprint import adapter_weights_hash
 
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+__all__ = ["adapter_weights_hash", "conversation_key", "hash_voter", "new_answer_id", "new_pair_id"]
+
 SALT_BYTES = 32
 
 
@@ -59,17 +61,3 @@ def conversation_key(conversation: list[Message] | tuple[Message, ...]) -> str:
     """Default thread key: a hash of the first user message, the root of the conversation."""
     first = next((m["content"] for m in conversation if m["role"] == "user"), "")
     return hashlib.sha256(first.strip().encode()).hexdigest()[:16]
-
-
-def adapter_weights_hash(adapter_dir: str | os.PathLike[str]) -> str | None:
-    """First 16 hex digits of the SHA-256 of the adapter's weights file, None if there is none."""
-    directory = Path(adapter_dir)
-    for name in WEIGHT_FILES:
-        weights = directory / name
-        if weights.is_file():
-            digest = hashlib.sha256()
-            with weights.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            return digest.hexdigest()[:16]
-    return None
