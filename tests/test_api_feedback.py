@@ -15,6 +15,7 @@ from bot.api.feedback import ApiFeedback
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
 from bot.feedback.aio import AsyncFeedbackStore
+from bot.feedback.provenance import Provenance
 from bot.feedback.records import AdapterRef
 from bot.serving.settings import EngineSettings
 from tests.loopback import serve_app
@@ -33,7 +34,8 @@ async def api(
     engine = ScriptedEngine()
     await engine.start()
     store = await AsyncFeedbackStore.open(tmp_path / "feedback.sqlite") if feedback else None
-    link = ApiFeedback(store, "scripted-base", AdapterRef("runs/x/adapter", "abc123"), SETTINGS)
+    provenance = Provenance("scripted-base", AdapterRef("runs/x/adapter", "abc123"), SETTINGS)
+    link = ApiFeedback(store, provenance)
     app = create_app(engine, ApiSettings(token=token), feedback=link if store else None)
     try:
         async with serve_app(app) as url, aiohttp.ClientSession(url) as client:
@@ -182,10 +184,13 @@ async def test_feedback_stamps_the_engine_that_answered(tmp_path: Path) -> None:
         ),
     )
     try:
-        assert (local.model, local.adapter.path) == ("tiny", str(adapter))
-        assert local.adapter.hash is not None
-        assert local.settings["backend"] == "local"
-        assert (remote.model, remote.adapter) == ("mistral", AdapterRef("ski-lora", None))
+        assert (local.provenance.model, local.provenance.adapter.path) == ("tiny", str(adapter))
+        assert local.provenance.adapter.hash is not None
+        assert local.provenance.settings["backend"] == "local"
+        assert (remote.provenance.model, remote.provenance.adapter) == (
+            "mistral",
+            AdapterRef("ski-lora", None),
+        )
     finally:
         await local.store.close()
         await remote.store.close()

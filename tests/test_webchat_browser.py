@@ -30,6 +30,7 @@ from bot.api.feedback import ApiFeedback
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
 from bot.feedback.aio import AsyncFeedbackStore
+from bot.feedback.provenance import Provenance
 from bot.feedback.records import AdapterRef
 from bot.feedback.store import FeedbackStore
 from bot.serving.engine import EngineBusy, EngineStatus, EngineTimeout
@@ -418,7 +419,7 @@ async def test_votes_from_the_page_land_in_the_feedback_store(
 ) -> None:
     page, errors = await open_page(context)
     store = await AsyncFeedbackStore.open(tmp_path / "feedback.sqlite")
-    feedback = ApiFeedback(store, "scripted-base", AdapterRef(), {})
+    feedback = ApiFeedback(store, Provenance("scripted-base", AdapterRef(), {}))
     try:
         async with scripted_api(ScriptedEngine(), feedback=feedback) as url:
             await page.goto(url)

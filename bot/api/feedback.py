@@ -10,9 +10,10 @@ land in the same store as the Discord buttons', as ``web:<voter>``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -21,9 +22,8 @@ from pydantic import BaseModel, StringConstraints, ValidationError
 
 from bot.api.protocol import ApiError
 from bot.feedback.aio import AsyncFeedbackStore
+from bot.feedback.provenance import Provenance, provenance_for
 from bot.feedback.records import (
-    AdapterRef,
-    AnswerRecord,
     FeedbackError,
     InvalidRecord,
     StoredAnswer,
@@ -59,28 +59,13 @@ class ApiFeedback:
     """The store, and what the API stamps on each answer it records: model, adapter, settings."""
 
     store: AsyncFeedbackStore
-    model: str
-    adapter: AdapterRef
-    settings: Mapping[str, Any]
+    provenance: Provenance
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], engine: EngineSettings) -> ApiFeedback:
         """Open the store and hash the adapter's weights, both off the event loop."""
         store = await AsyncFeedbackStore.open(path)
-        adapter = await asyncio.to_thread(AdapterRef.from_path, engine.adapter_path)
-        if engine.backend == "openai":  # the server's adapter: named by its model name there
-            model = engine.base_model_name
-            adapter = AdapterRef(adapter.path or engine.finetuned_model_name, adapter.hash)
-        else:
-            model = engine.base_model
-        settings = {
-            "backend": engine.backend,
-            "max_new_tokens": engine.max_new_tokens,
-            "temperature": engine.temperature,
-            "top_p": engine.top_p,
-            "repetition_penalty": engine.repetition_penalty,
-        }
-        return cls(store, model, adapter, settings)
+        return cls(store, await asyncio.to_thread(provenance_for, engine))
 
     def record(
         self,
@@ -92,21 +77,15 @@ class ApiFeedback:
         """Queue an answer for the store; one stopped by a shutdown is not worth a vote."""
         if answer.finish_reason == "cancelled":
             return
-        settings = dict(self.settings)
-        if max_tokens is not None and max_tokens < settings.get("max_new_tokens", max_tokens + 1):
-            settings["max_new_tokens"] = max_tokens
-        self.store.record_answer_soon(
-            AnswerRecord(
-                conversation=list(messages),
-                text=answer.text,
-                variant=answer.variant,
-                model=self.model,
-                source="api",
-                adapter=self.adapter,
-                settings=settings,
-                answer_id=completion_id,
-            )
+        record = self.provenance.record(
+            messages, answer.text, answer.variant, "api", answer_id=completion_id
         )
+        cap = record.settings.get("max_new_tokens")
+        if max_tokens is not None and (cap is None or max_tokens < cap):
+            record = dataclasses.replace(
+                record, settings={**record.settings, "max_new_tokens": max_tokens}
+            )
+        self.store.record_answer_soon(record)
 
 
 class FeedbackRoute:
