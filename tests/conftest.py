@@ -17,6 +17,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feedback_db_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Answers the bot and the API record go to a scratch store, never data/ in the checkout.
+
+    Set in the environment, so ``python -m bot …`` subprocesses inherit it;
+    tests of the default itself unset it with monkeypatch.
+    """
+    if "FEEDBACK_DB" not in os.environ:
+        os.environ["FEEDBACK_DB"] = str(tmp_path_factory.mktemp("feedback") / "feedback.sqlite")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly built tiny Mistral (random weights, seed 0) with its tokenizer."""
