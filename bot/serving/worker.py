@@ -165,6 +165,7 @@ class InferenceWorker:
         self._running: list[_Row] = []  # the batch's rows plus those being prefilled
         self._batch: DecodeBatch | None = None  # the worker thread's alone
         self._steps = 0
+        self._adapter_off: contextlib.AbstractContextManager[Any] | None = None  # held while off
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -272,7 +273,8 @@ class InferenceWorker:
     def _run(self) -> None:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as cleanup:
+            cleanup.callback(self._enable_adapter, True)  # leave the model as it was given
             while self._wait_for_work():
                 try:
                     self._iterate()
@@ -512,29 +514,37 @@ class InferenceWorker:
     ) -> Any:
         """One forward pass over ``rows``: each row's logits for its next token."""
         kwargs = {self._cache_arg: cache, **self._forward_extra}
-        with self._adapter_context([r.request.variant for r in rows], kwargs):
-            output = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs
-            )
+        self._route_adapters([r.request.variant for r in rows], kwargs)
+        output = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs
+        )
         return output.logits[:, -1, :]
 
-    def _adapter_context(
-        self, variants: list[Variant], kwargs: dict[str, Any]
-    ) -> contextlib.AbstractContextManager[Any]:
+    def _route_adapters(self, variants: list[Variant], kwargs: dict[str, Any]) -> None:
         """Route each row to its adapter, paying for per-row routing only in mixed batches.
 
-        peft's ``adapter_names`` path splits every LoRA layer's input by adapter
-        and registers a hook on every LoRA layer per call; a step of one
-        variant runs with the adapter simply on, or off. Turning it off is
-        global to the model, which is safe only because this thread alone runs it.
+        peft's ``adapter_names`` path walks the model and hooks every LoRA
+        layer on each call; a pass of one variant runs with the adapter simply
+        on, or off. Switching it off walks every module too (14 ms for the
+        tiny bench model on 2 CPU cores, a GPU step's worth for a 7B model),
+        so the switch is held across steps and flipped only when the batch's
+        mix of variants changes. It is global to the model, which is safe
+        only because this thread alone runs it.
         """
+        if self.adapter_name is None:
+            return
         kinds = set(variants)
-        if self.adapter_name is None or kinds == {"finetuned"}:
-            return contextlib.nullcontext()
-        if kinds == {"base"}:
-            return self.model.disable_adapter()
-        kwargs["adapter_names"] = adapter_names_for(variants, self.adapter_name)
-        return contextlib.nullcontext()
+        self._enable_adapter(kinds != {"base"})
+        if len(kinds) > 1:
+            kwargs["adapter_names"] = adapter_names_for(variants, self.adapter_name)
+
+    def _enable_adapter(self, enabled: bool) -> None:
+        if enabled and self._adapter_off is not None:
+            self._adapter_off.__exit__(None, None, None)
+            self._adapter_off = None
+        elif not enabled and self._adapter_off is None:
+            self._adapter_off = self.model.disable_adapter()
+            self._adapter_off.__enter__()
 
     # ---- running out of memory ----------------------------------------------------------
 
