@@ -30,6 +30,8 @@ import discord.http
 import yarl
 from aiohttp import WSMsgType, web
 
+from bot.discord_bot.replies import STREAMING_MARK
+
 BOT_ID = 900000000000000001
 APP_ID = 900000000000000002
 GUILD_ID = 900000000000000003
@@ -577,3 +579,14 @@ class FakeDiscord:
             )
         )
         self._identified.set()
+
+
+def final_comparison(fake: FakeDiscord, token: str) -> dict | None:
+    """The /compare response once both answers are final (previews end with the streaming mark)."""
+    original = next(
+        (m for m in fake.messages.values() if m.get("interaction_token") == token), None
+    )
+    if not original or not original["embeds"]:
+        return None
+    fields = original["embeds"][0]["fields"]
+    return None if any(f["value"].endswith(STREAMING_MARK.strip()) for f in fields) else original

@@ -19,9 +19,10 @@ import pytest_asyncio
 
 from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.commands import SORRY
+from bot.discord_bot.replies import STREAMING_MARK
 from bot.discord_bot.settings import BotSettings
 from bot.serving.settings import EngineSettings
-from tests.fake_discord import GUILD_ID, FakeDiscord, user_payload
+from tests.fake_discord import GUILD_ID, FakeDiscord, final_comparison, user_payload
 from tests.scripted_engine import ScriptedEngine, scripted_words
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
@@ -122,14 +123,7 @@ async def test_compare_defers_then_shows_both_variants(world: World):
     question = "Is rocker good on ice?"
     interaction = await world.fake.slash_command("compare", {"question": question})
     token = interaction["token"]
-
-    def compared() -> dict | None:
-        original = next(
-            (m for m in world.fake.messages.values() if m.get("interaction_token") == token), None
-        )
-        return original if original and original["embeds"] else None
-
-    original = await world.fake.wait_for(compared)
+    original = await world.fake.wait_for(lambda: final_comparison(world.fake, token))
     callback = world.fake.calls_to("POST", f"/interactions/{interaction['id']}/")[0]
     assert callback.body["type"] == 5, "the first response must be a deferral"
     fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
@@ -137,6 +131,31 @@ async def test_compare_defers_then_shows_both_variants(world: World):
         "base": expected_answer(question, "base"),
         "finetuned": expected_answer(question, "finetuned"),
     }
+
+
+async def test_compare_streams_both_answers_live_into_its_embed(world: World):
+    question = " ".join(f"is rocker{i} good on ice" for i in range(12))  # 60 words, ~0.15 s
+    interaction = await world.fake.slash_command("compare", {"question": question})
+    token = interaction["token"]
+    await world.fake.wait_for(lambda: final_comparison(world.fake, token))
+    edits = [
+        call.body["embeds"][0]
+        for call in world.fake.calls_to("PATCH", f"/{token}/messages/@original")
+        if call.body and call.body.get("embeds")
+    ]
+    previews, final = edits[:-1], edits[-1]
+    assert previews, "the answers appeared only at the end"
+    expected = {v: expected_answer(question, v) for v in ("base", "finetuned")}
+    for preview in previews:
+        assert preview["title"] == final["title"]
+        for field in preview["fields"]:
+            assert field["value"].endswith(STREAMING_MARK.strip())
+            written = field["value"].removesuffix(STREAMING_MARK.strip()).strip()
+            assert expected[field["name"]].startswith(written)
+    assert any(f["value"] != STREAMING_MARK.strip() for p in previews for f in p["fields"]), (
+        "no preview showed any text"
+    )
+    assert {f["name"]: f["value"] for f in final["fields"]} == expected
 
 
 async def test_ask_streams_the_chosen_variant(world: World):

@@ -24,7 +24,7 @@ from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.settings import BotSettings
 from bot.serving.factory import build_engine
 from bot.serving.settings import EngineSettings
-from tests.fake_discord import GUILD_ID, FakeDiscord, user_payload
+from tests.fake_discord import GUILD_ID, FakeDiscord, final_comparison, user_payload
 from tests.loopback import api_url_from_log
 
 pytestmark = pytest.mark.timeout(120)
@@ -111,17 +111,7 @@ async def test_mentions_and_compare_are_answered_through_the_api(api_url: str):
             assert reply["sent_allowed_mentions"] == {"parse": []}
 
             interaction = await fake.slash_command("compare", {"question": QUESTION})
-            original = await fake.wait_for(
-                lambda: next(
-                    (
-                        m
-                        for m in fake.messages.values()
-                        if m.get("interaction_token") == interaction["token"] and m["embeds"]
-                    ),
-                    None,
-                ),
-                30,
-            )
+            original = await fake.wait_for(lambda: final_comparison(fake, interaction["token"]), 30)
             fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
             assert fields.keys() == want.keys()
             for variant, text in want.items():  # the bot may add a "cut at the length limit" note

@@ -197,14 +197,6 @@ async def test_status_counts_what_was_served(engine: Engine) -> None:
 async def test_answers_are_counted_in_the_shared_metrics(
     engine: Engine, request: pytest.FixtureRequest
 ) -> None:
-    if request.node.callspec.params["engine"] == "local":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="bot/serving/worker.py still counts its own answers and tokens besides "
-                "the boundary; its scheduler rewrite drops them (then remove this mark)",
-            )
-        )
     answers_before = {outcome: answers_counted("base", outcome) for outcome in ("stop", "length")}
     tokens_before = tokens_counted("base")
     answer = await engine.generate(QUESTION, variant="base", max_new_tokens=4)

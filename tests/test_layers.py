@@ -48,29 +48,13 @@ FRONT_ENDS = [*sources("bot/discord_bot"), *sources("bot/api"), REPO / "bot/cons
 NOT_IN_SERVING = ("bot.discord_bot", "bot.api", "bot.console", "bot.demo", "discord", "aiohttp.web")
 MODEL_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
 
-# worker.py takes trim_oldest_first from bot.discord_bot.messages instead of
-# bot.serving.context; it is being rewritten, and the rewrite fixes that import.
-PENDING = {"bot/serving/worker.py"}
-
 
 def test_the_layers_are_all_found() -> None:
     assert {"engine.py", "worker.py", "openai_engine.py", "context.py"} <= {p.name for p in SERVING}
     assert len(FRONT_ENDS) >= 10
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            path,
-            id=name,
-            marks=[pytest.mark.xfail(strict=True, reason="worker rewrite pending")]
-            if name in PENDING
-            else [],
-        )
-        for path, name in zip(SERVING, ids(SERVING), strict=True)
-    ],
-)
+@pytest.mark.parametrize("path", SERVING, ids=ids(SERVING))
 def test_the_serving_core_imports_no_front_end(path: Path) -> None:
     assert offending(path, NOT_IN_SERVING) == []
 

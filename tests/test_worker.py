@@ -1,8 +1,9 @@
-"""The inference worker: batching, mixed adapters, limits, cancellation and out-of-memory recovery.
+"""The inference worker: continuous batching, mixed adapters, limits, cancellation and out-of-memory recovery.
 
-The batching and mixed-adapter tests run the real tiny model (4-bit, adapter
-unmerged); the limit tests use a scripted model that emits one token per
-step, so timings are under the test's control.
+The batching, joining and mixed-adapter tests run the real tiny model
+(4-bit, adapter unmerged) and compare every row with the same row alone,
+token for token; the limit tests use a scripted model that emits one token
+per step, so timings are under the test's control.
 """
 
 from __future__ import annotations
@@ -12,21 +13,39 @@ import contextlib
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
 import torch
 
-from bot.serving.engine import Answer, EngineBusy, EngineError, EngineTimeout, EngineUnavailable
+from bot.serving.engine import (
+    Answer,
+    EngineBusy,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    RequestTooLong,
+    Sampling,
+)
 from bot.serving.local_engine import LocalEngine
 from bot.serving.settings import EngineSettings
 from bot.serving.worker import GenerationRequest, InferenceWorker
-from finetune.generation import GenerationSettings
+from finetune.generation import GenerationSettings, encode_chats
 from finetune.modeling import load_for_inference, load_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
 QUESTION = [{"role": "user", "content": "What skis should I get for park?"}]
+LONG_QUESTION = [
+    {
+        "role": "user",
+        "content": "I ski mostly groomers but want to try the park this winter, and my old "
+        "skis are 190 cm cambered race skis from ten years ago. What should I look for in "
+        "a first park ski, which length, and do I need new boots or bindings as well?",
+    }
+]
+SHORT_QUESTION = [{"role": "user", "content": "Wax?"}]
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}
 
 
@@ -35,26 +54,60 @@ def loaded(tiny_model_dir: Path, tiny_adapter_dir: Path) -> tuple[Any, Any]:
     return load_for_inference(tiny_model_dir, tiny_adapter_dir, load_in_4bit=True)
 
 
-class GenerateSpy:
-    """Wraps a model's ``generate`` and records the batch size of every call."""
-
-    def __init__(self, model: Any) -> None:
-        self.real = model.generate
-        self.batch_sizes: list[int] = []
-
-    def __call__(self, **kwargs: Any) -> Any:
-        self.batch_sizes.append(int(kwargs["input_ids"].shape[0]))
-        return self.real(**kwargs)
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-async def test_concurrent_requests_are_served_in_fewer_generate_calls(
+class ForwardSpy:
+    """Wraps a model's ``forward``: records each call as ("prefill" | "decode", rows).
+
+    ``fail_on`` names calls (0 = the first) that raise CUDA out-of-memory instead.
+    """
+
+    def __init__(self, model: Any, fail_on: frozenset[int] = frozenset()) -> None:
+        self.real = model.forward
+        self.fail_on = fail_on
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kind = "prefill" if cache_of(kwargs).get_seq_length() == 0 else "decode"
+        self.calls.append((kind, int(kwargs["input_ids"].shape[0])))
+        if len(self.calls) - 1 in self.fail_on:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.real(*args, **kwargs)
+
+    @property
+    def prefills(self) -> list[int]:
+        return [rows for kind, rows in self.calls if kind == "prefill"]
+
+    def decode_rows(self) -> list[int]:
+        return [rows for kind, rows in self.calls if kind == "decode"]
+
+
+def spied(model: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> ForwardSpy:
+    spy = ForwardSpy(model, **kwargs)
+    monkeypatch.setattr(model, "forward", spy)
+    return spy
+
+
+def real_engine(loaded: tuple[Any, Any], **settings: Any) -> LocalEngine:
+    return LocalEngine(EngineSettings(**{**GREEDY, **settings}), model_and_tokenizer=loaded)
+
+
+def same(a: Answer, b: Answer) -> bool:
+    return (a.text, a.completion_tokens, a.finish_reason) == (
+        b.text,
+        b.completion_tokens,
+        b.finish_reason,
+    )
+
+
+async def test_concurrent_requests_are_prefilled_together_and_share_steps(
     loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ):
     model, _ = loaded
-    spy = GenerateSpy(model)
-    monkeypatch.setattr(model, "generate", spy)
-    settings = EngineSettings(max_batch=8, batch_wait_ms=50, max_new_tokens=4, **GREEDY)
-    engine = LocalEngine(settings, model_and_tokenizer=loaded)
+    spy = spied(model, monkeypatch)
+    engine = real_engine(loaded, max_batch=8, batch_wait_ms=50, max_new_tokens=4)
     await engine.start()
     try:
         questions = [[{"role": "user", "content": f"Question {i} about wax?"}] for i in range(8)]
@@ -64,17 +117,17 @@ async def test_concurrent_requests_are_served_in_fewer_generate_calls(
     finally:
         await engine.close()
     assert all(isinstance(a, Answer) and a.completion_tokens > 0 for a in answers)
-    assert sum(spy.batch_sizes) == 8
-    assert len(spy.batch_sizes) < 8, spy.batch_sizes
+    assert sum(spy.prefills) == 8
+    assert len(spy.prefills) < 8, spy.calls
+    assert max(spy.decode_rows()) > 1, "the rows never shared a decoding step"
 
 
 async def test_mixed_batch_rows_match_each_variant_alone(
     loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ):
     model, _ = loaded
-    spy = GenerateSpy(model)
-    monkeypatch.setattr(model, "generate", spy)
-    engine = LocalEngine(EngineSettings(max_new_tokens=10, **GREEDY), model_and_tokenizer=loaded)
+    spy = spied(model, monkeypatch)
+    engine = real_engine(loaded, max_new_tokens=10)
     await engine.start()
     try:
         streamed: dict[str, str] = {"base": "", "finetuned": ""}
@@ -83,26 +136,220 @@ async def test_mixed_batch_rows_match_each_variant_alone(
             streamed[variant] += delta
 
         base, finetuned = await engine.compare(QUESTION, on_text=on_text)
-        assert spy.batch_sizes == [2], "a compare is one batch of two rows"
+        compare_calls = list(spy.calls)
         base_alone = await engine.generate(QUESTION, variant="base")
         finetuned_alone = await engine.generate(QUESTION, variant="finetuned")
     finally:
         await engine.close()
-    assert (base.text, base.completion_tokens) == (base_alone.text, base_alone.completion_tokens)
-    assert (finetuned.text, finetuned.completion_tokens) == (
-        finetuned_alone.text,
-        finetuned_alone.completion_tokens,
-    )
+    assert compare_calls[0] == ("prefill", 2), "a compare is one prefill of two rows"
+    shared = min(base.completion_tokens, finetuned.completion_tokens) - 1
+    assert [rows for _, rows in compare_calls[1 : 1 + shared]] == [2] * shared
+    assert same(base, base_alone)
+    assert same(finetuned, finetuned_alone)
     assert base.text != finetuned.text, "the adapter should change the greedy answer"
-    assert streamed["base"].strip() == base.text
-    assert streamed["finetuned"].strip() == finetuned.text
+    assert streamed["base"] == base.text
+    assert streamed["finetuned"] == finetuned.text
+
+
+async def test_rows_joining_a_running_batch_answer_as_they_do_alone(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    """Left padding, masks and per-row positions: rows that join mid-answer — with prompts
+    longer and shorter than the running row's — get the same greedy tokens as alone, base
+    and finetuned rows alike, and so does the row they joined."""
+    model, _ = loaded
+    engine = real_engine(loaded, max_new_tokens=40, batch_wait_ms=0)
+    await engine.start()
+    try:
+        runner_alone = await engine.generate(QUESTION, variant="finetuned")
+        long_alone = await engine.generate(LONG_QUESTION, variant="base", max_new_tokens=12)
+        short_alone = await engine.generate(SHORT_QUESTION, variant="finetuned", max_new_tokens=12)
+        assert runner_alone.completion_tokens == 40, "the running row must outlast the joiners"
+
+        spy = spied(model, monkeypatch)
+        started = asyncio.Event()
+        runner = asyncio.create_task(
+            engine.generate(QUESTION, variant="finetuned", on_text=lambda _: started.set())
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        joined_long, joined_short = await asyncio.gather(
+            engine.generate(LONG_QUESTION, variant="base", max_new_tokens=12),
+            engine.generate(SHORT_QUESTION, variant="finetuned", max_new_tokens=12),
+        )
+        runner_joined = await runner
+    finally:
+        await engine.close()
+    prefills = [i for i, (kind, _) in enumerate(spy.calls) if kind == "prefill"]
+    assert prefills[0] == 0 and len(prefills) >= 2
+    assert ("decode", 1) in spy.calls[: prefills[1]], "the joiners came before the runner decoded"
+    assert any(rows >= 2 for kind, rows in spy.calls[prefills[1] :] if kind == "decode")
+    assert same(runner_joined, runner_alone)
+    assert same(joined_long, long_alone)
+    assert same(joined_short, short_alone)
+
+
+async def test_a_finished_row_leaves_the_batch_at_once(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    model, _ = loaded
+    spy = spied(model, monkeypatch)
+    engine = real_engine(loaded, max_new_tokens=30, batch_wait_ms=50)
+    await engine.start()
+    try:
+        short = asyncio.create_task(engine.generate(QUESTION, variant="base", max_new_tokens=3))
+        long = asyncio.create_task(engine.generate(LONG_QUESTION, variant="finetuned"))
+        done, _ = await asyncio.wait({short, long}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {short}, "the short answer waited for the long one"
+        assert not long.done()
+        long_answer = await long
+    finally:
+        await engine.close()
+    assert short.result().completion_tokens == 3
+    assert long_answer.completion_tokens == 30
+    assert spy.calls[0] == ("prefill", 2)
+    # 3 tokens: the first from the prefill, two steps together; then the long row runs alone.
+    assert spy.decode_rows() == [2, 2] + [1] * 27
+
+
+async def test_a_cancelled_row_leaves_mid_batch_and_the_other_rows_go_on(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    model, _ = loaded
+    engine = real_engine(loaded, max_new_tokens=30, batch_wait_ms=50)
+    await engine.start()
+    try:
+        kept_alone = await engine.generate(LONG_QUESTION, variant="base")
+        spy = spied(model, monkeypatch)
+        streamed = asyncio.Event()
+        doomed = asyncio.create_task(
+            engine.generate(QUESTION, variant="finetuned", on_text=lambda _: streamed.set())
+        )
+        kept = asyncio.create_task(engine.generate(LONG_QUESTION, variant="base"))
+        await asyncio.wait_for(streamed.wait(), 10)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        kept_answer = await kept
+    finally:
+        await engine.close()
+    assert same(kept_answer, kept_alone)
+    rows = spy.decode_rows()
+    assert rows[0] == 2 and rows[-1] == 1
+    assert rows.count(2) < 25, "the cancelled row kept generating"
+
+
+async def test_per_row_sampling_settings_do_not_leak_between_rows(loaded: tuple[Any, Any]):
+    """A seeded row samples the same alone or beside others; greedy and penalised rows in
+    the same steps keep their own settings."""
+    engine = real_engine(loaded, max_new_tokens=16, batch_wait_ms=50)
+    seeded = Sampling(temperature=1.0, top_p=0.95, seed=7)
+    other_seed = Sampling(temperature=1.0, top_p=0.95, seed=8)
+    # Below 1 the penalty favours what the row already holds: the random model's greedy
+    # answer repeats nothing, so only this direction changes it for sure.
+    penalised = Sampling(temperature=0.0, repetition_penalty=0.2)
+    await engine.start()
+    try:
+        seeded_alone = await engine.generate(QUESTION, variant="base", sampling=seeded)
+        again = await engine.generate(QUESTION, variant="base", sampling=seeded)
+        other_alone = await engine.generate(QUESTION, variant="base", sampling=other_seed)
+        greedy_alone = await engine.generate(QUESTION, variant="base")
+        penalised_alone = await engine.generate(QUESTION, variant="base", sampling=penalised)
+        together = await asyncio.gather(
+            engine.generate(QUESTION, variant="base", sampling=seeded),
+            engine.generate(QUESTION, variant="base", sampling=other_seed),
+            engine.generate(QUESTION, variant="base"),
+            engine.generate(QUESTION, variant="base", sampling=penalised),
+            engine.generate(QUESTION, variant="base", sampling=Sampling(temperature=1.0)),
+        )
+    finally:
+        await engine.close()
+    assert same(seeded_alone, again), "a seed must make a sampled answer repeatable"
+    assert seeded_alone.text != other_alone.text
+    assert greedy_alone.text != penalised_alone.text, "the penalty should change this answer"
+    assert seeded_alone.text != greedy_alone.text
+    assert same(together[0], seeded_alone)
+    assert same(together[1], other_alone)
+    assert same(together[2], greedy_alone)
+    assert same(together[3], penalised_alone)
+
+
+async def test_a_question_longer_than_the_token_budget_is_refused_clearly(
+    loaded: tuple[Any, Any],
+):
+    engine = real_engine(loaded, max_batch_tokens=96, max_new_tokens=8)
+    await engine.start()
+    try:
+        with pytest.raises(RequestTooLong) as refused:
+            await engine.generate([{"role": "user", "content": "powder " * 200}])
+        # A long chat is trimmed, oldest turns first, until it fits rather than refused.
+        chat = []
+        for i in range(8):
+            chat += [
+                {"role": "user", "content": f"Earlier question {i} about boots and wax?"},
+                {"role": "assistant", "content": f"Earlier answer {i} about boots and wax."},
+            ]
+        answer = await engine.generate([*chat, *QUESTION], variant="base")
+    finally:
+        await engine.close()
+    message = str(refused.value)
+    assert "too long" in message and "96" in message and "\n" not in message
+    assert 0 < answer.prompt_tokens <= 96 - 8
+
+
+async def test_the_token_budget_decides_how_many_rows_run_together(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    model, tokenizer = loaded
+    prompt = encode_chats(tokenizer, [QUESTION])["input_ids"].shape[1]
+    spy = spied(model, monkeypatch)
+    # Room for two rows of prompt + 6 tokens, not three.
+    engine = real_engine(
+        loaded, max_new_tokens=6, max_batch=8, batch_wait_ms=50, max_batch_tokens=2 * prompt + 14
+    )
+    await engine.start()
+    try:
+        answers = await asyncio.gather(
+            *(engine.generate(QUESTION, variant="base") for _ in range(4))
+        )
+    finally:
+        await engine.close()
+    assert [a.completion_tokens for a in answers] == [6] * 4
+    assert max(spy.decode_rows()) == 2
+    assert sum(spy.prefills) == 4
+
+
+async def test_out_of_memory_mid_answer_resumes_every_row_where_it_was(
+    loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+):
+    """The batch is rebuilt from each row's prompt and answer so far: the same answers, and
+    no text streamed twice."""
+    model, _ = loaded
+    engine = real_engine(loaded, max_new_tokens=12, batch_wait_ms=50)
+    questions = [QUESTION, LONG_QUESTION, SHORT_QUESTION]
+    await engine.start()
+    try:
+        alone = await asyncio.gather(*(engine.generate(q, variant="base") for q in questions))
+        spy = spied(model, monkeypatch, fail_on=frozenset({5}))  # a decoding step
+        streams: list[list[str]] = [[], [], []]
+        again = await asyncio.gather(
+            *(
+                engine.generate(q, variant="base", on_text=streams[i].append)
+                for i, q in enumerate(questions)
+            )
+        )
+    finally:
+        await engine.close()
+    assert spy.calls[5] == ("decode", 3)
+    assert [same(a, b) for a, b in zip(alone, again, strict=True)] == [True] * 3
+    assert ["".join(s) for s in streams] == [a.text for a in again]
+    assert sum(spy.prefills) > 3, "the rows were never prefilled again"
 
 
 # ---- limits, against a scripted model -------------------------------------------------------
 
 
 class ScriptedModel:
-    """Stands in for a PeftModel: one token per step, honouring the streamer and stopping criteria."""
+    """Stands in for a PeftModel: the same token every step, one cache layer, optional OOMs."""
 
     peft_config: ClassVar[dict[str, Any]] = {
         "finetuned": None
@@ -114,34 +361,36 @@ class ScriptedModel:
     ) -> None:
         self.token_id = token_id
         self.step_s = step_s
-        self.oom_calls = oom_calls  # which calls (0 = the first) run out of memory
-        self.batch_sizes: list[int] = []
-        self.steps_run: list[int] = []
+        self.oom_calls = oom_calls  # which forward calls (0 = the first) run out of memory
+        self.calls: list[tuple[str, int]] = []
+        self.bad_positions = 0
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def generate(self, *, input_ids, streamer, stopping_criteria, max_new_tokens, **_: Any):
-        rows = input_ids.shape[0]
-        self.batch_sizes.append(rows)
-        if len(self.batch_sizes) - 1 in self.oom_calls:
+    def forward(self, *, input_ids, attention_mask, position_ids, cache, **_: Any) -> Any:
+        rows, length = input_ids.shape
+        self.calls.append(("prefill" if cache.get_seq_length() == 0 else "decode", rows))
+        if len(self.calls) - 1 in self.oom_calls:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        streamer.put(input_ids)
-        unfinished = torch.ones(rows, dtype=torch.bool)
-        steps = 0
-        for _ in range(max_new_tokens):
-            time.sleep(self.step_s)
-            tokens = torch.full((rows,), self.token_id)
-            ids = torch.cat([input_ids, tokens[:, None]], dim=1)
-            for criterion in stopping_criteria:
-                unfinished &= ~criterion(ids, None)
-            streamer.put(tokens)
-            steps += 1
-            if not unfinished.any():
-                break
-        self.steps_run.append(steps)
-        streamer.end()
-        return None
+        if not torch.equal(position_ids[:, -1], attention_mask.sum(dim=1) - 1):
+            self.bad_positions += 1
+        time.sleep(self.step_s)
+        state = torch.zeros(rows, 1, length, 2)
+        cache.update(state, state.clone(), 0)
+        logits = torch.zeros(rows, length, 1024)
+        logits[..., self.token_id] = 10.0
+        return SimpleNamespace(logits=logits)
+
+    __call__ = forward
+
+    @property
+    def prefills(self) -> list[int]:
+        return [rows for kind, rows in self.calls if kind == "prefill"]
+
+    @property
+    def steps(self) -> int:
+        return sum(kind == "decode" for kind, _ in self.calls)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +443,7 @@ async def test_a_request_past_its_deadline_in_the_queue_times_out(tokenizer: Any
             await engine.generate(QUESTION, variant="base")
     finally:
         await engine.close()
-    assert model.batch_sizes == [], "an expired request must never reach the model"
+    assert model.calls == [], "an expired request must never reach the model"
 
 
 async def test_a_request_past_its_deadline_mid_answer_is_stopped(tokenizer: Any):
@@ -206,7 +455,35 @@ async def test_a_request_past_its_deadline_mid_answer_is_stopped(tokenizer: Any)
             await asyncio.wait_for(engine.generate(QUESTION, variant="base"), 5)
     finally:
         await engine.close()
-    assert model.steps_run and model.steps_run[0] < 50
+    assert 0 < model.steps < 50
+
+
+def test_a_row_past_its_deadline_leaves_and_its_batch_goes_on(tokenizer: Any):
+    model = ScriptedModel(word_token(tokenizer), step_s=0.01)
+    worker = InferenceWorker(
+        model, tokenizer, generation=GenerationSettings(), adapter_name=None, batch_wait_s=0.05
+    )
+    results: dict[str, Any] = {}
+    done = threading.Event()
+
+    def keep(name: str):
+        def on_done(result: Any) -> None:
+            results[name] = result
+            if len(results) == 2:
+                done.set()
+
+        return on_done
+
+    worker.submit(request(keep("late"), deadline_s=0.15, max_new_tokens=200))
+    worker.submit(request(keep("kept"), max_new_tokens=40))
+    worker.start()
+    assert done.wait(10)
+    worker.stop(cancel=False, timeout=10)
+    assert isinstance(results["late"], EngineTimeout)
+    assert results["kept"].completion_tokens == 40
+    decode_rows = [rows for kind, rows in model.calls if kind == "decode"]
+    assert decode_rows[0] == 2 and decode_rows[-1] == 1
+    assert model.bad_positions == 0
 
 
 async def test_a_cancelled_request_leaves_its_batch_and_the_worker_goes_on(tokenizer: Any):
@@ -227,7 +504,8 @@ async def test_a_cancelled_request_leaves_its_batch_and_the_worker_goes_on(token
         )
     finally:
         await engine.close()
-    assert model.steps_run[0] < 100, "the cancelled row kept generating"
+    second_prefill = model.calls.index(("prefill", 1), 1)
+    assert second_prefill - 1 < 100, "the cancelled row kept generating"
     assert answer.completion_tokens == 3 and answer.finish_reason == "length"
 
 
@@ -245,7 +523,7 @@ def test_a_cancelled_request_never_reaches_the_model(tokenizer: Any):
     worker.stop(cancel=False, timeout=10)
     assert results[0].finish_reason == "cancelled"
     assert results[1].completion_tokens == 4
-    assert model.batch_sizes == [1]
+    assert model.prefills == [1]
 
 
 async def test_out_of_memory_splits_the_batch_and_retries(tokenizer: Any):
@@ -258,8 +536,9 @@ async def test_out_of_memory_splits_the_batch_and_retries(tokenizer: Any):
         )
     finally:
         await engine.close()
-    assert model.batch_sizes == [4, 2, 2]
+    assert model.prefills == [4, 2, 2]
     assert [a.completion_tokens for a in answers] == [3, 3, 3, 3]
+    assert model.bad_positions == 0
 
 
 async def test_a_single_row_out_of_memory_fails_clearly_and_the_worker_lives_on(tokenizer: Any):
@@ -278,7 +557,7 @@ async def test_a_single_row_out_of_memory_fails_clearly_and_the_worker_lives_on(
         later = await asyncio.wait_for(engine.generate(QUESTION, variant="base"), 5)
     finally:
         await engine.close()
-    assert model.batch_sizes == [2, 1, 1, 1]
+    assert model.prefills == [2, 1, 1, 1]
     assert isinstance(results[0], EngineError) and "out of memory" in str(results[0])
     assert isinstance(results[1], Answer) and results[1].completion_tokens == 3
     assert later.completion_tokens == 3

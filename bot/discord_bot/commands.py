@@ -22,7 +22,13 @@ from discord.ext import commands
 from bot.discord_bot.chain import ReplyChains
 from bot.discord_bot.messages import chain_to_messages, split_message, strip_mentions_of
 from bot.discord_bot.ratelimit import RateLimiter
-from bot.discord_bot.replies import InteractionReply, LiveText, MessageReply, ReplyTarget
+from bot.discord_bot.replies import (
+    STREAMING_MARK,
+    InteractionReply,
+    LiveText,
+    MessageReply,
+    ReplyTarget,
+)
 from bot.discord_bot.settings import BotSettings
 from bot.serving.context import with_system_prompt
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
@@ -134,12 +140,16 @@ class AnswerCog(commands.Cog):
                 return
             await interaction.response.defer(thinking=True)  # Discord wants an ack within 3 s
             messages = self._question(question)
+            live = LiveComparison(interaction, question, interval_s=self.bot.edit_interval_s)
             try:
-                base, finetuned = await self.engine.compare(messages)
+                base, finetuned = await self.engine.compare(messages, on_text=live.feed)
             except asyncio.CancelledError:
+                await live.stop()
                 if not self.accepting:  # shutting down: don't leave the user "thinking…"
                     await _try(interaction.edit_original_response(content=NOTES["cancelled"]))
                 raise
+            finally:
+                await live.stop()
             view = None
             if self.bot.feedback is not None and "cancelled" not in (
                 base.finish_reason,
@@ -283,6 +293,62 @@ async def _try(message: Awaitable[object]) -> None:
         log.warning("could not tell the user about a failure: %s", exc)
 
 
+class LiveComparison:
+    """Both answers of a ``/compare`` shown side by side while they are written.
+
+    The engine writes the two answers at once, so they fill the embed the
+    final comparison will have, marked as still being written; the response
+    is edited at most once per ``interval_s`` whichever answer moved, as
+    Discord rate-limits edits.
+    """
+
+    def __init__(
+        self, interaction: discord.Interaction, question: str, *, interval_s: float = 1.0
+    ) -> None:
+        self.interaction = interaction
+        self.question = question
+        self.interval_s = interval_s
+        self.texts: dict[Variant, str] = {"base": "", "finetuned": ""}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def feed(self, variant: Variant, delta: str) -> None:
+        """Add streamed text of one answer; called on the event loop, never blocks."""
+        self.texts[variant] += delta
+        self._changed.set()
+        if self._task is None and not self._stopped:
+            self._task = asyncio.create_task(self._show_periodically())
+
+    def embed(self) -> discord.Embed:
+        room = EMBED_FIELD_LIMIT - len(STREAMING_MARK)
+        embed = discord.Embed(title=_shorten(self.question, 256), colour=discord.Colour.blue())
+        for label, text in self.texts.items():
+            embed.add_field(
+                name=label, value=(text.strip()[:room] + STREAMING_MARK).strip(), inline=True
+            )
+        return embed
+
+    async def _show_periodically(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self.interaction.edit_original_response(embed=self.embed())
+            except discord.HTTPException as exc:  # a missed preview is harmless
+                log.warning("could not show the streamed comparison: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        """Stop previewing for good (before the final comparison replaces the preview)."""
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 async def _show_comparison(
     interaction: discord.Interaction,
     question: str,
@@ -305,7 +371,10 @@ async def _show_comparison(
         await interaction.edit_original_response(embed=embed, **extra)
         return
     parts = [p for label, text in texts.items() for p in split_message(f"**{label}**\n{text}")]
-    await interaction.edit_original_response(content=parts[0], **(extra if len(parts) == 1 else {}))
+    # embed=None: no streamed preview is left above the parts
+    await interaction.edit_original_response(
+        content=parts[0], embed=None, **(extra if len(parts) == 1 else {})
+    )
     for number, part in enumerate(parts[1:], start=2):
         await interaction.followup.send(part, **(extra if number == len(parts) else {}))
 

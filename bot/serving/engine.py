@@ -36,6 +36,30 @@ def stream_for(on_text: Callable[[Variant, str], None] | None, variant: Variant)
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How one request samples; a field left ``None`` takes the engine's configured value.
+
+    Per request, because the HTTP API takes them per request; the local
+    worker applies them per row of a shared batch, so two users' settings
+    never mix. ``temperature=0`` is greedy. A ``seed`` makes a sampled answer
+    repeatable: the same seed gives the same answer alone or in any batch.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and not self.temperature >= 0:
+            raise ValueError(f"temperature {self.temperature} must be 0 (greedy) or more")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p {self.top_p} must be above 0 and at most 1")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty {self.repetition_penalty} must be above 0")
+
+
+@dataclass(frozen=True)
 class Answer:
     """One finished answer and what it cost."""
 
@@ -80,6 +104,10 @@ class EngineBusy(EngineError):
         super().__init__(message or f"I'm busy right now, try again in {retry_after_s:.0f} s.")
 
 
+class RequestTooLong(EngineError):
+    """The prompt with its answer cannot fit: the asker must shorten it (an HTTP 400, not a 500)."""
+
+
 class EngineTimeout(EngineError):
     """The request was not answered before its deadline."""
 
@@ -105,11 +133,13 @@ class Engine(Protocol):
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        sampling: Sampling | None = None,
     ) -> Answer:
         """Answer ``messages`` (oldest first) with one variant, streaming through ``on_text``.
 
         ``max_new_tokens`` can shorten the answer, never lengthen it past the
-        engine's configured ``MAX_NEW_TOKENS``.
+        engine's configured ``MAX_NEW_TOKENS``. ``sampling`` overrides the
+        configured sampling for this request only.
         """
 
     async def compare(
@@ -118,8 +148,13 @@ class Engine(Protocol):
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        sampling: Sampling | None = None,
     ) -> tuple[Answer, Answer]:
-        """Base and finetuned answers to the same messages: ``(base, finetuned)``."""
+        """Base and finetuned answers to the same messages: ``(base, finetuned)``.
+
+        Both rows sample with the same ``sampling`` (the same seed too), so the
+        two answers differ by the adapter alone.
+        """
 
     def status(self) -> EngineStatus:
         """A snapshot of the engine's health and counters; never blocks."""

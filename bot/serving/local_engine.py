@@ -23,6 +23,7 @@ from bot.serving.engine import (
     EngineUnavailable,
     Message,
     OnText,
+    Sampling,
     Variant,
     stream_for,
 )
@@ -79,6 +80,8 @@ class LocalEngine:
                 max_batch=self.settings.max_batch,
                 queue_size=self.settings.queue_size,
                 batch_wait_s=self.settings.batch_wait_ms / 1000,
+                max_batch_tokens=self.settings.max_batch_tokens,
+                max_prefill_tokens=self.settings.max_prefill_tokens,
             )
             self._worker.start()
             self._started_at = time.monotonic()
@@ -117,8 +120,9 @@ class LocalEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        sampling: Sampling | None = None,
     ) -> Answer:
-        (answer,) = await self._run([(variant, on_text)], messages, max_new_tokens)
+        (answer,) = await self._run([(variant, on_text)], messages, max_new_tokens, sampling)
         return answer
 
     async def compare(
@@ -127,8 +131,9 @@ class LocalEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        sampling: Sampling | None = None,
     ) -> tuple[Answer, Answer]:
-        """Both variants as two rows of one batch: one pass over the model, not two."""
+        """Both variants as two rows that join the batch together and share every step."""
         base, finetuned = await self._run(
             [
                 ("base", stream_for(on_text, "base")),
@@ -136,6 +141,7 @@ class LocalEngine:
             ],
             messages,
             max_new_tokens,
+            sampling,
         )
         return base, finetuned
 
@@ -144,6 +150,7 @@ class LocalEngine:
         rows: Sequence[tuple[Variant, OnText | None]],
         messages: Sequence[Message],
         max_new_tokens: int | None,
+        sampling: Sampling | None,
     ) -> list[Answer]:
         worker = self.worker
         loop = asyncio.get_running_loop()
@@ -162,15 +169,17 @@ class LocalEngine:
                     deadline=deadline,
                     on_done=_settle_on(loop, future),
                     on_text=_text_on(loop, on_text) if on_text is not None else None,
+                    sampling=sampling,
                 )
             )
-        worker.submit(*requests)
         try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:  # cancelled by the caller, or one row failed: free the others' rows
+            worker.submit(*requests)
+            answers = list(await asyncio.gather(*futures))
+        except BaseException:  # cancelled, or one row failed: free the others' rows
             for request in requests:
                 worker.cancel(request)
             raise
+        return answers
 
     def status(self) -> EngineStatus:
         worker = self._worker
@@ -195,8 +204,10 @@ def _settle_on(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[Answer]
 ) -> Callable[[Answer | BaseException], None]:
     def settle(result: Answer | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed while the worker still ran
+        try:
             loop.call_soon_threadsafe(_set_result, future, result)
+        except RuntimeError:
+            log.warning("an answer finished after its event loop closed; it was dropped")
 
     return settle
 
@@ -212,8 +223,10 @@ def _set_result(future: asyncio.Future[Answer], result: Answer | BaseException) 
 
 def _text_on(loop: asyncio.AbstractEventLoop, on_text: OnText) -> OnText:
     def deliver(delta: str) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed while the worker still ran
+        try:
             loop.call_soon_threadsafe(on_text, delta)
+        except RuntimeError:
+            log.debug("streamed text arrived after its event loop closed; it was dropped")
 
     return deliver
 

@@ -41,7 +41,12 @@ from bot.serving.engine import (
 
 QUEUE_DEPTH = Gauge("freeski_queue_depth", "Requests waiting for the inference worker")
 BATCH_SIZE = Histogram(
-    "freeski_batch_size", "Rows per generate call", buckets=(1, 2, 4, 8, 16, 32, 64)
+    "freeski_batch_size", "Rows per decoding step", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+RUNNING_ROWS = Gauge("freeski_running_rows", "Rows in the local worker's running batch")
+BATCH_TOKENS = Gauge(
+    "freeski_batch_tokens",
+    "Cache slots the running batch holds: rows times the longest row, padding included",
 )
 QUEUE_SECONDS = Histogram(
     "freeski_queue_seconds",

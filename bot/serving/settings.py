@@ -50,6 +50,11 @@ class EngineSettings:
     max_batch: int = 8
     queue_size: int = 64
     batch_wait_ms: float = 5.0
+    # Cache slots (tokens, padding included) the running batch may reserve: prompt + whole
+    # answer per row, times the rows. 16,384 is about 2 GiB of fp16 keys/values for
+    # Mistral-7B (128 KiB a token), what an 8 GB card has left beside the 4-bit weights.
+    max_batch_tokens: int = 16384
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled between two decoding steps
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
@@ -100,6 +105,8 @@ class EngineSettings:
             max_batch=env_int("MAX_BATCH", cls.max_batch, minimum=1),
             queue_size=env_int("QUEUE_SIZE", cls.queue_size, minimum=1),
             batch_wait_ms=env_float("BATCH_WAIT_MS", cls.batch_wait_ms, minimum=0.0),
+            max_batch_tokens=env_int("MAX_BATCH_TOKENS", cls.max_batch_tokens, minimum=64),
+            max_prefill_tokens=env_int("MAX_PREFILL_TOKENS", cls.max_prefill_tokens, minimum=1),
             max_new_tokens=env_int("MAX_NEW_TOKENS", cls.max_new_tokens, minimum=1),
             temperature=temperature,
             top_p=top_p,

@@ -1,22 +1,33 @@
-"""The inference worker: one thread, one model, dynamic batches of base and finetuned rows.
+"""The inference worker: one thread, one model, continuous batching of base and finetuned rows.
 
-A GPU serves many users best by decoding their answers together: one
-``generate`` over a batch costs little more than over one row while decoding
-is memory-bound. So the worker gathers whatever is waiting (up to
-``max_batch``, after at most ``batch_wait_s``) and runs it as one left-padded
-``generate`` with per-row ``adapter_names``; the LoRA adapter stays unmerged,
-so a base row and a finetuned row share a batch and ``/compare`` costs one
-pass, not two.
+A GPU serves many users best by decoding their answers together: one step
+over a batch costs little more than over one row while decoding is
+memory-bound. ``generate`` batches statically — nobody joins until the
+longest answer ends — so the worker runs its own decoding loop and
+schedules per step (iteration-level scheduling): questions that arrive are
+prefilled and join the running batch at the next step, and a row that ends
+leaves it at once, freeing its cache (:mod:`bot.serving.batch`). The LoRA
+adapter stays unmerged, so a base row and a finetuned row share every step
+and ``/compare`` costs one pass, not two.
 
-The thread owns the model: nothing else calls torch, so the event loop never
-blocks on it. Callers talk to it through :class:`GenerationRequest` callbacks,
-which run on the worker thread and must only hand results over (the
-:class:`bot.serving.local_engine.LocalEngine` passes them to its event loop).
+Admission is by a budget of cache slots (``max_batch_tokens``), not by rows
+alone: a row reserves its prompt plus its whole answer, counted as the
+padded rectangle the cache holds. Each row samples with its own settings
+(:mod:`bot.serving.sampling`) and streams its own text
+(:mod:`bot.serving.row_text`).
+
+The thread owns the model and the tokenizer: nothing else calls torch or
+tokenizes (a fast tokenizer used from two threads at once can fail), so the
+event loop never blocks on them. Callers talk to it through
+:class:`GenerationRequest` callbacks, which run on the worker thread and
+must only hand results over (the :class:`bot.serving.local_engine.LocalEngine`
+passes them to its event loop).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 import time
@@ -25,8 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.discord_bot.messages import trim_oldest_first
 from bot.serving import metrics
+from bot.serving.batch import DecodeBatch
+from bot.serving.context import trim_oldest_first
 from bot.serving.engine import (
     Answer,
     EngineBusy,
@@ -34,17 +46,17 @@ from bot.serving.engine import (
     EngineTimeout,
     EngineUnavailable,
     Message,
+    RequestTooLong,
+    Sampling,
     Variant,
 )
-from finetune.generation import (
-    GenerationSettings,
-    adapter_names_for,
-    chat_prompt,
-    encode_chats,
-    strip_stop_strings,
-)
+from bot.serving.row_text import RowText
+from bot.serving.sampling import RowSampling, choose_tokens
+from finetune.generation import GenerationSettings, adapter_names_for, encode_chats
 
 log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY = "the model ran out of memory on this question: try a shorter one"
 
 
 @dataclass(eq=False)
@@ -53,7 +65,8 @@ class GenerationRequest:
 
     ``on_text`` receives text deltas and ``on_done`` the :class:`Answer` or the
     exception, both on the worker thread. ``cancelled`` may be set from any
-    thread; the row then leaves its batch at the next decoding step.
+    thread; the row then leaves its batch before the next decoding step.
+    ``sampling`` fields left ``None`` take the worker's generation settings.
     """
 
     messages: Sequence[Message]
@@ -62,139 +75,53 @@ class GenerationRequest:
     deadline: float  # time.monotonic() by which the answer must be complete
     on_done: Callable[[Answer | BaseException], None]
     on_text: Callable[[str], None] | None = None
+    sampling: Sampling | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     # Filled in by the worker.
     started_at: float | None = None
     first_text_at: float | None = None
-    emitted_chars: int = 0  # survives an out-of-memory retry, so text is not streamed twice
     done: bool = False
 
 
-class BatchStreamer:
-    """Per-row incremental decoding for a batched ``generate``.
+@dataclass(frozen=True)
+class StopConditions:
+    """How an answer ends and how prompts are padded, as ``finetune.generation`` says."""
 
-    transformers' ``TextIteratorStreamer`` takes one row only. This one gets
-    the whole batch's new tokens each step, keeps every row's tokens, emits
-    each row's new text (never half a UTF-8 character, never the start of a
-    stop string) and decides when each row is done: its own token budget, a
-    stop string, cancellation or its deadline. :class:`RowsDone` tells
-    ``generate`` so the row stops costing compute.
+    eos_token_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    pad_token_id: int
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request as the scheduler holds it, from the queue through the batch to its answer.
+
+    It outlives a place in the batch: a row evicted after running out of
+    memory goes back to the queue with what it generated and is prefilled
+    again from prompt + answer so far, so nothing is streamed twice.
     """
 
-    def __init__(
-        self,
-        requests: Sequence[GenerationRequest],
-        tokenizer: Any,
-        stop_strings: Sequence[str],
-        finish: Callable[[int, str], None],
-    ) -> None:
-        self.requests = requests
-        self.tokenizer = tokenizer
-        self.stop_strings = tuple(stop_strings)
-        self.finish = finish  # (row, finish_reason) → the worker settles that request
-        self.eos_token_id = tokenizer.eos_token_id
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.texts: list[str] = ["" for _ in requests]
-        self.done = [False] * len(requests)
-        self._prompt_seen = False
+    request: GenerationRequest
+    text: RowText
+    prompt_ids: list[int] | None = None  # set on admission (tokenising is the worker's job)
+    sampling: RowSampling | None = None
+    generator: Any = None  # a seeded torch.Generator, or None
 
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate first hands over the prompt ids
-            self._prompt_seen = True
-            return
-        now = time.monotonic()
-        for row, token in enumerate(value.tolist()):
-            if self.done[row]:
-                continue
-            request = self.requests[row]
-            if request.cancelled:
-                self._end(row, "cancelled")
-            elif now > request.deadline:
-                self._end(row, "timeout")
-            elif token == self.eos_token_id:
-                self._end(row, "stop")
-            else:
-                self.tokens[row].append(token)
-                stopped = self._update_text(row)
-                if stopped:
-                    self._end(row, "stop")
-                elif len(self.tokens[row]) >= request.max_new_tokens:
-                    self._end(row, "length")
+    @property
+    def reserve(self) -> int:
+        """Cache slots the row may come to need: its prompt and its whole answer."""
+        assert self.prompt_ids is not None
+        return len(self.prompt_ids) + self.request.max_new_tokens
 
-    def end(self) -> None:
-        """``generate`` returned: every row still open ran out of the batch's token budget."""
-        for row in range(len(self.requests)):
-            if not self.done[row]:
-                self._end(row, "length")
-
-    def _update_text(self, row: int) -> bool:
-        """Decode the row, stream its settled new text; True once a stop string appeared."""
-        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        stopped = False
-        for stop in self.stop_strings:
-            index = text.find(stop)
-            if index != -1:
-                text, stopped = text[:index], True
-        self.texts[row] = text
-        settled = len(text) if stopped else self._settled_length(text)
-        self._emit(self.requests[row], text, settled)
-        return stopped
-
-    @staticmethod
-    def _emit(request: GenerationRequest, text: str, end: int) -> None:
-        """Stream ``text[:end]`` beyond what the caller has; the answer starts at its first
-        visible character."""
-        if request.on_text is None:
-            return
-        start = request.emitted_chars
-        if start == 0:
-            start = end - len(text[:end].lstrip())
-        if start >= end:
-            return
-        request.emitted_chars = end
-        if request.first_text_at is None:
-            request.first_text_at = time.monotonic()
-        request.on_text(text[start:end])
-
-    def _settled_length(self, text: str) -> int:
-        """How much of ``text`` cannot change: hold back a partial character or stop string."""
-        end = len(text) - 1 if text.endswith("\ufffd") else len(text)
-        for stop in self.stop_strings:
-            for size in range(min(len(stop) - 1, end), 0, -1):
-                if text[end - size : end] == stop[:size]:
-                    end -= size
-                    break
-        return end
-
-    def _end(self, row: int, reason: str) -> None:
-        """Flush what was held back (a stop-string prefix that never completed), then settle."""
-        self.done[row] = True
-        text = self.texts[row] = self.texts[row].rstrip("\ufffd")  # half a character is noise
-        if reason != "cancelled":
-            self._emit(self.requests[row], text, len(text))
-        self.finish(row, reason)
-
-
-class RowsDone:
-    """A stopping criterion that ends the rows the :class:`BatchStreamer` has finished.
-
-    transformers calls criteria before handing the step's tokens to the
-    streamer, so a row leaves one step after the streamer ends it: one extra
-    token of compute, and no second decode of every row each step.
-    """
-
-    def __init__(self, streamer: BatchStreamer) -> None:
-        self.streamer = streamer
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.tensor(self.streamer.done, dtype=torch.bool, device=input_ids.device)
+    @property
+    def input_ids(self) -> list[int]:
+        assert self.prompt_ids is not None
+        return self.prompt_ids + self.text.tokens
 
 
 class InferenceWorker:
-    """Owns the model on one thread and serves :class:`GenerationRequest` batches from a bounded queue."""
+    """Owns the model on one thread and serves :class:`GenerationRequest` rows from a bounded queue."""
 
     def __init__(
         self,
@@ -206,6 +133,8 @@ class InferenceWorker:
         max_batch: int = 8,
         queue_size: int = 64,
         batch_wait_s: float = 0.005,
+        max_batch_tokens: int = 16384,
+        max_prefill_tokens: int = 2048,
         max_context_tokens: int | None = None,
     ) -> None:
         self.model = model
@@ -215,17 +144,27 @@ class InferenceWorker:
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.batch_wait_s = batch_wait_s
+        self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_context_tokens = max_context_tokens or window or 4096
+        # generate honours the model's own minimum answer length; so does this loop.
+        config = getattr(model, "generation_config", None)
+        self.min_new_tokens = int(getattr(config, "min_new_tokens", None) or 0)
+        self.stop_conditions = self._stop_conditions(tokenizer)
+        self._cache_arg, self._forward_extra = _forward_arguments(model)
         self.started_at = time.monotonic()
-        self.batches_served = 0
+        self.batches_served = 0  # prefills: groups of questions that joined the running batch
         self.requests_served = 0
         self.tokens_generated = 0
-        self.generate_calls = 0
         self._throughput = metrics.RecentRate()
-        self._pending: deque[tuple[GenerationRequest, ...]] = deque()
+        self._token_cap = max_batch_tokens  # lowered after running out of memory
+        self._pending: deque[list[_Row]] = deque()
         self._pending_rows = 0
-        self._in_flight: list[GenerationRequest] = []
+        self._running: list[_Row] = []  # the batch's rows plus those being prefilled
+        self._batch: DecodeBatch | None = None  # the worker thread's alone
+        self._steps = 0
+        self._adapter_off: contextlib.AbstractContextManager[Any] | None = None  # held while off
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -239,30 +178,33 @@ class InferenceWorker:
             self._thread.start()
 
     def submit(self, *requests: GenerationRequest) -> int:
-        """Queue ``requests`` as one group (a ``/compare`` pair stays in one batch).
+        """Queue ``requests`` as one group (a ``/compare`` pair joins the batch together).
 
-        Returns how many rows wait ahead of them. A full queue raises
+        Returns how many rows are ahead of them. A full queue raises
         :class:`EngineBusy` at once rather than growing a backlog nobody waits for.
         """
         if self.adapter_name is None and any(r.variant == "finetuned" for r in requests):
             raise EngineError(
                 "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
             )
+        group = [
+            _Row(r, RowText(self.tokenizer, self.stop_conditions.stop_strings)) for r in requests
+        ]
         with self._cond:
             if not self._accepting:
                 raise EngineUnavailable("the bot is shutting down and takes no new questions")
-            if self._pending_rows + len(requests) > self.queue_size:
+            if self._pending_rows + len(group) > self.queue_size:
                 metrics.ERRORS.labels(kind="queue_full").inc()
                 raise EngineBusy(self._retry_after_s())
-            ahead = self._pending_rows + len(self._in_flight)
-            self._pending.append(tuple(requests))
-            self._pending_rows += len(requests)
+            ahead = self._pending_rows + len(self._running)
+            self._pending.append(group)
+            self._pending_rows += len(group)
             metrics.QUEUE_DEPTH.set(self._pending_rows)
             self._cond.notify()
         return ahead
 
     def cancel(self, request: GenerationRequest) -> None:
-        """Take ``request`` out: from the queue now, or from its batch at the next step."""
+        """Take ``request`` out: from the queue, or from the batch before the next step."""
         request.cancelled = True
         with self._cond:
             self._cond.notify()
@@ -273,14 +215,14 @@ class InferenceWorker:
 
     @property
     def busy(self) -> bool:
-        return bool(self._pending_rows or self._in_flight)
+        return bool(self._pending_rows or self._running)
 
     def tokens_per_s(self) -> float:
         with self._cond:
             return self._throughput.per_second()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until the queue is empty and no batch runs; False if ``timeout`` came first."""
+        """Block until the queue is empty and no row runs; False if ``timeout`` came first."""
         with self._cond:
             return self._cond.wait_for(lambda: not self.busy, timeout)
 
@@ -295,183 +237,382 @@ class InferenceWorker:
             self._stopping = True
             if cancel:
                 for group in self._pending:
-                    for request in group:
-                        request.cancelled = True
-                for request in self._in_flight:
-                    request.cancelled = True
+                    for row in group:
+                        row.request.cancelled = True
+                for row in self._running:
+                    row.request.cancelled = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _retry_after_s(self) -> float:
-        """A rough wait for a free slot: the queue ahead, at the recent pace of one batch."""
+        """A rough wait for a free slot: the queue ahead, at the recent pace."""
         rate = self._throughput.per_second()
         if rate <= 0:
             return 10.0
-        tokens_ahead = self._pending_rows * self.generation.max_new_tokens / max(self.max_batch, 1)
+        tokens_ahead = self._pending_rows * self.generation.max_new_tokens
         return max(1.0, min(120.0, tokens_ahead / rate))
 
-    # ---- the worker thread --------------------------------------------------------------
+    # ---- how prompts are encoded and answers end: finetune.generation's, in one place -----
+
+    def _stop_conditions(self, tokenizer: Any) -> StopConditions:
+        kwargs = self.generation.generate_kwargs(tokenizer)
+        eos = kwargs.get("eos_token_id")
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
+        pad = kwargs.get("pad_token_id")
+        if pad is None:
+            pad = min(eos_ids, default=0)
+        return StopConditions(eos_ids, tuple(kwargs.get("stop_strings") or ()), int(pad))
+
+    def _encode(self, messages: Sequence[Message]) -> list[int]:
+        return encode_chats(self.tokenizer, [list(messages)])["input_ids"][0].tolist()
+
+    # ---- the worker thread: the scheduling loop -----------------------------------------
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                self._serve(batch)
-            except Exception as exc:  # a bug or a broken model must not stop the worker
-                log.exception("batch of %d failed", len(batch))
-                metrics.ERRORS.labels(kind="generate").inc()
-                for request in batch:
-                    self._fail(request, EngineError(f"generation failed: {type(exc).__name__}"))
-            finally:
-                with self._cond:
-                    self._in_flight = []
-                    self._cond.notify_all()  # wake wait_idle()
+        import torch
 
-    def _next_batch(self) -> list[GenerationRequest] | None:
-        """Wait for work, give late arrivals ``batch_wait_s`` to join, take up to ``max_batch`` rows."""
+        with torch.inference_mode(), contextlib.ExitStack() as cleanup:
+            cleanup.callback(self._enable_adapter, True)  # leave the model as it was given
+            while self._wait_for_work():
+                try:
+                    self._iterate()
+                except torch.cuda.OutOfMemoryError:
+                    self._recover_from_out_of_memory()
+                except Exception as exc:  # a bug or a broken model must not stop the worker
+                    log.exception("decoding %d rows failed", len(self._running))
+                    metrics.ERRORS.labels(kind="generate").inc()
+                    error = EngineError(f"generation failed: {type(exc).__name__}")
+                    for row in self._running:
+                        self._fail(row, error)
+                    self._batch = None
+                finally:
+                    self._publish_running()
+
+    def _wait_for_work(self) -> bool:
+        """Sleep while there is nothing to do; an idle worker gives late arrivals ``batch_wait_s``."""
         with self._cond:
-            while not self._pending and not self._stopping:
+            while not self._pending and self._batch is None and not self._stopping:
                 self._cond.wait()
-            if not self._pending:
-                return None
-            if self._pending_rows < self.max_batch and not self._stopping:
+            if not self._pending and self._batch is None:
+                return False  # stopping, and everything is answered
+            if self._batch is None and not self._stopping:
                 wait_until = time.monotonic() + self.batch_wait_s
                 while self._pending_rows < self.max_batch and not self._stopping:
                     remaining = wait_until - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            batch: list[GenerationRequest] = []
-            now = time.monotonic()
-            while self._pending:
-                group = self._pending[0]
-                if batch and len(batch) + len(group) > self.max_batch:
+        return True
+
+    def _iterate(self) -> None:
+        """One scheduling step: admit what fits, prefill it into the batch, decode one token."""
+        admitted = self._admit()
+        if admitted:
+            self._join(admitted)
+        self._drop_ended()
+        if self._batch is not None:
+            self._decode_step()
+
+    def _admit(self) -> list[_Row]:
+        """Take queued groups, oldest first, while rows, cache slots and the prefill allowance last.
+
+        An idle worker always takes the oldest group, whatever the budget
+        after an out-of-memory says, so nothing waits forever.
+        """
+        running = self._batch.rows if self._batch is not None else []
+        reserve = max((r.reserve for r in running), default=0)
+        admitted: list[_Row] = []
+        while True:
+            with self._cond:
+                if not self._pending:
                     break
+                group = self._pending[0]
+            now = time.monotonic()
+            for row in group:
+                if not row.request.done:
+                    self._prepare(row, now)
+            live = [r for r in group if not r.request.done]
+            if live and (running or admitted):
+                rows = len(running) + len(admitted) + len(live)
+                group_reserve = max(reserve, *(r.reserve for r in live))
+                longest = max(len(r.input_ids) for r in admitted + live)
+                if (
+                    rows > self.max_batch
+                    or rows * group_reserve > self._token_cap
+                    or (
+                        admitted and (len(admitted) + len(live)) * longest > self.max_prefill_tokens
+                    )
+                ):
+                    break
+            with self._cond:
                 self._pending.popleft()
                 self._pending_rows -= len(group)
-                for request in group:
-                    if request.cancelled:
-                        self._settle(request, "cancelled", now)
-                    elif now > request.deadline:
-                        self._fail(
-                            request, EngineTimeout("no answer in time: the queue was too long")
-                        )
-                    else:
-                        request.started_at = now
-                        metrics.QUEUE_SECONDS.observe(now - request.enqueued_at)
-                        batch.append(request)
-            metrics.QUEUE_DEPTH.set(self._pending_rows)
-            self._in_flight = batch
-        return batch
+                metrics.QUEUE_DEPTH.set(self._pending_rows)
+                self._running.extend(live)
+            for row in live:
+                if row.request.started_at is None:
+                    row.request.started_at = now
+                    metrics.QUEUE_SECONDS.observe(now - row.request.enqueued_at)
+                reserve = max(reserve, row.reserve)
+            admitted.extend(live)
+        return admitted
 
-    def _serve(self, batch: list[GenerationRequest]) -> None:
-        """Generate ``batch``; on out-of-memory, halve it and retry each half."""
-        import torch
-
-        live = [r for r in batch if not r.done]
-        if not live:
+    def _prepare(self, row: _Row, now: float) -> None:
+        """Settle a queued row that is cancelled, late or too long; tokenise it the first time."""
+        request = row.request
+        if request.cancelled:
+            self._settle(row, "cancelled", now)
             return
-        try:
-            self._generate(live)
-        except torch.cuda.OutOfMemoryError:
-            metrics.ERRORS.labels(kind="out_of_memory").inc()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            retry = [r for r in live if not r.done]
-            if len(retry) == 1:
-                log.warning("out of memory on a single row; giving up on it")
-                self._fail(
-                    retry[0],
-                    EngineError("the model ran out of memory on this question: try a shorter one"),
-                )
-                return
-            log.warning("out of memory on a batch of %d; splitting it", len(retry))
-            half = len(retry) // 2
-            self._serve(retry[:half])
-            self._serve(retry[half:])
-
-    def _generate(self, batch: list[GenerationRequest]) -> None:
-        import torch
-
-        conversations = [self._fit_context(r) for r in batch]
-        inputs = encode_chats(self.tokenizer, conversations, device=self.model.device)
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        kwargs = self.generation.generate_kwargs(self.tokenizer)
-        kwargs["max_new_tokens"] = max(r.max_new_tokens for r in batch)
-        adapters = self._adapter_context([r.variant for r in batch], kwargs)
-
-        def finish(row: int, reason: str) -> None:
-            request = batch[row]
-            if reason == "timeout":
-                self._fail(request, EngineTimeout("the answer took too long and was stopped"))
-            else:
-                self._settle(
-                    request,
-                    reason,
-                    time.monotonic(),
-                    text=streamer.texts[row],
-                    prompt_tokens=prompt_tokens[row],
-                    completion_tokens=len(streamer.tokens[row]),
-                )
-
-        streamer = BatchStreamer(batch, self.tokenizer, self.generation.stop_strings, finish)
-        metrics.BATCH_SIZE.observe(len(batch))
-        self.generate_calls += 1
-        with torch.inference_mode(), adapters:
-            self.model.generate(
-                **inputs, **kwargs, streamer=streamer, stopping_criteria=[RowsDone(streamer)]
+        if now > request.deadline:
+            self._fail(row, EngineTimeout("no answer in time: the queue was too long"))
+            return
+        if row.prompt_ids is not None:  # back in the queue after running out of memory
+            return
+        limit = min(self.max_context_tokens, self.max_batch_tokens)
+        prompt_ids = self._fit_context(request, limit - request.max_new_tokens)
+        if len(prompt_ids) + request.max_new_tokens > limit:
+            self._fail(
+                row,
+                RequestTooLong(
+                    f"the question is too long: {len(prompt_ids)} prompt tokens plus up to "
+                    f"{request.max_new_tokens} for the answer is more than the {limit} this "
+                    "model server takes; shorten it or ask for a shorter answer"
+                ),
             )
-        self.batches_served += 1
-        if torch.cuda.is_available():
-            metrics.GPU_MEMORY_BYTES.set(torch.cuda.memory_allocated())
+            return
+        row.prompt_ids = prompt_ids
+        row.sampling = self._row_sampling(request.sampling)
+        if row.sampling.seed is not None and not row.sampling.greedy:
+            import torch
 
-    def _adapter_context(
-        self, variants: list[Variant], kwargs: dict[str, Any]
-    ) -> contextlib.AbstractContextManager[Any]:
-        """Route each row to its adapter, paying for per-row routing only in mixed batches.
+            row.generator = torch.Generator(device=self.model.device).manual_seed(row.sampling.seed)
 
-        peft's ``adapter_names`` path splits every LoRA layer's input by adapter,
-        which costs several times a plain forward at batch 16; a batch of one
-        variant runs with the adapter simply on, or off. Turning it off is
-        global to the model, which is safe only because this thread alone runs it.
-        """
-        kinds = set(variants)
-        if self.adapter_name is None or kinds == {"finetuned"}:
-            return contextlib.nullcontext()
-        if kinds == {"base"}:
-            return self.model.disable_adapter()
-        kwargs["adapter_names"] = adapter_names_for(variants, self.adapter_name)
-        return contextlib.nullcontext()
+    def _row_sampling(self, sampling: Sampling | None) -> RowSampling:
+        asked = sampling or Sampling()
+        defaults = self.generation
+        return RowSampling(
+            temperature=defaults.temperature if asked.temperature is None else asked.temperature,
+            top_p=defaults.top_p if asked.top_p is None else asked.top_p,
+            repetition_penalty=(
+                defaults.repetition_penalty
+                if asked.repetition_penalty is None
+                else asked.repetition_penalty
+            ),
+            seed=asked.seed,
+        )
 
-    def _fit_context(self, request: GenerationRequest) -> list[Message]:
-        """The request's chat, oldest turns dropped until prompt + answer fit the model's window."""
-        budget = self.max_context_tokens - request.max_new_tokens
+    def _fit_context(self, request: GenerationRequest, budget: int) -> list[int]:
+        """The prompt's token ids, oldest turns dropped until it fits ``budget``."""
 
         def fits(messages: list[Message]) -> bool:
-            prompt = chat_prompt(self.tokenizer, messages)
-            return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget
+            return len(self._encode(messages)) <= budget
 
-        return trim_oldest_first(list(request.messages), fits)
+        return self._encode(trim_oldest_first(list(request.messages), fits))
 
-    def _settle(
-        self,
-        request: GenerationRequest,
-        reason: str,
-        now: float,
-        *,
-        text: str = "",
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-    ) -> None:
+    def _join(self, admitted: list[_Row]) -> None:
+        """Prefill the admitted rows, give each its first token, and add them to the batch."""
+        new, logits = DecodeBatch.prefill(
+            admitted,
+            [row.input_ids for row in admitted],
+            pad_id=self.stop_conditions.pad_token_id,
+            device=self.model.device,
+            forward=self._forward,
+        )
+        self.batches_served += 1
+        self._advance(new, logits)
+        if len(new):
+            self._batch = new if self._batch is None else DecodeBatch.concatenate(self._batch, new)
+        self._gauge_memory()
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.RUNNING_ROWS.set(len(batch))
+        metrics.BATCH_TOKENS.set(batch.tokens_held)
+        logits = batch.step(self._forward)
+        self._advance(batch, logits)
+        if not len(batch):
+            self._batch = None
+            metrics.RUNNING_ROWS.set(0)
+            metrics.BATCH_TOKENS.set(0)
+        self._steps += 1
+        if self._steps % 64 == 0:
+            self._gauge_memory()
+
+    def _advance(self, batch: DecodeBatch, logits: Any) -> None:
+        """Choose each row's next token, stream it, and let the rows that ended leave."""
+        rows = batch.rows
+        if self.min_new_tokens and self.stop_conditions.eos_token_ids:
+            short = [i for i, r in enumerate(rows) if len(r.text.tokens) < self.min_new_tokens]
+            if short:
+                for eos in self.stop_conditions.eos_token_ids:
+                    logits[short, eos] = float("-inf")
+        tokens = choose_tokens(
+            logits,
+            [r.sampling for r in rows],  # type: ignore[misc]
+            seen=batch.seen,
+            generators=[r.generator for r in rows],
+        )
+        batch.take(tokens)
+        now = time.monotonic()
+        keep = []
+        for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            reason = self._next_token(row, token, now)
+            if reason is None:
+                keep.append(index)
+            else:
+                self._end(row, reason, now)
+        self._count_tokens(len(rows))
+        if len(keep) < len(rows):
+            if keep:
+                batch.keep(keep)
+            else:
+                batch.rows = []
+
+    def _next_token(self, row: _Row, token: int, now: float) -> str | None:
+        """Add ``token`` to the row; why the row ends now, or None if it goes on."""
+        request = row.request
+        if request.cancelled:
+            return "cancelled"
+        if now > request.deadline:
+            return "timeout"
+        if token in self.stop_conditions.eos_token_ids:
+            return "stop"
+        if row.text.add(token):
+            return "stop"
+        self._stream(row, final=False)
+        if len(row.text.tokens) >= request.max_new_tokens:
+            return "length"
+        return None
+
+    def _drop_ended(self) -> None:
+        """Rows cancelled or past their deadline leave before the step, not after it."""
+        batch = self._batch
+        if batch is None:
+            return
+        now = time.monotonic()
+        keep = []
+        for index, row in enumerate(batch.rows):
+            request = row.request
+            reason = (
+                "cancelled" if request.cancelled else "timeout" if now > request.deadline else None
+            )
+            if reason is None:
+                keep.append(index)
+            else:
+                self._end(row, reason, now)
+        if not keep:
+            self._batch = None
+        elif len(keep) < len(batch):
+            batch.keep(keep)
+
+    def _forward(
+        self, rows: Sequence[_Row], input_ids: Any, mask: Any, position_ids: Any, cache: Any
+    ) -> Any:
+        """One forward pass over ``rows``: each row's logits for its next token."""
+        kwargs = {self._cache_arg: cache, **self._forward_extra}
+        self._route_adapters([r.request.variant for r in rows], kwargs)
+        output = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs
+        )
+        return output.logits[:, -1, :]
+
+    def _route_adapters(self, variants: list[Variant], kwargs: dict[str, Any]) -> None:
+        """Route each row to its adapter, paying for per-row routing only in mixed batches.
+
+        peft's ``adapter_names`` path walks the model and hooks every LoRA
+        layer on each call; a pass of one variant runs with the adapter simply
+        on, or off. Switching it off walks every module too (14 ms for the
+        tiny bench model on 2 CPU cores, a GPU step's worth for a 7B model),
+        so the switch is held across steps and flipped only when the batch's
+        mix of variants changes. It is global to the model, which is safe
+        only because this thread alone runs it.
+        """
+        if self.adapter_name is None:
+            return
+        kinds = set(variants)
+        self._enable_adapter(kinds != {"base"})
+        if len(kinds) > 1:
+            kwargs["adapter_names"] = adapter_names_for(variants, self.adapter_name)
+
+    def _enable_adapter(self, enabled: bool) -> None:
+        if enabled and self._adapter_off is not None:
+            self._adapter_off.__exit__(None, None, None)
+            self._adapter_off = None
+        elif not enabled and self._adapter_off is None:
+            self._adapter_off = self.model.disable_adapter()
+            self._adapter_off.__enter__()
+
+    # ---- running out of memory ----------------------------------------------------------
+
+    def _recover_from_out_of_memory(self) -> None:
+        """Put every running row back at the head of the queue and halve the token budget.
+
+        The batch's cache may be half-updated, so it is dropped; its rows keep
+        what they generated and are prefilled again from there (nothing is
+        streamed twice). A row that runs out of memory alone gets a clear error.
+        """
+        import torch
+
+        metrics.ERRORS.labels(kind="out_of_memory").inc()
+        rows = [r for r in self._running if not r.request.done]
+        self._batch = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(rows) == 1:
+            log.warning("out of memory on a single row; giving up on it")
+            self._fail(rows[0], EngineError(OUT_OF_MEMORY))
+            return
+        attempted = len(rows) * max(r.reserve for r in rows)
+        self._token_cap = max(max(r.reserve for r in rows), attempted // 2)
+        log.warning(
+            "out of memory with %d rows (%d cache slots reserved): retrying them with a budget of "
+            "%d; set MAX_BATCH_TOKENS at or below that to avoid this",
+            len(rows),
+            attempted,
+            self._token_cap,
+        )
+        with self._cond:
+            self._running = []
+            self._pending.extendleft([row] for row in reversed(rows))
+            self._pending_rows += len(rows)
+            metrics.QUEUE_DEPTH.set(self._pending_rows)
+
+    # ---- answers ------------------------------------------------------------------------
+
+    def _stream(self, row: _Row, *, final: bool) -> None:
+        request = row.request
+        if request.on_text is None:
+            return
+        delta = row.text.take_new(final=final)
+        if delta:
+            if request.first_text_at is None:
+                request.first_text_at = time.monotonic()
+            request.on_text(delta)
+
+    def _end(self, row: _Row, reason: str, now: float) -> None:
+        if reason == "timeout":
+            self._fail(row, EngineTimeout("the answer took too long and was stopped"))
+            return
+        if reason != "cancelled":  # flush what was held back (a stop string that never completed)
+            row.text.finish()
+            self._stream(row, final=True)
+        self._settle(row, reason, now)
+
+    def _settle(self, row: _Row, reason: str, now: float) -> None:
+        request = row.request
         if request.done:
             return
         request.done = True
         started = request.started_at or now
+        completion_tokens = len(row.text.tokens)
         answer = Answer(
-            text=strip_stop_strings(text, self.generation.stop_strings),
+            text=row.text.answer(),
             variant=request.variant,
             finish_reason=reason,  # type: ignore[arg-type]
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=len(row.prompt_ids or ()),
             completion_tokens=completion_tokens,
             queue_s=started - request.enqueued_at,
             first_token_s=(
@@ -479,27 +620,51 @@ class InferenceWorker:
             ),
             total_s=now - request.enqueued_at,
         )
-        if answer.first_token_s is not None:
-            metrics.FIRST_TOKEN_SECONDS.observe(answer.first_token_s)
-        metrics.ANSWERS.labels(variant=request.variant, outcome=reason).inc()
-        if completion_tokens:
-            metrics.GENERATED_TOKENS.labels(variant=request.variant).inc(completion_tokens)
-            with self._cond:
-                self._throughput.add(completion_tokens)
-                metrics.TOKENS_PER_SECOND.set(self._throughput.per_second())
         self.requests_served += 1
         self.tokens_generated += completion_tokens
         self._deliver(request, answer)
 
-    def _fail(self, request: GenerationRequest, error: EngineError) -> None:
-        if request.done:
+    def _fail(self, row: _Row, error: EngineError) -> None:
+        if row.request.done:
             return
-        request.done = True
-        kind = "timeout" if isinstance(error, EngineTimeout) else "error"
-        metrics.ANSWERS.labels(variant=request.variant, outcome=kind).inc()
-        self._deliver(request, error)
+        row.request.done = True
+        self._deliver(row.request, error)
+
+    def _count_tokens(self, tokens: int) -> None:
+        with self._cond:
+            self._throughput.add(tokens)
+
+    def _publish_running(self) -> None:
+        """Let other threads see which rows run (for ``busy``, ``stop`` and ``wait_idle``)."""
+        rows = [
+            r for r in (self._batch.rows if self._batch is not None else []) if not r.request.done
+        ]
+        with self._cond:
+            self._running = rows
+            if not self.busy:
+                self._cond.notify_all()
+
+    def _gauge_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            metrics.GPU_MEMORY_BYTES.set(torch.cuda.memory_allocated())
 
     @staticmethod
     def _deliver(request: GenerationRequest, result: Answer | BaseException) -> None:
-        with contextlib.suppress(Exception):  # a caller's broken callback must not kill the worker
+        try:
             request.on_done(result)
+        except Exception:  # a caller's broken callback must not stop the worker
+            log.exception("the callback of a finished request failed")
+
+
+def _forward_arguments(model: Any) -> tuple[str, dict[str, Any]]:
+    """The name the model's forward takes its cache by (transformers renamed
+    ``past_key_values`` to ``cache``) and the other arguments every call passes:
+    logits for the last position only, where the model can cut them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    extra: dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in parameters:
+        extra["logits_to_keep"] = 1
+    return ("cache" if "cache" in parameters else "past_key_values"), extra
