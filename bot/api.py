@@ -45,6 +45,7 @@ from bot.engine import (
 from bot.engine_factory import build_engine
 from bot.metrics_server import start_metrics_server
 from bot.settings import ApiSettings, EngineSettings, log_level_from_env, metrics_port_from_env
+from finetune.chat import ConversationError, normalize_conversation
 from finetune.errors import UserError, cli_entry
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,12 @@ def _parse_messages(raw: Any) -> list[Message]:
                 param=f"{param}.role",
             )
         messages.append(Message(role=role, content=_text_content(item.get("content"), param)))
+    try:  # the engines normalize the rest (repeated roles, extra system messages)
+        normalize_conversation(messages)  # type: ignore[arg-type]
+    except ConversationError:
+        raise ApiError(
+            400, "'messages' must include a user message to answer.", param="messages"
+        ) from None
     return messages
 
 

@@ -51,7 +51,7 @@ from bot.engine import (
     stream_for,
 )
 from bot.settings import EngineSettings
-from finetune.generation import STOP_STRINGS
+from finetune.chat import FALLBACK_STOP_STRINGS, normalize_conversation
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,10 @@ class OpenAIEngine:
     def _payload(
         self, messages: Sequence[Message], variant: Variant, max_tokens: int
     ) -> dict[str, Any]:
-        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+        # Normalized as the local engine does: a peer's template may refuse two user turns.
+        chat = normalize_conversation(
+            [{"role": m["role"], "content": m["content"]} for m in messages]
+        )
         system_prompt = self._settings.system_prompt
         if system_prompt and (not chat or chat[0]["role"] != "system"):
             chat.insert(0, {"role": "system", "content": system_prompt})
@@ -312,7 +315,7 @@ class OpenAIEngine:
             "max_tokens": max_tokens,
             "temperature": self._settings.temperature,
             "top_p": self._settings.top_p,
-            "stop": list(STOP_STRINGS),
+            "stop": list(FALLBACK_STOP_STRINGS),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

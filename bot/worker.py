@@ -36,6 +36,7 @@ from bot.engine import (
     Variant,
 )
 from bot.messages import trim_oldest_first
+from finetune.chat import chat_format
 from finetune.generation import (
     GenerationSettings,
     adapter_names_for,
@@ -93,7 +94,7 @@ class BatchStreamer:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
         self.finish = finish  # (row, finish_reason) → the worker settles that request
-        self.eos_token_id = tokenizer.eos_token_id
+        self.stop_token_ids = set(chat_format(tokenizer).stop_token_ids)
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.texts: list[str] = ["" for _ in requests]
         self.done = [False] * len(requests)
@@ -112,7 +113,7 @@ class BatchStreamer:
                 self._end(row, "cancelled")
             elif now > request.deadline:
                 self._end(row, "timeout")
-            elif token == self.eos_token_id:
+            elif token in self.stop_token_ids:
                 self._end(row, "stop")
             else:
                 self.tokens[row].append(token)
@@ -211,6 +212,7 @@ class InferenceWorker:
         self.model = model
         self.tokenizer = tokenizer
         self.generation = generation
+        self.stop_strings = generation.stops(tokenizer)
         self.adapter_name = adapter_name
         self.max_batch = max_batch
         self.queue_size = queue_size
@@ -414,7 +416,7 @@ class InferenceWorker:
                     completion_tokens=len(streamer.tokens[row]),
                 )
 
-        streamer = BatchStreamer(batch, self.tokenizer, self.generation.stop_strings, finish)
+        streamer = BatchStreamer(batch, self.tokenizer, self.stop_strings, finish)
         metrics.BATCH_SIZE.observe(len(batch))
         self.generate_calls += 1
         with torch.inference_mode(), adapters:
@@ -468,7 +470,7 @@ class InferenceWorker:
         request.done = True
         started = request.started_at or now
         answer = Answer(
-            text=strip_stop_strings(text, self.generation.stop_strings),
+            text=strip_stop_strings(text, self.stop_strings),
             variant=request.variant,
             finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=prompt_tokens,

@@ -114,6 +114,12 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--seed", type=int, default=0, help="weight initialisation seed (default: 0)"
     )
+    parser.add_argument(
+        "--template",
+        choices=("mistral", "chatml", "llama3"),
+        default="mistral",
+        help="chat template family and its special tokens (default: mistral)",
+    )
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
     parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
@@ -133,7 +139,9 @@ def tiny_model_main(argv: Sequence[str]) -> int:
 
     from finetune.tiny_model import build_tiny_model
 
-    out = build_tiny_model(args.out, corpus_path=args.corpus, seed=args.seed, spec=spec)
+    out = build_tiny_model(
+        args.out, corpus_path=args.corpus, seed=args.seed, spec=spec, template=args.template
+    )
     print(f"tiny model written to {out}")
     return 0
 

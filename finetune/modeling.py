@@ -1,10 +1,10 @@
 """The one way every stage loads a base model, its tokenizer and a LoRA adapter.
 
 Training, evaluation, the demo and the bot's inference worker all call these
-functions, so the real Mistral-7B and the tiny test model go through exactly
+functions, so Mistral-7B, SmolLM2 and the tiny test model go through exactly
 the same code: 4-bit NF4 with double quantization via bitsandbytes (or plain
-weights), the Mistral chat template, and PEFT adapters kept unmerged so one
-model can serve base and finetuned rows in one batch.
+weights), the model's own chat template, and PEFT adapters kept unmerged so
+one model can serve base and finetuned rows in one batch.
 """
 
 from __future__ import annotations
@@ -139,18 +139,18 @@ def _from_pretrained(auto_class: Any, source: str, **kwargs: Any) -> Any:
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """Load a tokenizer ready for batched, left-padded generation and for training.
 
-    Mistral ships no pad token; padding with ``<unk>`` (never with ``</s>``)
-    keeps the trained end-of-sequence token out of the padding mask.
+    Its padding token is never the template's end-of-turn token (see
+    :func:`finetune.chat.prepare_tokenizer`), so that token stays trainable.
     """
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name_or_path, required_file="tokenizer_config.json")
+    from finetune.chat import prepare_tokenizer
+
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise UserError(f"tokenizer at {name_or_path} has no chat template: use an Instruct model")
-    return tokenizer
+    return prepare_tokenizer(tokenizer)
 
 
 def load_base_model(

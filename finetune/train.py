@@ -220,6 +220,8 @@ def peak_memory() -> dict[str, Any]:
 
 def distinct_questions(rows: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """One row per question: a thread's replies share a prompt, and samples.md should not repeat it."""
+    if limit < 1:
+        return []
     seen: set[str] = set()
     chosen = []
     for row in rows:
