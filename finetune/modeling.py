@@ -180,6 +180,29 @@ def load_base_model(
     return model
 
 
+def keep_4bit_layers_differentiable(model: Any) -> int:
+    """Stop bitsandbytes switching 4-bit layers to its inference-only CPU kernel; return how many.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` that runs once in eval mode
+    without gradients (every evaluation during training does) repacks its
+    weight for the ``gemv_4bit`` kernel and from then on always calls it. That
+    kernel has no backward: torch warns "an autograd kernel was not registered"
+    and treats the frozen weight's path as gradient-free, so every layer's
+    input gradient loses its ``Wᵀ·grad`` term and the LoRA weights below it get
+    wrong gradients for the rest of the run. Training keeps the ordinary
+    dequantize-and-matmul path, whose gradients match a dequantized reference
+    (tests/test_qlora_gradients.py). Call it before the model's first forward.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 TRAINING_ADAPTER_NAME = "default"  # peft saves this name flat, other names in a subfolder
 
 
@@ -187,6 +210,7 @@ def attach_new_adapter(model: PreTrainedModel, lora_config: Any) -> PeftModel:
     """Wrap ``model`` with a fresh, trainable LoRA adapter."""
     from peft import get_peft_model
 
+    keep_4bit_layers_differentiable(model)
     return get_peft_model(model, lora_config, adapter_name=TRAINING_ADAPTER_NAME)
 
 
@@ -231,6 +255,8 @@ def load_adapter(
         raise UserError(
             f"no adapter at {path} (adapter_config.json missing): point it at a run's adapter/ directory"
         )
+    if trainable:
+        keep_4bit_layers_differentiable(model)
     peft_model = PeftModel.from_pretrained(
         model, str(path), adapter_name=name, is_trainable=trainable
     )
