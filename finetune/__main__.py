@@ -64,12 +64,22 @@ def evaluate_main(argv: Sequence[str]) -> int:
         "--max-rows", type=int, default=200, help="test rows for the loss (0 = all)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    parser.add_argument(
+        "--questions",
+        type=int,
+        default=20,
+        help="test-split questions both models answer, compared with the forum's answers (0 = none)",
+    )
     args = parser.parse_args(argv)
 
     from finetune.evaluate import evaluate_run
 
     report = evaluate_run(
-        args.run, prompts=args.prompts, max_rows=args.max_rows, max_new_tokens=args.max_new_tokens
+        args.run,
+        prompts=args.prompts,
+        max_rows=args.max_rows,
+        max_new_tokens=args.max_new_tokens,
+        questions=args.questions,
     )
     print(report.summary())
     return 0

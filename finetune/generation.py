@@ -100,7 +100,13 @@ def strip_stop_strings(text: str, stops: Sequence[str]) -> str:
     return text.strip()
 
 
-def generate_texts(
+@dataclass(frozen=True)
+class GeneratedText:
+    text: str
+    ended: bool  # stopped on its own (end of turn, stop string), not at the length cap
+
+
+def generate_answers(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[Sequence[dict[str, str]]],
@@ -108,7 +114,7 @@ def generate_texts(
     *,
     variants: Sequence[str] | None = None,
     adapter_name: str = DEFAULT_ADAPTER_NAME,
-) -> list[str]:
+) -> list[GeneratedText]:
     """Answer each conversation in one ``generate`` call; ``variants`` mixes base/finetuned rows.
 
     ``adapter_name`` is the adapter "finetuned" rows use: a loaded run's adapter by
@@ -123,6 +129,27 @@ def generate_texts(
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs)
     new_tokens = output[:, batch["input_ids"].shape[1] :]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     stops = settings.stops(tokenizer)
-    return [strip_stop_strings(t, stops) for t in texts]
+    stop_ids = set(chat_format(tokenizer).stop_token_ids)
+    answers = []
+    for row in new_tokens.tolist():
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        ended = bool(stop_ids.intersection(row)) or any(stop in text for stop in stops)
+        answers.append(GeneratedText(strip_stop_strings(text, stops), ended))
+    return answers
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    settings: GenerationSettings,
+    *,
+    variants: Sequence[str] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+) -> list[str]:
+    """The answers' text alone (see :func:`generate_answers`)."""
+    answers = generate_answers(
+        model, tokenizer, conversations, settings, variants=variants, adapter_name=adapter_name
+    )
+    return [answer.text for answer in answers]

@@ -32,11 +32,15 @@ BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in mixed-adapter 
 def _quiet_libraries() -> None:
     """Keep user output to what they can act on.
 
-    bitsandbytes logs a CPU-kernel warning on every import, and peft and trl
-    call a transformers method that warns about its own rename.
+    bitsandbytes logs a CPU-kernel warning on every import, peft and trl
+    call a transformers method that warns about its own rename, and loading
+    draws a progress bar over a few hundred tensors.
     """
     for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load says nothing
     warnings.filterwarnings(
         "ignore", message=r".*is_gradient_checkpointing", category=FutureWarning
     )
