@@ -36,7 +36,7 @@ from bot.engine import (
     Variant,
 )
 from bot.messages import trim_oldest_first
-from finetune.chat import chat_format
+from finetune.chat import chat_format, normalize_conversation
 from finetune.generation import (
     GenerationSettings,
     adapter_names_for,
@@ -453,7 +453,8 @@ class InferenceWorker:
             prompt = chat_prompt(self.tokenizer, messages)
             return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget
 
-        return trim_oldest_first(list(request.messages), fits)
+        # Normalized first, so the oldest turns go in user/assistant pairs whatever was sent.
+        return trim_oldest_first(normalize_conversation(request.messages), fits)
 
     def _settle(
         self,
