@@ -250,3 +250,31 @@ async def test_the_api_answers_awkward_conversations_and_refuses_ones_without_a_
                     assert "user message" in (await response.json())["error"]["message"]
     finally:
         await engine.close()
+
+
+def test_any_conversation_renders_with_every_template_or_is_refused_as_questionless(
+    template_model: tuple[str, Path],
+):
+    """What the API fuzzing found, as a property: no role order makes a template raise."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tokenizer = load_tokenizer(template_model[1])
+    message = st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant"]),
+            "content": st.text(max_size=12),
+        }
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(message, min_size=1, max_size=6))
+    def renders(messages: list[dict[str, str]]) -> None:
+        if not any(m["role"] == "user" for m in messages):
+            with pytest.raises(ConversationError):
+                render_prompt(tokenizer, messages)
+            return
+        prompt = render_prompt(tokenizer, messages)
+        assert messages[-1]["content"].strip() in prompt or messages[-1]["role"] == "system"
+
+    renders()
