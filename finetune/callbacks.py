@@ -14,7 +14,14 @@ from transformers import ProgressCallback, TrainerCallback
 
 from finetune.report import read_metrics
 
-LOGGED_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy")
+LOGGED_KEYS = (
+    "loss",
+    "eval_loss",
+    "base_loss",
+    "learning_rate",
+    "grad_norm",
+    "mean_token_accuracy",
+)
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -2,10 +2,13 @@
 
 The loss is trl's own evaluation loss (completion tokens only, the same
 tokenization as training) on the run's test split, once with the adapter and
-once without; perplexity is its exponential. The answers come from a prompt
-set of ski questions, short and long, plus a few off-topic ones that catch a
-finetune which forgot how to do anything but ski talk. Base and finetuned
-answers to one prompt are rows of the same mixed-adapter batch.
+once without; perplexity is its exponential. Both models then answer the
+test split's questions, and their answers are measured against the forum's
+own (:mod:`finetune.answer_quality`: length, stopping, loops, leaks, ROUGE-L).
+Last, a prompt set of ski questions, short and long, plus a few off-topic
+ones that catch a finetune which forgot how to do anything but ski talk.
+Base and finetuned answers to one question are rows of the same
+mixed-adapter batch.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import math
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.answer_quality import AnswerStats, answer_stats, stats_table
 from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
 from finetune.errors import UserError
 
@@ -102,6 +106,20 @@ class PromptAnswer:
     question: str
     base: str
     finetuned: str
+    base_ended: bool = True
+    finetuned_ended: bool = True
+
+
+@dataclass(frozen=True)
+class TestAnswer:
+    """Both models' answers to a test-split question, beside the forum's own."""
+
+    question: str
+    forum: str
+    base: str
+    finetuned: str
+    base_ended: bool
+    finetuned_ended: bool
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,45 @@ class EvaluationReport:
     base_loss: float
     finetuned_loss: float
     answers: list[PromptAnswer]
+    test_answers: list[TestAnswer] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        from finetune.report import loss_verdict
+
+        return loss_verdict(self.base_loss, self.finetuned_loss)
+
+    def answer_stats(self) -> dict[str, AnswerStats]:
+        """Forum, base and finetuned answers to the test questions, measured alike."""
+        if not self.test_answers:
+            return {}
+        forum = [a.forum for a in self.test_answers]
+        return {
+            "forum": answer_stats(forum),
+            "base": answer_stats(
+                [a.base for a in self.test_answers],
+                ended=[a.base_ended for a in self.test_answers],
+                references=forum,
+            ),
+            "finetuned": answer_stats(
+                [a.finetuned for a in self.test_answers],
+                ended=[a.finetuned_ended for a in self.test_answers],
+                references=forum,
+            ),
+        }
+
+    def prompt_stats(self) -> dict[str, AnswerStats]:
+        if not self.answers:
+            return {}
+        return {
+            "base": answer_stats(
+                [a.base for a in self.answers], ended=[a.base_ended for a in self.answers]
+            ),
+            "finetuned": answer_stats(
+                [a.finetuned for a in self.answers],
+                ended=[a.finetuned_ended for a in self.answers],
+            ),
+        }
 
     @property
     def base_perplexity(self) -> float:
@@ -124,15 +181,31 @@ class EvaluationReport:
         data = asdict(self)
         data["base_perplexity"] = self.base_perplexity
         data["finetuned_perplexity"] = self.finetuned_perplexity
+        data["verdict"] = self.verdict
+        data["test_answer_stats"] = {k: v.to_json() for k, v in self.answer_stats().items()}
+        data["prompt_answer_stats"] = {k: v.to_json() for k, v in self.prompt_stats().items()}
         return data
 
     def summary(self) -> str:
-        return (
+        lines = [
             f"test split ({self.test_rows} rows): "
             f"base loss {self.base_loss:.4f} (perplexity {self.base_perplexity:.2f}), "
-            f"finetuned loss {self.finetuned_loss:.4f} (perplexity {self.finetuned_perplexity:.2f}); "
+            f"finetuned loss {self.finetuned_loss:.4f} (perplexity {self.finetuned_perplexity:.2f})",
+            self.verdict,
+        ]
+        stats = self.answer_stats()
+        if stats:
+            forum, base, tuned = stats["forum"], stats["base"], stats["finetuned"]
+            lines.append(
+                f"{forum.answers} test questions: median words forum {forum.median_words:g}, "
+                f"base {base.median_words:g}, finetuned {tuned.median_words:g}; "
+                f"ended on their own base {base.ended_on_own}, finetuned {tuned.ended_on_own}; "
+                f"ROUGE-L base {base.rouge_l:.3f}, finetuned {tuned.rouge_l:.3f}"
+            )
+        lines.append(
             f"{len(self.answers)} prompts answered, see {Path(self.run_dir) / 'evaluation.md'}"
         )
+        return "\n".join(lines)
 
     def to_markdown(self) -> str:
         from finetune.report import blockquote, table_cell
@@ -143,8 +216,29 @@ class EvaluationReport:
             "| --- | --- | --- |",
             f"| Base | {self.base_loss:.4f} | {self.base_perplexity:.2f} |",
             f"| Finetuned | {self.finetuned_loss:.4f} | {self.finetuned_perplexity:.2f} |\n",
-            f"Loss on the completions of {self.test_rows} test rows.\n",
+            f"Loss on the completions of {self.test_rows} test rows: {self.verdict}.\n",
         ]
+        stats = self.answer_stats()
+        if stats:
+            lines += [
+                "## Answers to the test questions, against the forum's\n",
+                *stats_table(stats),
+                "",
+                f"Greedy answers to {len(self.test_answers)} questions of the test split; "
+                "ROUGE-L compares each with the forum's own answer.\n",
+            ]
+            for number, answer in enumerate(self.test_answers, start=1):
+                lines += [
+                    f"### Test question {number}\n",
+                    blockquote(answer.question),
+                    "| Forum answer | Base | Finetuned |",
+                    "| --- | --- | --- |",
+                    f"| {table_cell(answer.forum)} | {table_cell(answer.base)} | "
+                    f"{table_cell(answer.finetuned)} |\n",
+                ]
+        prompt_stats = self.prompt_stats()
+        if prompt_stats:
+            lines += ["## Answers to the prompt set\n", *stats_table(prompt_stats), ""]
         for answer in self.answers:
             lines += [
                 f"## {answer.id} ({answer.kind})\n",
@@ -196,22 +290,50 @@ def split_losses(
 def answer_prompts(
     model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int
 ) -> list[PromptAnswer]:
-    from finetune.generation import GenerationSettings, generate_texts
+    pairs = answer_pairs(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p.question}] for p in prompts],
+        max_new_tokens,
+    )
+    return [
+        PromptAnswer(p.id, p.kind, p.question, base.text, tuned.text, base.ended, tuned.ended)
+        for p, (base, tuned) in zip(prompts, pairs, strict=True)
+    ]
+
+
+def answer_pairs(
+    model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int
+) -> list[tuple[Any, Any]]:
+    """(base, finetuned) greedy answers to each conversation, both rows of one batch."""
+    from finetune.generation import GenerationSettings, generate_answers
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    answers = []
-    for start in range(0, len(prompts), GENERATION_BATCH_PROMPTS):
-        chunk = prompts[start : start + GENERATION_BATCH_PROMPTS]
-        conversations = [[{"role": "user", "content": p.question}] for p in chunk for _ in (0, 1)]
+    pairs = []
+    for start in range(0, len(conversations), GENERATION_BATCH_PROMPTS):
+        chunk = conversations[start : start + GENERATION_BATCH_PROMPTS]
+        rows = [conversation for conversation in chunk for _ in (0, 1)]
         variants = ["base", "finetuned"] * len(chunk)
-        texts = generate_texts(model, tokenizer, conversations, settings, variants=variants)
-        for index, prompt in enumerate(chunk):
-            answers.append(
-                PromptAnswer(
-                    prompt.id, prompt.kind, prompt.question, texts[2 * index], texts[2 * index + 1]
-                )
-            )
-    return answers
+        answers = generate_answers(model, tokenizer, rows, settings, variants=variants)
+        pairs += [(answers[2 * i], answers[2 * i + 1]) for i in range(len(chunk))]
+    return pairs
+
+
+def answer_test_questions(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int
+) -> list[TestAnswer]:
+    pairs = answer_pairs(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens)
+    return [
+        TestAnswer(
+            question=row["prompt"][-1]["content"],
+            forum=row["completion"][-1]["content"],
+            base=base.text,
+            finetuned=tuned.text,
+            base_ended=base.ended,
+            finetuned_ended=tuned.ended,
+        )
+        for row, (base, tuned) in zip(rows, pairs, strict=True)
+    ]
 
 
 def evaluate_run(
@@ -220,17 +342,24 @@ def evaluate_run(
     prompts: str | Path | None = None,
     max_rows: int = 200,
     max_new_tokens: int = 256,
+    questions: int = 20,
 ) -> EvaluationReport:
-    """Evaluate a finished run; writes ``evaluation.json`` and ``evaluation.md`` into it."""
+    """Evaluate a finished run; writes ``evaluation.json`` and ``evaluation.md`` into it.
+
+    ``questions`` test-split questions (one per thread) are answered by both
+    models and compared with the forum's answers; 0 skips them.
+    """
     from finetune.data import drop_long_rows, load_dataset_dir
     from finetune.modeling import load_for_inference
-    from finetune.train import ADAPTER_DIR
+    from finetune.train import ADAPTER_DIR, distinct_questions
 
     run = Path(run_dir).expanduser()
     if not (run / RESOLVED_CONFIG_FILE).is_file():
         raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
-    if max_rows < 0 or max_new_tokens < 1:
-        raise UserError("--max-rows must be 0 or more and --max-new-tokens at least 1")
+    if max_rows < 0 or max_new_tokens < 1 or questions < 0:
+        raise UserError(
+            "--max-rows and --questions must be 0 or more and --max-new-tokens at least 1"
+        )
     config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
     prompt_set = load_prompts(prompts)
     splits = load_dataset_dir(config.dataset)
@@ -243,12 +372,16 @@ def evaluate_run(
         raise UserError(f"no test row fits max_length={config.max_length}")
     base_loss, finetuned_loss = split_losses(model, tokenizer, rows, config)
     model.eval()
+    test_answers = answer_test_questions(
+        model, tokenizer, distinct_questions(splits.test, questions), max_new_tokens
+    )
     report = EvaluationReport(
         run_dir=str(run),
         test_rows=len(rows),
         base_loss=base_loss,
         finetuned_loss=finetuned_loss,
         answers=answer_prompts(model, tokenizer, prompt_set, max_new_tokens),
+        test_answers=test_answers,
     )
     (run / "evaluation.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     (run / "evaluation.md").write_text(report.to_markdown(), encoding="utf-8")

@@ -4,6 +4,8 @@ One place turns chat messages into model input (through the chat template
 saved with the adapter, so the prompt format is the one training used) and
 one place turns generation settings into ``generate`` arguments, so the
 answers in ``samples.md`` and the answers in Discord come from the same code.
+Where a turn ends, and what must stop generation, come from the template
+(:mod:`finetune.chat`), never from a model family's strings written here.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from finetune.chat import chat_format, render_prompt
 from finetune.modeling import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
-
-# The model must never start writing the user's next turn.
-STOP_STRINGS = ("[INST]",)
 
 
 @dataclass(frozen=True)
@@ -28,28 +28,40 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 → greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.15
-    stop_strings: tuple[str, ...] = STOP_STRINGS
+    # None: the template's own (the text that opens the user's next turn, e.g. "[INST]")
+    stop_strings: tuple[str, ...] | None = None
+
+    def stops(self, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+        """The text that ends an answer: the model must never write the user's next turn."""
+        if self.stop_strings is not None:
+            return self.stop_strings
+        return chat_format(tokenizer).stop_strings
 
     def generate_kwargs(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-        """Arguments for ``model.generate``: sampling or greedy, EOS and stop strings."""
+        """Arguments for ``model.generate``: sampling or greedy, end-of-turn and stop strings."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
-            "eos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": list(chat_format(tokenizer).stop_token_ids),
             "pad_token_id": tokenizer.pad_token_id,
         }
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.stop_strings:
-            kwargs.update(stop_strings=list(self.stop_strings), tokenizer=tokenizer)
+        stops = self.stops(tokenizer)
+        if stops:
+            kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
         return kwargs
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """The templated prompt text; the template itself emits the single BOS."""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    """The templated prompt text of the normalized conversation.
+
+    The template writes whatever BOS the model wants, so it is encoded with no
+    special tokens added (as trl does in training): never a second BOS.
+    """
+    return render_prompt(tokenizer, messages)
 
 
 def encode_chats(
@@ -59,8 +71,8 @@ def encode_chats(
 ) -> dict[str, torch.Tensor]:
     """Left-padded batch of templated prompts, ready for batched ``generate``.
 
-    ``add_special_tokens=False`` because the template already wrote ``<s>``:
-    a second BOS is a prompt the model never saw in training.
+    ``add_special_tokens=False`` because the template already wrote its BOS:
+    a second one is a prompt the model never saw in training.
     """
     texts = [chat_prompt(tokenizer, conv) for conv in conversations]
     previous_side = tokenizer.padding_side
@@ -79,7 +91,7 @@ def adapter_names_for(
     return [BASE_ADAPTER_NAME if v == "base" else adapter_name for v in variants]
 
 
-def strip_stop_strings(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
+def strip_stop_strings(text: str, stops: Sequence[str]) -> str:
     """Cut at the first stop string (generate stops after it, so it is in the output)."""
     for stop in stops:
         index = text.find(stop)
@@ -88,7 +100,13 @@ def strip_stop_strings(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
     return text.strip()
 
 
-def generate_texts(
+@dataclass(frozen=True)
+class GeneratedText:
+    text: str
+    ended: bool  # stopped on its own (end of turn, stop string), not at the length cap
+
+
+def generate_answers(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[Sequence[dict[str, str]]],
@@ -96,7 +114,7 @@ def generate_texts(
     *,
     variants: Sequence[str] | None = None,
     adapter_name: str = DEFAULT_ADAPTER_NAME,
-) -> list[str]:
+) -> list[GeneratedText]:
     """Answer each conversation in one ``generate`` call; ``variants`` mixes base/finetuned rows.
 
     ``adapter_name`` is the adapter "finetuned" rows use: a loaded run's adapter by
@@ -111,5 +129,27 @@ def generate_texts(
     with torch.inference_mode():
         output = model.generate(**batch, **kwargs)
     new_tokens = output[:, batch["input_ids"].shape[1] :]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [strip_stop_strings(t, settings.stop_strings) for t in texts]
+    stops = settings.stops(tokenizer)
+    stop_ids = set(chat_format(tokenizer).stop_token_ids)
+    answers = []
+    for row in new_tokens.tolist():
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        ended = bool(stop_ids.intersection(row)) or any(stop in text for stop in stops)
+        answers.append(GeneratedText(strip_stop_strings(text, stops), ended))
+    return answers
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    settings: GenerationSettings,
+    *,
+    variants: Sequence[str] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER_NAME,
+) -> list[str]:
+    """The answers' text alone (see :func:`generate_answers`)."""
+    answers = generate_answers(
+        model, tokenizer, conversations, settings, variants=variants, adapter_name=adapter_name
+    )
+    return [answer.text for answer in answers]

@@ -1,10 +1,10 @@
 """The one way every stage loads a base model, its tokenizer and a LoRA adapter.
 
 Training, evaluation, the demo and the bot's inference worker all call these
-functions, so the real Mistral-7B and the tiny test model go through exactly
+functions, so Mistral-7B, SmolLM2 and the tiny test model go through exactly
 the same code: 4-bit NF4 with double quantization via bitsandbytes (or plain
-weights), the Mistral chat template, and PEFT adapters kept unmerged so one
-model can serve base and finetuned rows in one batch.
+weights), the model's own chat template, and PEFT adapters kept unmerged so
+one model can serve base and finetuned rows in one batch.
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ BASE_ADAPTER_NAME = "__base__"  # peft's name for "no adapter" in mixed-adapter 
 def _quiet_libraries() -> None:
     """Keep user output to what they can act on.
 
-    bitsandbytes logs a CPU-kernel warning on every import, and peft and trl
-    call a transformers method that warns about its own rename.
+    bitsandbytes logs a CPU-kernel warning on every import, peft and trl
+    call a transformers method that warns about its own rename, and loading
+    draws a progress bar over a few hundred tensors.
     """
     for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load says nothing
     warnings.filterwarnings(
         "ignore", message=r".*is_gradient_checkpointing", category=FutureWarning
     )
@@ -141,18 +145,18 @@ def _from_pretrained(auto_class: Any, source: str, **kwargs: Any) -> Any:
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """Load a tokenizer ready for batched, left-padded generation and for training.
 
-    Mistral ships no pad token; padding with ``<unk>`` (never with ``</s>``)
-    keeps the trained end-of-sequence token out of the padding mask.
+    Its padding token is never the template's end-of-turn token (see
+    :func:`finetune.chat.prepare_tokenizer`), so that token stays trainable.
     """
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name_or_path, required_file="tokenizer_config.json")
+    from finetune.chat import prepare_tokenizer
+
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise UserError(f"tokenizer at {name_or_path} has no chat template: use an Instruct model")
-    return tokenizer
+    return prepare_tokenizer(tokenizer)
 
 
 def load_base_model(
@@ -182,6 +186,29 @@ def load_base_model(
     return model
 
 
+def keep_4bit_layers_differentiable(model: Any) -> int:
+    """Stop bitsandbytes switching 4-bit layers to its inference-only CPU kernel; return how many.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` that runs once in eval mode
+    without gradients (every evaluation during training does) repacks its
+    weight for the ``gemv_4bit`` kernel and from then on always calls it. That
+    kernel has no backward: torch warns "an autograd kernel was not registered"
+    and treats the frozen weight's path as gradient-free, so every layer's
+    input gradient loses its ``Wᵀ·grad`` term and the LoRA weights below it get
+    wrong gradients for the rest of the run. Training keeps the ordinary
+    dequantize-and-matmul path, whose gradients match a dequantized reference
+    (tests/test_qlora_gradients.py). Call it before the model's first forward.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 TRAINING_ADAPTER_NAME = "default"  # peft saves this name flat, other names in a subfolder
 
 
@@ -189,6 +216,7 @@ def attach_new_adapter(model: PreTrainedModel, lora_config: Any) -> PeftModel:
     """Wrap ``model`` with a fresh, trainable LoRA adapter."""
     from peft import get_peft_model
 
+    keep_4bit_layers_differentiable(model)
     return get_peft_model(model, lora_config, adapter_name=TRAINING_ADAPTER_NAME)
 
 
@@ -233,6 +261,8 @@ def load_adapter(
         raise UserError(
             f"no adapter at {path} (adapter_config.json missing): point it at a run's adapter/ directory"
         )
+    if trainable:
+        keep_4bit_layers_differentiable(model)
     peft_model = PeftModel.from_pretrained(
         model, str(path), adapter_name=name, is_trainable=trainable
     )

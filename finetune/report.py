@@ -94,6 +94,16 @@ def render_samples(samples: Sequence[Sample], title: str) -> str:
     return "\n".join(parts)
 
 
+def loss_verdict(base_loss: float, finetuned_loss: float) -> str:
+    """One line a person can act on: did the adapter learn the forum (held-out loss)?"""
+    change = f"held-out loss {base_loss:.2f} → {finetuned_loss:.2f}"
+    if finetuned_loss <= base_loss * 0.98:
+        return f"{change}: the adapter learned the forum"
+    if finetuned_loss < base_loss * 1.02:
+        return f"{change}: barely moved: train longer or raise the learning rate"
+    return f"{change}: got worse: lower the learning rate"
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

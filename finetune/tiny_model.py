@@ -40,7 +40,67 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Mistral
+# ChatML (SmolLM2, Qwen): every turn ends with <|im_end|>, no BOS.
+CHATML_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Llama 3: a BOS, a header per turn, <|eot_id|> after every turn - which is not
+# the tokenizer's EOS (<|end_of_text|>), as in Meta's base tokenizer.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
+    "{{- message['content'] | trim + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class TemplateFamily:
+    """A chat template and the special tokens its tokenizer needs (ids from 0, in order)."""
+
+    template: str
+    special_tokens: tuple[str, ...]
+    bos: str | None
+    eos: str
+    unk: str | None
+    pad: str | None = None
+
+
+TEMPLATES = {
+    "mistral": TemplateFamily(
+        MISTRAL_CHAT_TEMPLATE, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>"
+    ),
+    "chatml": TemplateFamily(
+        CHATML_CHAT_TEMPLATE,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        unk="<|endoftext|>",
+        pad="<|im_end|>",  # as SmolLM2 ships it
+    ),
+    "llama3": TemplateFamily(
+        LLAMA3_CHAT_TEMPLATE,
+        (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ),
+        bos="<|begin_of_text|>",
+        eos="<|end_of_text|>",
+        unk=None,
+    ),
+}
+SPECIAL_TOKENS = list(TEMPLATES["mistral"].special_tokens)  # ids 0, 1, 2 as in Mistral
 
 
 @dataclass(frozen=True)
@@ -76,30 +136,32 @@ class TinyModelSpec:
                 )
 
 
-def train_tokenizer(corpus: str, vocab_size: int):
-    """A byte-level BPE (no unknown characters ever) with Mistral's special tokens."""
+def train_tokenizer(corpus: str, vocab_size: int, template: str = "mistral"):
+    """A byte-level BPE (no unknown characters ever) with the template family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    family = TEMPLATES[template]
+    backend = Tokenizer(models.BPE(unk_token=family.unk))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(family.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus.splitlines(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
+        bos_token=family.bos,
+        eos_token=family.eos,
+        unk_token=family.unk,
+        pad_token=family.pad,
         model_max_length=1024,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    tokenizer.chat_template = family.template
     return tokenizer
 
 
@@ -109,8 +171,15 @@ def build_tiny_model(
     corpus_path: str | Path | None = None,
     seed: int = 0,
     spec: TinyModelSpec | None = None,
+    template: str = "mistral",
 ) -> Path:
-    """Write a loadable tiny Mistral (config, safetensors, tokenizer) to ``out_dir``."""
+    """Write a loadable tiny Mistral (config, safetensors, tokenizer) to ``out_dir``.
+
+    ``template`` picks the chat format (mistral, chatml, llama3): the other two
+    exercise the template-generic paths the way SmolLM2 and Llama 3 would.
+    """
+    if template not in TEMPLATES:
+        raise UserError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)}")
     spec = spec or TinyModelSpec()
     spec.validate()
     corpus_file = Path(corpus_path) if corpus_path else DEFAULT_CORPUS
@@ -123,7 +192,7 @@ def build_tiny_model(
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    tokenizer = train_tokenizer(corpus, spec.vocab_size)
+    tokenizer = train_tokenizer(corpus, spec.vocab_size, template)
     # The embedding/lm_head rows round up to a multiple of 32, like every other linear layer.
     vocab = int(math.ceil(len(tokenizer) / 32) * 32)
     config = MistralConfig(
@@ -145,12 +214,18 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = MistralForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.unk_token_id
+    model.generation_config.pad_token_id = (
+        tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "tiny_model.json").write_text(
-        json.dumps({"seed": seed, "corpus": str(corpus_file), **asdict(spec)}, indent=2) + "\n"
+        json.dumps(
+            {"seed": seed, "corpus": str(corpus_file), "template": template, **asdict(spec)},
+            indent=2,
+        )
+        + "\n"
     )
     return out

@@ -34,6 +34,7 @@ from finetune.report import (
     SAMPLES_FILE,
     Sample,
     library_versions,
+    loss_verdict,
     plot_losses,
     read_metrics,
     render_samples,
@@ -230,6 +231,8 @@ def peak_memory() -> dict[str, Any]:
 
 def distinct_questions(rows: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """One row per question: a thread's replies share a prompt, and samples.md should not repeat it."""
+    if limit < 1:
+        return []
     seen: set[str] = set()
     chosen = []
     for row in rows:
@@ -365,6 +368,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
     if not any(r["step"] == trainer.state.global_step and "eval_loss" in r for r in records):
         trainer.evaluate()
         records = read_metrics(run_dir / METRICS_FILE)
+    base_eval_loss = base_loss(trainer)
     if not trainer.is_world_process_zero():
         return RunResult(run_dir=run_dir, manifest={})
 
@@ -393,6 +397,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         "resumed_from": checkpoint.name if checkpoint else None,
         "final_train_loss": _last(records, "loss"),
         "final_eval_loss": _last(records, "eval_loss"),
+        "base_eval_loss": base_eval_loss,
         "runtime_seconds": round(time.monotonic() - started, 1),
         "train_runtime_seconds": round(output.metrics.get("train_runtime", 0.0), 1),
         "peak_memory": peak_memory(),
@@ -400,4 +405,16 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         "libraries": library_versions(),
     }
     write_json(run_dir / MANIFEST_FILE, manifest)
+    final = manifest["final_eval_loss"]
+    if final is not None:
+        print(loss_verdict(base_eval_loss, final), flush=True)
     return RunResult(run_dir=run_dir, manifest=manifest)
+
+
+def base_loss(trainer: Any) -> float:
+    """The test split's loss with the adapter off: the number the run must beat.
+
+    Logged as ``base_loss`` (not ``eval_loss``), so the loss plot keeps the adapter's curve.
+    """
+    with trainer.model.disable_adapter():  # nothing else runs on the model now
+        return float(trainer.evaluate(metric_key_prefix="base")["base_loss"])

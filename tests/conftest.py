@@ -70,3 +70,13 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return save_adapter(
         peft_model, tmp_path_factory.mktemp("tiny-adapter"), load_tokenizer(tiny_model_dir)
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, fetched and converted once into the checkout's .cache/ (as `make demo` does)."""
+    from bot.demo import MODEL_CACHE, MODEL_NAME
+    from finetune.get_model import get_model
+
+    path, _ = get_model(MODEL_NAME, MODEL_CACHE)
+    return path

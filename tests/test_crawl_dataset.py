@@ -183,6 +183,21 @@ def test_the_title_is_cleaned_like_the_question(tmp_path):
             "control_strings",
         ),
         (
+            "<|im_start|>assistant\nKeep your weight forward.<|im_end|>",
+            "assistant\nKeep your weight forward.",
+            "control_strings",
+        ),
+        (
+            "<|start_header_id|>user<|end_header_id|> Stay low.<|eot_id|><|reserved_special_token_3|>",
+            "user Stay low.",
+            "control_strings",
+        ),
+        (
+            "<start_of_turn>model Lean forward<end_of_turn> <｜end▁of▁sentence｜>[SYSTEM_PROMPT]",
+            "model Lean forward",
+            "control_strings",
+        ),
+        (
             "[b]Wax[/b] often, see [url=https://x.test/wax]the wax guide[/url] or [URL]https://youtu.be/w[/URL][img]https://i.test/a.jpg[/img]",
             "Wax often, see the wax guide or https://youtu.be/w",
             "bbcode",

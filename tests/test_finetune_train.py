@@ -258,6 +258,17 @@ def test_evaluate_and_merge(trained_run: Path, tmp_path: Path):
     assert [a.id for a in report.answers] == ["wax", "capital"]
     saved = json.loads((trained_run / "evaluation.json").read_text())
     assert saved["finetuned_perplexity"] == pytest.approx(report.finetuned_perplexity)
+    questions = {
+        json.loads(line)["prompt"][-1]["content"] for line in (FIXTURE / "test.jsonl").open()
+    }
+    assert len(report.test_answers) == min(len(questions), 20)
+    assert {a.question for a in report.test_answers} <= questions
+    assert set(saved["test_answer_stats"]) == {"forum", "base", "finetuned"}
+    assert saved["test_answer_stats"]["forum"]["answers"] == len(report.test_answers)
+    assert saved["test_answer_stats"]["finetuned"]["ended_on_own"] <= len(report.test_answers)
+    assert saved["verdict"].startswith("held-out loss ")
+    markdown = (trained_run / "evaluation.md").read_text()
+    assert "ROUGE-L F1 against the forum's answer" in markdown and saved["verdict"] in markdown
 
     merged_dir = merge_run(trained_run, tmp_path / "merged", dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)

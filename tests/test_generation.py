@@ -32,7 +32,7 @@ def test_batch_is_left_padded_with_a_non_eos_pad(tiny_model_dir: Path):
 
 @pytest.mark.parametrize("text,expected", [("fine [INST] more", "fine"), ("no stop ", "no stop")])
 def test_strip_stop_strings(text: str, expected: str):
-    assert strip_stop_strings(text) == expected
+    assert strip_stop_strings(text, ("[INST]",)) == expected
 
 
 def test_mixed_batch_rows_match_single_variant_runs(tiny_model_dir: Path, tiny_adapter_dir: Path):

@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bot.serving.context import ConversationError, normalize_conversation
 from bot.serving.engine import Answer, FinishReason, Message, Variant
 from bot.serving.settings import EngineSettings
 
@@ -217,10 +218,17 @@ def parse_chat_request(
     except ValidationError as invalid:
         raise _first_problem(invalid) from None
     options = request.stream_options or StreamOptions()
+    messages = [message.message() for message in request.messages]
+    try:  # the engines normalize the rest (repeated roles, extra system messages)
+        normalize_conversation(messages)  # type: ignore[arg-type]
+    except ConversationError:
+        raise ApiError(
+            400, "'messages' must include a user message to answer.", param="messages"
+        ) from None
     return ChatRequest(
         model=request.model,
         variant=models[request.model],
-        messages=[message.message() for message in request.messages],
+        messages=messages,
         max_tokens=request.max_completion_tokens or request.max_tokens,
         stream=request.stream,
         include_usage=options.include_usage,

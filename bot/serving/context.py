@@ -11,6 +11,12 @@ from collections.abc import Callable, Sequence
 
 from bot.serving.engine import Message
 
+# The one normalization of a conversation (roles merged, one system message first), shared
+# with training and the templates; front ends reach it through here.
+from finetune.chat import ConversationError, normalize_conversation
+
+__all__ = ["ConversationError", "normalize_conversation", "trim_oldest_first", "with_system_prompt"]
+
 
 def with_system_prompt(messages: Sequence[Message], system_prompt: str) -> list[Message]:
     """``messages`` led by the operator's ``SYSTEM_PROMPT``, unless it is empty or one leads already.

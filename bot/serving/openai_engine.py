@@ -56,7 +56,7 @@ from bot.serving.engine import (
     stream_for,
 )
 from bot.serving.settings import EngineSettings
-from finetune.generation import STOP_STRINGS
+from finetune.chat import FALLBACK_STOP_STRINGS, normalize_conversation
 from freeski_common.http import parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,17 @@ class OpenAIEngine:
         self, messages: Sequence[Message], variant: Variant, max_tokens: int
     ) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` for one answer."""
-        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+        # Normalized as the local engine does: a peer's template may refuse two user turns.
+        chat = normalize_conversation(
+            [{"role": m["role"], "content": m["content"]} for m in messages]
+        )
         request: dict[str, Any] = {
             "model": self._model_names[variant],
             "messages": with_system_prompt(chat, self._settings.system_prompt),  # type: ignore[arg-type]
             "max_tokens": max_tokens,
             "temperature": self._settings.temperature,
             "top_p": self._settings.top_p,
-            "stop": list(STOP_STRINGS),
+            "stop": list(FALLBACK_STOP_STRINGS),
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -52,6 +52,7 @@ from bot.serving.engine import (
 )
 from bot.serving.row_text import RowText
 from bot.serving.sampling import RowSampling, choose_tokens
+from finetune.chat import normalize_conversation
 from finetune.generation import GenerationSettings, adapter_names_for, encode_chats
 
 log = logging.getLogger(__name__)
@@ -408,7 +409,8 @@ class InferenceWorker:
         def fits(messages: list[Message]) -> bool:
             return len(self._encode(messages)) <= budget
 
-        return self._encode(trim_oldest_first(list(request.messages), fits))
+        # Normalized first, so the oldest turns go in user/assistant pairs whatever was sent.
+        return self._encode(trim_oldest_first(normalize_conversation(request.messages), fits))
 
     def _join(self, admitted: list[_Row]) -> None:
         """Prefill the admitted rows, give each its first token, and add them to the batch."""
