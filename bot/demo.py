@@ -30,6 +30,9 @@ CONFIG = "configs/smollm2-cpu.yaml"
 STEPS = 6
 QUESTIONS_SHOWN = 3
 ANSWER_TOKENS = 64
+# Of the shipped prompt set, one ski question and one off-topic question: the demo's
+# evaluation answers these, not all twelve (each costs a batch of CPU time).
+DEMO_PROMPTS = ("wax-slush", "off-topic-capital")
 
 
 def _step(number: int, title: str) -> float:
@@ -81,6 +84,13 @@ def test_questions(dataset: Path, limit: int = QUESTIONS_SHOWN) -> list[tuple[st
         if len(chosen) == limit:
             break
     return chosen
+
+
+def _write_prompts(out: Path) -> Path:
+    shipped = ROOT / "finetune" / "prompts" / "ski_prompts.json"
+    prompts = json.loads(shipped.read_text(encoding="utf-8"))
+    out.write_text(json.dumps([p for p in prompts if p["id"] in DEMO_PROMPTS], indent=2))
+    return out
 
 
 def _shorten(text: str, width: int = 220) -> str:
@@ -173,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate",
         "--run",
         str(run),
+        "--prompts",
+        str(_write_prompts(work / "prompts.json")),
         "--questions",
         "8",
         "--max-new-tokens",
