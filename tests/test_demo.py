@@ -110,6 +110,7 @@ def serving_env(work: Path, **extra: str) -> dict[str, str]:
         "API_TOKEN": "",
         "METRICS_PORT": "",
         "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",  # a few answers: one thread never loses to a busy machine
         **extra,
     }
 
