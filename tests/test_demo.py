@@ -25,7 +25,7 @@ from tests.loopback import api_url_from_log
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What skis should I get for park and powder?"
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = pytest.mark.timeout(2700)  # ~6 min on 2 idle cores; far more on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1400,
+        timeout=2400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, work
@@ -110,6 +110,7 @@ def serving_env(work: Path, **extra: str) -> dict[str, str]:
         "API_TOKEN": "",
         "METRICS_PORT": "",
         "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",  # a few answers: one thread never loses to a busy machine
         **extra,
     }
 
