@@ -6,7 +6,8 @@ window starts a few tokens back (at the previous clean point), so decoders
 that change a token's text by what precedes it (SentencePiece's leading
 space) give the same text as decoding everything at once.
 
-What is streamed never splits a UTF-8 character, never shows the start of a
+What is streamed never splits a UTF-8 character (nor shows the replacement
+character a decoder writes for bytes that make no character), never shows the start of a
 stop string that may still complete, and adds up exactly to the final
 answer (which is stripped, so edge whitespace waits until text follows it).
 """
@@ -72,7 +73,9 @@ class RowText:
         if window.endswith(REPLACEMENT) and not final:
             return  # half a character: wait for the token that completes it
         new = window[len(self._prefix_text) :]
-        self.text += new.rstrip(REPLACEMENT) if final else new
+        # A replacement character that stays is bytes no character can be made of (or half a
+        # character at the very end): noise the reader should never see, streamed or final.
+        self.text += new.replace(REPLACEMENT, "")
         self._prefix, self._read = self._read, len(self.tokens)
         self._prefix_text = self.tokenizer.decode(
             self.tokens[self._prefix : self._read], skip_special_tokens=True
