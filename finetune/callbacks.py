@@ -52,7 +52,14 @@ class MetricsLog(TrainerCallback):
 
 
 class LogLine(ProgressCallback):
-    """tqdm bars as usual, but one readable line per logging step instead of a raw dict."""
+    """The training bar, and one readable line per logging step instead of a raw dict.
+
+    Evaluation draws no bar of its own: a second bar nested under the first
+    leaves cursor-movement debris in logs, and its result is a line anyway.
+    """
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        return
 
     keys: tuple[str, ...] = LOGGED_KEYS
 
