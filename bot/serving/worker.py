@@ -166,6 +166,8 @@ class InferenceWorker:
         self._batch: DecodeBatch | None = None  # the worker thread's alone
         self._steps = 0
         self._adapter_off: contextlib.AbstractContextManager[Any] | None = None  # held while off
+        self._names_hooks: contextlib.AbstractContextManager[Any] | None = None
+        self._held_names: list[str] | None = None
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -275,6 +277,7 @@ class InferenceWorker:
 
         with torch.inference_mode(), contextlib.ExitStack() as cleanup:
             cleanup.callback(self._enable_adapter, True)  # leave the model as it was given
+            cleanup.callback(self._hold_adapter_names, None, {})
             while self._wait_for_work():
                 try:
                     self._iterate()
@@ -307,11 +310,12 @@ class InferenceWorker:
         return True
 
     def _iterate(self) -> None:
-        """One scheduling step: admit what fits, prefill it into the batch, decode one token."""
+        """One scheduling step: drop rows that ended, admit what fits in the room they leave,
+        prefill it into the batch, decode one token for every row."""
+        self._drop_ended()
         admitted = self._admit()
         if admitted:
             self._join(admitted)
-        self._drop_ended()
         if self._batch is not None:
             self._decode_step()
 
@@ -524,20 +528,40 @@ class InferenceWorker:
     def _route_adapters(self, variants: list[Variant], kwargs: dict[str, Any]) -> None:
         """Route each row to its adapter, paying for per-row routing only in mixed batches.
 
-        peft's ``adapter_names`` path walks the model and hooks every LoRA
-        layer on each call; a pass of one variant runs with the adapter simply
-        on, or off. Switching it off walks every module too (14 ms for the
-        tiny bench model on 2 CPU cores, a GPU step's worth for a 7B model),
-        so the switch is held across steps and flipped only when the batch's
-        mix of variants changes. It is global to the model, which is safe
-        only because this thread alone runs it.
+        A pass of one variant runs with the adapter simply on, or off; a mixed
+        pass gives peft one adapter name per row. Both cost a walk over every
+        module of the model to set up (14 ms for the tiny bench model on 2 CPU
+        cores; a GPU decoding step's worth for a 7B model), so both are held
+        across steps and changed only when the batch's rows change. Both are
+        global to the model, which is safe only because this thread alone runs it.
         """
         if self.adapter_name is None:
             return
         kinds = set(variants)
         self._enable_adapter(kinds != {"base"})
-        if len(kinds) > 1:
-            kwargs["adapter_names"] = adapter_names_for(variants, self.adapter_name)
+        names = adapter_names_for(variants, self.adapter_name) if len(kinds) > 1 else None
+        self._hold_adapter_names(names, kwargs)
+
+    def _hold_adapter_names(self, names: list[str] | None, kwargs: dict[str, Any]) -> None:
+        """Keep peft's per-row routing hooks for ``names`` on the LoRA layers until the rows change.
+
+        This is peft's own mechanism (``PeftModel.generate`` holds it for a
+        whole call); a peft without it gets the names on every call instead.
+        """
+        if names == self._held_names:
+            return
+        if self._names_hooks is not None:
+            self._names_hooks.__exit__(None, None, None)
+            self._names_hooks, self._held_names = None, None
+        if names is None:
+            return
+        hooks = getattr(self.model, "_enable_peft_forward_hooks", None)
+        if hooks is None:
+            kwargs["adapter_names"] = names
+            return
+        self._names_hooks = hooks(adapter_names=names)
+        self._names_hooks.__enter__()
+        self._held_names = names
 
     def _enable_adapter(self, enabled: bool) -> None:
         if enabled and self._adapter_off is not None:
