@@ -38,7 +38,6 @@ from finetune.report import (
     blockquote,
     library_versions,
     plot_losses,
-    read_metrics,
     table_cell,
     write_json,
 )
@@ -47,10 +46,10 @@ from finetune.train import (
     FROZEN_ON_RESUME,
     RunResult,
     distinct_questions,
-    latest_checkpoint,
     peak_memory,
     pin_dataset,
     prepare_run_dir,
+    train_to_the_end,
     trainer_arguments,
     training_device,
 )
@@ -298,20 +297,7 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
                 )
                 source = trainer.model.get_parameter(reference) if reference != name else param
                 param.data = source.data.detach().clone().float()
-    if checkpoint is not None:
-        print(f"resuming from {checkpoint}", file=sys.stderr)
-    try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
-        last = latest_checkpoint(run_dir)
-        where = f"the latest checkpoint is {last.name}" if last else "no checkpoint was written yet"
-        print(f"stopped at step {trainer.state.global_step}: {where}", file=sys.stderr)
-        raise
-
-    records = read_metrics(run_dir / METRICS_FILE)
-    if not any(r["step"] == trainer.state.global_step and "eval_loss" in r for r in records):
-        trainer.evaluate()
-        records = read_metrics(run_dir / METRICS_FILE)
+    output, records = train_to_the_end(trainer, run_dir, checkpoint)
     if not trainer.is_world_process_zero():
         return RunResult(run_dir=run_dir, manifest={})
 

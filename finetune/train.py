@@ -281,6 +281,32 @@ def _last(records: Sequence[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
+def train_to_the_end(
+    trainer: Any, run_dir: Path, checkpoint: Path | None
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Run ``trainer`` (from ``checkpoint`` when resuming) and make sure the last step is evaluated.
+
+    Shared by SFT and DPO so both say the same on Ctrl-C — where the run can
+    be resumed from — and both end with the final step's eval loss in the
+    metrics, which the report and the verdict read.
+    """
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint}", file=sys.stderr)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(run_dir)
+        where = f"the latest checkpoint is {last.name}" if last else "no checkpoint was written yet"
+        print(f"stopped at step {trainer.state.global_step}: {where}", file=sys.stderr)
+        raise
+
+    records = read_metrics(run_dir / METRICS_FILE)
+    if not any(r["step"] == trainer.state.global_step and "eval_loss" in r for r in records):
+        trainer.evaluate()
+        records = read_metrics(run_dir / METRICS_FILE)
+    return output, records
+
+
 def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
     """Train, then write adapter/, config.yaml, metrics.jsonl, loss.png, samples.md, manifest.json."""
     started = time.monotonic()
@@ -354,20 +380,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    if checkpoint is not None:
-        print(f"resuming from {checkpoint}", file=sys.stderr)
-    try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
-        last = latest_checkpoint(run_dir)
-        where = f"the latest checkpoint is {last.name}" if last else "no checkpoint was written yet"
-        print(f"stopped at step {trainer.state.global_step}: {where}", file=sys.stderr)
-        raise
-
-    records = read_metrics(run_dir / METRICS_FILE)
-    if not any(r["step"] == trainer.state.global_step and "eval_loss" in r for r in records):
-        trainer.evaluate()
-        records = read_metrics(run_dir / METRICS_FILE)
+    output, records = train_to_the_end(trainer, run_dir, checkpoint)
     base_eval_loss = base_loss(trainer)
     if not trainer.is_world_process_zero():
         return RunResult(run_dir=run_dir, manifest={})
