@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ QUESTIONS = [
     "How should ski boots fit when I try them on?",
 ]
 STARTUP_TIMEOUT_S = 600
+PEER_BLOCK_TOKENS = 256  # transformers' continuous batching: tokens per cache block (page_size)
 
 
 @dataclass
@@ -173,6 +175,13 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise SystemExit(f"{url} did not come up in {STARTUP_TIMEOUT_S} s")
 
 
+def thread_env(args: argparse.Namespace) -> dict[str, str]:
+    """The same CPU thread count for both servers (``--threads``), or torch's own choice."""
+    if args.threads is None:
+        return {}
+    return {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+
 def launch(
     command: list[str], log: Path, tmp: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -193,8 +202,10 @@ def start_ours(args: argparse.Namespace, model: Path, adapter: Path | None, tmp:
         "REPETITION_PENALTY": "1.0",
         "MAX_NEW_TOKENS": "256",
         "MAX_BATCH": str(args.max_batch),
+        "MAX_BATCH_TOKENS": str(args.max_batch_tokens),
         "QUEUE_SIZE": "256",
         "LOG_LEVEL": "INFO",
+        **thread_env(args),
     }
     env.pop("ADAPTER_PATH", None)
     env.pop("API_TOKEN", None)
@@ -253,10 +264,13 @@ def start_peer(args: argparse.Namespace, model: Path, tmp: Path) -> Server:
         "127.0.0.1",
         "--port",
         str(port),
+        # the same key/value cache as this project's MAX_BATCH_TOKENS, not most of the RAM
+        "--cb-num-blocks",
+        str(math.ceil(args.max_batch_tokens / PEER_BLOCK_TOKENS)),
     ]
     if args.four_bit:
         command += ["--quantization", "bnb-4bit"]
-    process = launch(command, log, tmp)
+    process = launch(command, log, tmp, {**os.environ, **thread_env(args)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{url}/v1/models", process, log)
@@ -472,6 +486,8 @@ def run(args: argparse.Namespace) -> dict:
         "load_in_4bit": args.four_bit,
         "device": args.device or "auto",
         "max_batch": args.max_batch,
+        "max_batch_tokens": args.max_batch_tokens,
+        "threads": args.threads,
         "peer": "transformers serve --continuous-batching" if len(servers) > 1 else why_not,
         "scenarios": scenarios,
         "notes": {s.name: s.notes for s in servers},
@@ -505,6 +521,15 @@ def main() -> None:
     precision.add_argument("--4bit", dest="four_bit", action="store_true", default=None)
     precision.add_argument("--no-4bit", dest="four_bit", action="store_false")
     parser.add_argument("--max-batch", type=int, default=16, help="MAX_BATCH for this project")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=16384,
+        help="key/value cache of both servers, in tokens (MAX_BATCH_TOKENS; the peer's blocks)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of each server (default: torch's choice)"
+    )
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each load request")
     parser.add_argument("--short-tokens", type=int, default=16)
@@ -517,9 +542,8 @@ def main() -> None:
     parser.add_argument("--poisson-requests", type=int, default=12)
     parser.add_argument("--no-peer", action="store_true", help="measure this project only")
     args = parser.parse_args()
-    if (
-        args.four_bit is None
-    ):  # the bot's default for its own tiny model; full weights for a real one
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop both servers on the way out
+    if args.four_bit is None:  # 4-bit for the bot's own tiny model, full weights for a real one
         args.four_bit = args.model is None
     report = run(args)
     print_table(report)
