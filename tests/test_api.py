@@ -22,7 +22,14 @@ import pytest
 from bot.api.routes import create_app
 from bot.api.server import check_bind_allowed, main
 from bot.api.settings import ApiSettings
-from bot.serving.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
+from bot.serving.engine import (
+    EngineBusy,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    Message,
+    RequestTooLong,
+)
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
 from finetune.errors import UserError
@@ -291,6 +298,7 @@ async def test_a_body_over_the_size_cap_is_refused(engine: ScriptedEngine) -> No
         (EngineBusy(retry_after_s=2.5), 429),
         (EngineTimeout("too slow"), 504),
         (EngineUnavailable("model gone"), 503),
+        (RequestTooLong("the question is too long for this server"), 400),
         (EngineError("it broke"), 500),
     ],
 )

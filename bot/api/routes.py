@@ -37,6 +37,7 @@ from bot.serving.engine import (
     EngineTimeout,
     EngineUnavailable,
     Message,
+    RequestTooLong,
     Variant,
 )
 from bot.serving.settings import EngineSettings
@@ -224,6 +225,8 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return ApiError(504, str(error), type="timeout", code="timeout").response()
     except EngineUnavailable as error:
         return ApiError(503, str(error), type="service_unavailable").response()
+    except RequestTooLong as error:  # the asker's to shorten, as OpenAI says of a long context
+        return ApiError(400, str(error), code="context_length_exceeded").response()
     except EngineError as error:
         return ApiError(500, str(error), type="server_error").response()
     except web.HTTPException as error:
@@ -266,6 +269,8 @@ def _error_event(error: Exception) -> dict[str, Any]:
         kind = "timeout"
     elif isinstance(error, EngineUnavailable):
         kind = "service_unavailable"
+    elif isinstance(error, RequestTooLong):
+        kind = "invalid_request_error"
     else:
         kind = "server_error"
     message = str(error) if isinstance(error, EngineError) else "Internal server error."
