@@ -5,7 +5,8 @@ python -m crawl fetch [--forum-url URL] --db FILE [--max-threads N] [--pages-per
                       [--concurrency 4] [--delay SECONDS] [--refresh]
 python -m crawl dataset --db FILE --out DIR [--test-fraction 0.1] [--seed 0]
                         [--min-answer-chars N] [--max-chars N] [--tokenizer NAME_OR_DIR]
-                        [--copypasta-threads 3]
+                        [--copypasta-threads 3] [--context K] [--distractors 0.2]
+python -m crawl index --db FILE [--rebuild]
 python -m crawl serve-sample [--host 127.0.0.1] [--port 0] [--dir DIR]
 
 The option names are a stable interface: operators' scripts depend on them.
@@ -34,6 +35,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
     return value
 
 
@@ -218,6 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
         "(spam, signatures, copypasta) (default: %(default)s)",
     )
 
+    dataset.add_argument(
+        "--context",
+        metavar="K",
+        type=_non_negative_int,
+        default=0,
+        help="put K passages found by the search index in each prompt (the grounded layout "
+        "the bot answers with); 0 for questions alone (default: %(default)s)",
+    )
+    dataset.add_argument(
+        "--distractors",
+        metavar="FRACTION",
+        type=_fraction,
+        default=0.2,
+        help="with --context: the share of rows whose passages all come from other threads, "
+        "so the model learns to ignore context that does not answer (default: %(default)s)",
+    )
+
+    index = commands.add_parser(
+        "index", help="build or bring up to date a store's search index (resumable)"
+    )
+    index.add_argument(
+        "--db", metavar="FILE", required=True, type=Path, help="the SQLite store to index"
+    )
+    index.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="index every thread again, not only those changed since the last indexing",
+    )
+
     check = commands.add_parser(
         "check",
         help="show what the parser finds on one page (run it on the live site before a crawl)",
@@ -322,6 +362,8 @@ def dataset_main(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         tokenizer=args.tokenizer,
         copypasta_threads=args.copypasta_threads,
+        context=args.context,
+        distractors=args.distractors,
     )
     stats = build_dataset(args.db, args.out, options)
     dropped = ", ".join(f"{rule} {n}" for rule, n in stats["dropped"].items() if n) or "none"
@@ -329,6 +371,22 @@ def dataset_main(args: argparse.Namespace) -> int:
         f"wrote {stats['rows']} rows from {stats['threads']} threads to {args.out} "
         f"(train {stats['splits']['train']['rows']}, test {stats['splits']['test']['rows']}); "
         f"dropped: {dropped}"
+    )
+    return 0
+
+
+def index_main(args: argparse.Namespace) -> int:
+    from crawl.index import index_pending
+    from crawl.store import Store
+
+    with Store.open(args.db, create=False) as store:
+        if args.rebuild:
+            store.forget_index()
+        summary = index_pending(store)
+        total = store.index_counts()
+    print(
+        f"{summary.describe(args.db)}; the index holds {total['passages']} passages "
+        f"from {total['threads']} threads"
     )
     return 0
 
@@ -376,6 +434,7 @@ COMMANDS = {
     "check": check_main,
     "fetch": fetch_main,
     "dataset": dataset_main,
+    "index": index_main,
     "serve-sample": serve_sample_main,
 }
 

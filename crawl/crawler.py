@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from crawl.errors import CrawlError
 from crawl.fetcher import Clock, Fetcher, FetchOptions, FetchResult
+from crawl.index import index_pending, index_thread
 from crawl.site import ForumSite, Markup, ParseError
 from crawl.store import PageRecord, Store, ThreadRow
 
@@ -121,7 +122,11 @@ async def crawl(
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(options.forum_url))
     rebase = url_rebaser(site, options.forum_url)
     async with Fetcher.open(origin, fetch_options, rebase, clock) as fetcher:
-        return await Crawler(site, store, fetcher, options, forum).run()
+        summary = await Crawler(site, store, fetcher, options, forum).run()
+    # Threads whose pages all came from the store (a store an older crawler wrote, a crawl
+    # killed between a page and its indexing) are indexed now.
+    index_pending(store, progress=options.progress)
+    return summary
 
 
 class Crawler:
@@ -283,6 +288,8 @@ class Crawler:
             moved = urlunsplit(urlsplit(result.final_url)._replace(query="", fragment=""))
             record = replace(record, url=moved)
         self.store.save_thread_page(record, page, thread_url=moved)
+        # The search index follows as pages arrive: a bot reading the store sees new answers.
+        index_thread(self.store, self.store.thread(thread.id) or thread)
         return record
 
     async def _fetch_unless_stored(self, url: str) -> tuple[PageRecord | None, FetchResult | None]:

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from crawl.clean import EDITS, clean_text, content_drop, normalise, repeats
+from crawl.clean import EDITS, clean_text, normalise
 from crawl.errors import CrawlError
+from crawl.index import index_pending
+from crawl.rules import MAX_CHARS, MIN_ANSWER_CHARS, judge_reply, text_key, thread_prompt
 from crawl.store import Store, StoredPost, ThreadRow
 
 # Drop rules in the order they are tried; stats.json lists every one, zero or not.
@@ -48,15 +50,12 @@ DROP_RULES = (
 class DatasetOptions:
     test_fraction: float = 0.1
     seed: int = 0
-    min_answer_chars: int = 20
-    max_chars: int = 4000
+    min_answer_chars: int = MIN_ANSWER_CHARS
+    max_chars: int = MAX_CHARS
     tokenizer: str | None = None
     copypasta_threads: int = 3  # text in this many different threads is spam, not an answer
-
-
-def _text_key(text: str) -> bytes:
-    """A short digest of the near-duplicate key: a whole store's worth fits in memory."""
-    return hashlib.blake2b(normalise(text).encode(), digest_size=16).digest()
+    context: int = 0  # passages from the search index in each prompt (crawl.layout)
+    distractors: float = 0.2  # with context: share of rows shown only other threads' passages
 
 
 def find_copypasta(posts_by_thread: Iterable[list[StoredPost]], threads: int) -> set[bytes]:
@@ -67,7 +66,7 @@ def find_copypasta(posts_by_thread: Iterable[list[StoredPost]], threads: int) ->
         for post in posts:
             text = "" if post.deleted else clean_text(post.text).text
             if normalise(text):
-                seen_in[_text_key(text)].add(post.thread_id)
+                seen_in[text_key(text)].add(post.thread_id)
     return {key for key, thread_ids in seen_in.items() if len(thread_ids) >= threads}
 
 
@@ -90,9 +89,9 @@ class _Builder:
         self.threads += 1
         self.posts += len(posts)
         opening, replies = posts[0], posts[1:]
-        question = self._clean(opening).text if not opening.deleted else ""
-        title = clean_text(thread.title).text  # a title can carry [INST] or bbcode too
-        base_prompt = f"{title}\n\n{question}" if question else title
+        if not opening.deleted:
+            self._clean(opening)  # counts the question's edits
+        base_prompt = thread_prompt(thread.title, opening)
         by_id = {post.id: post for post in posts}
         rows = []
         for reply in replies:
@@ -114,7 +113,7 @@ class _Builder:
                     "completion": [{"role": "assistant", "content": answer}],
                     "thread_id": thread.id,
                     "post_id": reply.id,
-                    "source_url": self._source_url(thread, reply),
+                    "source_url": self.store.post_url(thread, reply),
                 }
             )
         return rows
@@ -128,21 +127,16 @@ class _Builder:
         self, reply: StoredPost, prompt: str, opening: StoredPost
     ) -> tuple[str | None, str]:
         """(the drop rule that rejects ``reply``, or None; its cleaned text)."""
-        if reply.deleted:
-            return "deleted", ""
-        cleaned = self._clean(reply)
-        text = cleaned.text
-        reason = content_drop(cleaned)
-        if reason is None and len(text) < self.options.min_answer_chars:
-            reason = "too_short"
-        if reason is None and len(text) > self.options.max_chars:
-            reason = "too_long"
-        if reason is None and _text_key(text) in self.copypasta:
-            reason = "copypasta"
-        if reason is None and repeats(text, prompt):
-            reason = "repeats_question"
-        if reason is None and opening.author and reply.author == opening.author:
-            reason = "by_question_author"  # follow-ups and thanks from the asker are not answers
+        verdict = judge_reply(
+            reply,
+            prompt=prompt,
+            opening=opening,
+            min_chars=self.options.min_answer_chars,
+            max_chars=self.options.max_chars,
+            is_copypasta=lambda text: text_key(text) in self.copypasta,
+        )
+        self.edited.update(verdict.edits)
+        reason, text = verdict.reason, verdict.text
         if reason is None and text in self.seen_exact:
             reason = "duplicate"
         if reason is None and normalise(text) in self.seen_near:
@@ -166,12 +160,6 @@ class _Builder:
                 return f"\n\n{author} wrote:\n{text}"
         return ""
 
-    def _source_url(self, thread: ThreadRow, post: StoredPost) -> str:
-        page_url = self.store.page_url(thread.id, post.page) or thread.url
-        if not post.id.isdigit():
-            return page_url  # an id the crawler derived: the page has no anchor for it
-        return f"{page_url}#post-{post.id}"
-
 
 def _quoted_by_text(text: str, earlier: list[StoredPost]) -> StoredPost | None:
     """The latest earlier post holding the quoted text, for a quote the page gave no post id."""
@@ -182,6 +170,44 @@ def _quoted_by_text(text: str, earlier: list[StoredPost]) -> StoredPost | None:
         if key in normalise(clean_text(post.text).text):
             return post
     return None
+
+
+def add_context(db: str | Path, rows: list[dict], options: DatasetOptions) -> dict:
+    """Ground every row's prompt in ``options.context`` passages, as the bot will at answer time.
+
+    The row's own reply, and any copy of it, is never in its context: the model
+    must learn to answer from what a new asker would be shown, which may include
+    the thread's other replies. A seeded ``options.distractors`` share of rows is
+    shown only other threads' passages, so the model also learns to answer when
+    the context does not help. Returns what ``stats.json`` records.
+    """
+    from crawl.layout import LAYOUT, render_question
+    from crawl.search import Retriever
+
+    with_source = distractor_rows = 0
+    with Retriever.open(db, copypasta_threads=options.copypasta_threads) as retriever:
+        for row in tqdm(rows, unit="row", desc="context", disable=None):
+            question = row["prompt"][0]["content"]
+            answer = row["completion"][0]["content"]
+            distractor = split_key(row["post_id"], options.seed + 1) < options.distractors
+            passages = retriever.search(
+                question,
+                options.context,
+                exclude_posts={row["post_id"]},
+                exclude_keys={text_key(answer)},
+                exclude_threads={row["thread_id"]} if distractor else (),
+            )
+            row["prompt"][0]["content"] = render_question(question, passages)
+            row["context_post_ids"] = [p.post_id for p in passages]
+            distractor_rows += distractor
+            with_source += any(p.thread_id == row["thread_id"] for p in passages)
+    return {
+        "k": options.context,
+        "layout": LAYOUT,
+        "distractors": options.distractors,
+        "rows_distractor_only": distractor_rows,
+        "rows_with_own_thread": with_source,
+    }
 
 
 def split_key(thread_id: str, seed: int) -> float:
@@ -259,6 +285,11 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CrawlError(f"--out {out} is a file: give a directory")
+    if options.context < 0 or not 0 <= options.distractors <= 1:
+        raise CrawlError(
+            f"--context {options.context} --distractors {options.distractors}: give K ≥ 0 "
+            "and a fraction in [0, 1]"
+        )
     if options.copypasta_threads < 2:
         raise CrawlError(
             f"--copypasta-threads {options.copypasta_threads}: give 2 or more (threads a text "
@@ -275,6 +306,8 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
             if posts and posts[0].page == 1 and posts[0].position == 1:
                 rows.extend(builder.rows(thread, posts))
         markup = store.markup_report()
+        if options.context and rows:
+            index_pending(store)
     if builder.threads == 0:
         raise CrawlError(
             f"the store {db} holds no thread with its opening post: run `python -m crawl fetch` first"
@@ -283,6 +316,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         top = ", ".join(f"{rule} {n}" for rule, n in builder.dropped.most_common(3) if n)
         raise CrawlError(f"every reply in {db} was dropped ({top}): nothing to write")
 
+    context_stats = add_context(db, rows, options) if options.context else None
     test_ids = split_threads((r["thread_id"] for r in rows), options.test_fraction, options.seed)
     splits = {
         "train": [r for r in rows if r["thread_id"] not in test_ids],
@@ -300,6 +334,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         "edited": dict(builder.edited),
         "quote_context": builder.quote_context,
         "markup": markup,
+        "context": context_stats,
         "lengths": {"chars": _length_stats(rows, len)},
         "options": asdict(options),
     }

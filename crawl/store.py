@@ -19,7 +19,7 @@ from pathlib import Path
 from crawl.errors import CrawlError
 from crawl.site import Markup, Post, ThreadLink, ThreadPage
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -37,8 +37,9 @@ CREATE TABLE IF NOT EXISTS threads (
     author      TEXT,
     created     TEXT,                       -- ISO 8601, site local time
     page_count  INTEGER,                    -- as the thread's pagination says
-    state       TEXT NOT NULL DEFAULT 'pending'
+    state       TEXT NOT NULL DEFAULT 'pending',
                 -- pending | partial | done | not_found | disallowed | error
+    indexed     INTEGER NOT NULL DEFAULT 0  -- its passages match its posts (see passages)
 );
 CREATE TABLE IF NOT EXISTS posts (
     id         TEXT PRIMARY KEY,            -- the site's post id
@@ -74,6 +75,40 @@ CREATE TABLE IF NOT EXISTS pages (
     fallbacks     TEXT NOT NULL DEFAULT '[]',    -- JSON list: the markup fallbacks the page needed
     selectors     TEXT NOT NULL DEFAULT '{}'     -- JSON {assumed selector: elements it matched}
 );
+-- The search index: a thread's replies that are answers (crawl.rules), with the text the
+-- dataset trains on, and SQLite's FTS5 over them and their thread's title. Rebuilt per
+-- thread whenever a page of it is stored (threads.indexed = 0 until then).
+CREATE TABLE IF NOT EXISTS passages (
+    id        INTEGER PRIMARY KEY,
+    post_id   TEXT NOT NULL UNIQUE,
+    thread_id TEXT NOT NULL,
+    title     TEXT NOT NULL,                -- the thread's cleaned title
+    text      TEXT NOT NULL,                -- the cleaned reply, as the dataset has it
+    author    TEXT,
+    created   TEXT,
+    url       TEXT NOT NULL,                -- the post on the crawled site
+    text_key  BLOB NOT NULL                 -- crawl.rules.text_key: copies share it
+);
+CREATE INDEX IF NOT EXISTS passages_by_thread ON passages(thread_id);
+CREATE INDEX IF NOT EXISTS passages_by_key ON passages(text_key, thread_id);
+-- Every readable post's key, answer or not: the copypasta rule counts threads over all posts.
+CREATE TABLE IF NOT EXISTS post_keys (
+    post_id   TEXT PRIMARY KEY,
+    thread_id TEXT NOT NULL,
+    text_key  BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS post_keys_by_key ON post_keys(text_key, thread_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS passage_index USING fts5(
+    title, text, content='passages', content_rowid='id',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS passages_insert AFTER INSERT ON passages BEGIN
+    INSERT INTO passage_index(rowid, title, text) VALUES (new.id, new.title, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS passages_delete AFTER DELETE ON passages BEGIN
+    INSERT INTO passage_index(passage_index, rowid, title, text)
+    VALUES ('delete', old.id, old.title, old.text);
+END;
 """
 
 # How to bring a store written by an older crawler up to this one, step by step.
@@ -86,6 +121,12 @@ MIGRATIONS = {
         # tags, guessed markup missing): forget those pages so the next run fetches them again.
         "DELETE FROM pages WHERE state = 'parse_error'",
         "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    ),
+    # Schema 3 adds the search index (created empty by SCHEMA); every thread starts unindexed,
+    # and `python -m crawl index` (or the next fetch) fills it.
+    "2": (
+        "ALTER TABLE threads ADD COLUMN indexed INTEGER NOT NULL DEFAULT 0",
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
     ),
 }
 
@@ -323,6 +364,7 @@ class Store:
                 )
             if page is None or record.thread_id is None:
                 return
+            self._db.execute("UPDATE threads SET indexed = 0 WHERE id = ?", (record.thread_id,))
             if record.number == 1:
                 self._db.execute(
                     """UPDATE threads SET title = ?, author = ?, created = ?, page_count = ?
@@ -391,6 +433,13 @@ class Store:
             for row in rows
         ]
 
+    def post_url(self, thread: ThreadRow, post: StoredPost) -> str:
+        """Where a post can be read on the site: its page, with the post's anchor when it has one."""
+        page_url = self.page_url(thread.id, post.page) or thread.url
+        if not post.id.isdigit():
+            return page_url  # an id the crawler derived: the page has no anchor for it
+        return f"{page_url}#post-{post.id}"
+
     def page_url(self, thread_id: str, number: int) -> str | None:
         row = self._db.execute(
             "SELECT url FROM pages WHERE kind = 'thread' AND thread_id = ? AND number = ?",
@@ -441,6 +490,45 @@ class Store:
             "fallbacks": dict(sorted(fallbacks.items())),
             "matched_nothing": sorted(s for s, n in totals.items() if n == 0),
         }
+
+    # --- the search index (crawl.search reads it, crawl.index writes it) --------------
+    def unindexed_threads(self) -> list[ThreadRow]:
+        rows = self._db.execute("SELECT * FROM threads WHERE indexed = 0 ORDER BY rank")
+        return [_thread_row(row) for row in rows]
+
+    def index_counts(self) -> dict[str, int]:
+        passages, threads = self._db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT thread_id) FROM passages"
+        ).fetchone()
+        return {"passages": passages, "threads": threads}
+
+    def forget_index(self) -> None:
+        """Mark every thread unindexed, so the next indexing pass rebuilds all of it."""
+        with self._db:
+            self._db.execute("UPDATE threads SET indexed = 0")
+
+    def replace_passages(
+        self,
+        thread_id: str,
+        passages: Sequence[Mapping[str, object]],
+        keys: Sequence[tuple[str, bytes]],
+    ) -> None:
+        """Put a thread's passages and post keys in place of its old ones, in one transaction."""
+        with self._db:
+            self._db.execute("DELETE FROM passages WHERE thread_id = ?", (thread_id,))
+            self._db.execute("DELETE FROM post_keys WHERE thread_id = ?", (thread_id,))
+            self._db.executemany(
+                """INSERT INTO passages(post_id, thread_id, title, text, author, created, url,
+                                        text_key)
+                   VALUES (:post_id, :thread_id, :title, :text, :author, :created, :url,
+                           :text_key)""",
+                passages,
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO post_keys(post_id, thread_id, text_key) VALUES (?, ?, ?)",
+                [(post_id, thread_id, key) for post_id, key in keys],
+            )
+            self._db.execute("UPDATE threads SET indexed = 1 WHERE id = ?", (thread_id,))
 
     def dump(self) -> Iterator[tuple]:
         """Every stored row except fetch times, in a fixed order: equal dumps, equal stores."""

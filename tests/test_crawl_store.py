@@ -61,7 +61,7 @@ async def test_a_schema_1_store_is_migrated_and_the_crawl_resumes_where_it_stopp
 
     with closing(sqlite3.connect(db)) as raw:
         version = raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (SCHEMA_VERSION,) == ("2",)
+    assert version == (SCHEMA_VERSION,) == ("3",)
     assert len(kept) == 5
     assert {url for url in kept if asked[url.removeprefix(base)]} == set()  # none asked again
     assert asked[FORGOTTEN] == 1 and forgotten is not None and forgotten.state == "ok"
