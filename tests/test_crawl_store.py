@@ -54,10 +54,12 @@ async def test_a_schema_1_store_is_migrated_and_the_crawl_resumes_where_it_stopp
             summary = await crawl(NewschoolersSite(), store, options, FAST)
             resumed = threads_and_posts(store)
             forgotten = store.page(base + FORGOTTEN)
+            resumed_index = store.index_counts()
         asked = Counter(hits)
         with Store.open(tmp_path / "fresh.sqlite") as store:
             await crawl(NewschoolersSite(), store, options, FAST)
             fresh = threads_and_posts(store)
+            fresh_index = store.index_counts()
 
     with closing(sqlite3.connect(db)) as raw:
         version = raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -67,6 +69,8 @@ async def test_a_schema_1_store_is_migrated_and_the_crawl_resumes_where_it_stopp
     assert asked[FORGOTTEN] == 1 and forgotten is not None and forgotten.state == "ok"
     assert summary.pages_from_store == 5
     assert resumed == fresh  # the same threads and posts as a crawl that never stopped
+    # The old store gained a search index: its threads from before are indexed too.
+    assert resumed_index == fresh_index and resumed_index["passages"] > 0
 
 
 def test_a_store_from_a_newer_crawler_is_refused_with_what_to_do(tmp_path):
