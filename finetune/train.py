@@ -20,13 +20,14 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
 from finetune.data import drop_long_rows, load_dataset_dir, to_hf_dataset
 from finetune.errors import UserError
+from finetune.grounding import dataset_grounding, write_grounding
 from finetune.report import (
     LOSS_PLOT_FILE,
     MANIFEST_FILE,
@@ -386,6 +387,9 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         return RunResult(run_dir=run_dir, manifest={})
 
     save_adapter(trainer.model, run_dir / ADAPTER_DIR, tokenizer)
+    grounding = dataset_grounding(config.dataset)
+    if grounding is not None:
+        write_grounding(run_dir / ADAPTER_DIR, grounding)
     plot_losses(
         records, run_dir / LOSS_PLOT_FILE, title=f"{Path(config.model).name} on {config.dataset}"
     )
@@ -406,6 +410,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
             "train_rows_too_long": lengths.dropped,
             "eval_rows": len(eval_lengths.kept),
         },
+        "grounding": asdict(grounding) if grounding else None,
         "steps": trainer.state.global_step,
         "resumed_from": checkpoint.name if checkpoint else None,
         "final_train_loss": _last(records, "loss"),
