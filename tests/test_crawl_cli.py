@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from crawl.__main__ import main
 from crawl.errors import EXIT_USER_ERROR
@@ -20,6 +21,7 @@ from crawl.errors import EXIT_USER_ERROR
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
+SAMPLE_FORUM = REPO / "crawl" / "sample_forum" / "threads.yaml"
 THREAD_700003 = "forum/thread/700003/Park-skis-in-powder---too-soft-"
 
 
@@ -142,8 +144,9 @@ def test_serve_sample_fetch_and_dataset_the_demo_way(tmp_path):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=10) == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert 80 <= stats["rows"] <= 200
-    assert stats["threads"] == 30 and stats["splits"]["test"]["rows"] > 0
+    threads = yaml.safe_load(SAMPLE_FORUM.read_text(encoding="utf-8"))["threads"]
+    assert 2 * len(threads) <= stats["rows"] <= 5 * len(threads)
+    assert stats["threads"] == len(threads) and stats["splits"]["test"]["rows"] > 0
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     for row in rows:
         assert set(row) == {"prompt", "completion", "thread_id", "post_id", "source_url"}
