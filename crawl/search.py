@@ -80,22 +80,29 @@ def match_expression(terms: Iterable[str]) -> str:
 
 
 def excerpt(text: str, question: str, max_chars: int = EXCERPT_CHARS) -> str:
-    """The run of sentences in ``text`` that shares most words with ``question``, clipped."""
+    """What of ``text`` a reader is shown: all of it when it fits, else the sentences around
+    the one that shares most words with ``question`` (the one before first: forum replies
+    tend to put the plain answer first and the reasons after)."""
+    if len(" ".join(text.split())) <= max_chars:
+        return clip(text, max_chars)
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
-    if not sentences:
-        return ""
     wanted = {_stem(w) for w in query_terms(question)}
 
     def overlap(sentence: str) -> int:
         return len(wanted & {_stem(w) for w in WORD.findall(sentence.casefold())})
 
     best = max(range(len(sentences)), key=lambda i: (overlap(sentences[i]), -i))
-    chosen = sentences[best]
-    for following in sentences[best + 1 :]:  # fill the room with what follows it
-        if len(chosen) + 1 + len(following) > max_chars:
+    first = last = best
+    while True:  # grow the window a sentence at a time, earlier first, while it fits
+        grown = False
+        for candidate in (first - 1, last + 1):
+            if 0 <= candidate < len(sentences):
+                lo, hi = min(first, candidate), max(last, candidate)
+                if len(" ".join(sentences[lo : hi + 1])) <= max_chars:
+                    first, last, grown = lo, hi, True
+        if not grown:
             break
-        chosen = f"{chosen} {following}"
-    return clip(chosen, max_chars)
+    return clip(" ".join(sentences[first : last + 1]), max_chars)
 
 
 def clip(text: str, max_chars: int) -> str:
