@@ -330,6 +330,13 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         save_adapter,
     )
 
+    grounding = dataset_grounding(config.dataset)
+    if grounding is None:
+        print(
+            "the dataset is not grounded: the adapter will learn the forum's voice, not to use "
+            "its posts (build it with `python -m crawl dataset --context 3`)",
+            file=sys.stderr,
+        )
     tokenizer = load_tokenizer(config.model)
     lengths = drop_long_rows(tokenizer, splits.train, config.max_length)
     if not lengths.kept:
@@ -387,7 +394,6 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         return RunResult(run_dir=run_dir, manifest={})
 
     save_adapter(trainer.model, run_dir / ADAPTER_DIR, tokenizer)
-    grounding = dataset_grounding(config.dataset)
     if grounding is not None:
         write_grounding(run_dir / ADAPTER_DIR, grounding)
     plot_losses(
