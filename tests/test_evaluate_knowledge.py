@@ -96,3 +96,27 @@ def test_a_bad_knowledge_file_fails_before_the_model_loads(run_and_store, tmp_pa
     assert main(["evaluate", "--run", str(run), "--knowledge", str(bad)]) != 0
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}:2: missing 'facts'"
+
+
+def test_a_grounded_rows_question_comes_back_without_its_context():
+    from crawl.layout import render_question
+    from crawl.search import Passage
+    from finetune.evaluate import question_alone
+
+    passage = Passage(
+        post_id="2",
+        thread_id="7",
+        title="Wax",
+        text="Blue wax below minus ten.",
+        url="u",
+        thread_url="t",
+        author="ann",
+        created=None,
+        score=1.0,
+        excerpt="Blue wax below minus ten.",
+    )
+    question = "Wax for cold days\n\nWhich wax?\n\nIt is minus 15 here."
+    grounded = render_question(question, [passage])
+    row = {"prompt": [{"role": "user", "content": grounded}], "completion": [], "post_id": "3"}
+    assert grounded != question and question_alone(row)["prompt"][0]["content"] == question
+    assert row["prompt"][0]["content"] == grounded  # the row itself is left as it was
