@@ -7,11 +7,12 @@ and runs the operator's commands on it:
 
     python -m finetune get-model smollm2-135m-instruct --out .cache/smollm2-135m-instruct
     python -m finetune --config configs/smollm2-cpu.yaml --model … --dataset … --output-dir … --max-steps 60
-    python -m finetune evaluate --run …
+    python -m finetune evaluate --run … --knowledge benchmarks/unseen_forum/knowledge.jsonl --forum-db …
 
     python benchmarks/unseen_forum.py [--workdir DIR] [--max-steps 60]
 
-The last line is JSON: {"base_loss": …, "finetuned_loss": …, "verdict": …}.
+The last line is JSON: {"base_loss": …, "finetuned_loss": …, "verdict": …, "knowledge": […]},
+"knowledge" holding the knowledge check's shares (stated, reached, recall@k) per model and mode.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 FORUM = REPO / "benchmarks" / "unseen_forum" / "threads.yaml"
+KNOWLEDGE = FORUM.with_name("knowledge.jsonl")
 MODEL = REPO / ".cache" / "smollm2-135m-instruct"
 
 
@@ -72,10 +74,24 @@ def main() -> int:
             "--max-steps",
             args.max_steps,
         )
-        run("finetune", "evaluate", "--run", str(run_dir), "--max-new-tokens", "64")
+        run(
+            "finetune",
+            "evaluate",
+            "--run",
+            str(run_dir),
+            "--max-new-tokens",
+            "64",
+            "--knowledge",
+            str(KNOWLEDGE),
+            "--forum-db",
+            str(db),
+        )
         result = json.loads((run_dir / "evaluation.json").read_text())
+        knowledge = json.loads((run_dir / "knowledge.json").read_text())
         keys = ("base_loss", "finetuned_loss", "base_perplexity", "finetuned_perplexity")
-        print(json.dumps({**{k: result[k] for k in keys}, "verdict": result["verdict"]}))
+        summary = {k: result[k] for k in keys}
+        summary.update(verdict=result["verdict"], knowledge=knowledge["shares"])
+        print(json.dumps(summary))
     return 0
 
 

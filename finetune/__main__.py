@@ -3,6 +3,7 @@
 python -m finetune --config configs/tiny-cpu.yaml [--key value ...]          train
 python -m finetune estimate --config configs/mistral-7b-8gb.yaml [...]     GPU memory needed
 python -m finetune evaluate --run DIR [--prompts FILE]                      loss and answers
+python -m finetune evaluate --run DIR --knowledge FILE [--forum-db STORE]   + knowledge check
 python -m finetune merge --run DIR --out DIR                                16-bit merged model
 python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          build the test model
 python -m finetune dpo --config C --adapter RUN/adapter --dataset DIR --output-dir RUN2   DPO on votes
@@ -64,7 +65,24 @@ def evaluate_main(argv: Sequence[str]) -> int:
         default=20,
         help="test-split questions both models answer, compared with the forum's answers (0 = none)",
     )
+    parser.add_argument(
+        "--knowledge",
+        help="knowledge check file (JSONL: question, facts, thread_id): both models answer it "
+        "with and without grounding; writes knowledge.json and knowledge.md",
+    )
+    parser.add_argument(
+        "--forum-db",
+        help="forum store to ground answers on (default: $FORUM_DB; none: ungrounded only)",
+    )
+    parser.add_argument(
+        "--k",
+        type=int,
+        help="passages per grounded question (default: as many as the adapter was trained "
+        "with, else 3)",
+    )
     args = parser.parse_args(argv)
+    if args.forum_db is not None and args.knowledge is None:
+        parser.error("--forum-db grounds the knowledge check: give --knowledge FILE too")
 
     from finetune.evaluate import evaluate_run
 
@@ -74,6 +92,9 @@ def evaluate_main(argv: Sequence[str]) -> int:
         max_rows=args.max_rows,
         max_new_tokens=args.max_new_tokens,
         questions=args.questions,
+        knowledge=args.knowledge,
+        forum_db=args.forum_db or os.environ.get("FORUM_DB") or None,
+        k=args.k,
     )
     print(report.summary())
     return 0

@@ -9,6 +9,11 @@ Last, a prompt set of ski questions, short and long, plus a few off-topic
 ones that catch a finetune which forgot how to do anything but ski talk.
 Base and finetuned answers to one question are rows of the same
 mixed-adapter batch.
+
+With ``--knowledge FILE`` both models also answer a knowledge check
+(:mod:`finetune.knowledge`) with and without passages retrieved from the
+forum store, and the test split's loss is measured again with retrieved
+context; that report goes to ``knowledge.json`` and ``knowledge.md``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from typing import Any
 from finetune.answer_quality import AnswerStats, answer_stats, stats_table
 from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
 from finetune.errors import UserError
+from finetune.knowledge import ContextLoss, KnowledgeAnswer, KnowledgeQuestion, KnowledgeReport
 
 PROMPTS_DIR = Path(__file__).with_name("prompts")
 DEFAULT_PROMPTS = PROMPTS_DIR / "ski_prompts.json"
 PROMPT_KINDS = ("short", "long", "off-topic")
+KNOWLEDGE_JSON, KNOWLEDGE_MARKDOWN = "knowledge.json", "knowledge.md"
+DEFAULT_K = 3  # passages per grounded question, for an adapter trained without context
 GENERATION_BATCH_PROMPTS = 4  # prompts per generate call (two rows each)
 _MD_HEADING = re.compile(r"^## (?P<kind>[\w-]+): (?P<id>[\w-]+)\s*$")
 
@@ -130,6 +138,7 @@ class EvaluationReport:
     finetuned_loss: float
     answers: list[PromptAnswer]
     test_answers: list[TestAnswer] = field(default_factory=list)
+    knowledge: KnowledgeReport | None = None  # written to knowledge.json, not evaluation.json
 
     @property
     def verdict(self) -> str:
@@ -179,6 +188,7 @@ class EvaluationReport:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["knowledge"]
         data["base_perplexity"] = self.base_perplexity
         data["finetuned_perplexity"] = self.finetuned_perplexity
         data["verdict"] = self.verdict
@@ -205,6 +215,11 @@ class EvaluationReport:
         lines.append(
             f"{len(self.answers)} prompts answered, see {Path(self.run_dir) / 'evaluation.md'}"
         )
+        if self.knowledge is not None:
+            lines += [
+                self.knowledge.summary(),
+                f"answers in {Path(self.run_dir) / KNOWLEDGE_MARKDOWN}",
+            ]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -336,6 +351,173 @@ def answer_test_questions(
     ]
 
 
+def knowledge_answers(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[KnowledgeQuestion],
+    retriever: Any | None,
+    k: int,
+    max_new_tokens: int,
+) -> list[KnowledgeAnswer]:
+    """Both models' greedy answers to each question, alone and (given a retriever) grounded.
+
+    Grounded prompts are the serving layout (:func:`crawl.layout.render_question`)
+    over the top ``k`` passages; the answer keeps which threads were retrieved
+    and the excerpts the user would see under it.
+    """
+    plain = [[{"role": "user", "content": item.question}] for item in items]
+    answers: list[KnowledgeAnswer] = []
+    for item, (base, tuned) in zip(
+        items, answer_pairs(model, tokenizer, plain, max_new_tokens), strict=True
+    ):
+        answers += [
+            KnowledgeAnswer(item.question, item.thread_id, "base", False, base.text),
+            KnowledgeAnswer(item.question, item.thread_id, "finetuned", False, tuned.text),
+        ]
+    if retriever is None:
+        return answers
+    from crawl.layout import render_question
+
+    retrieved = [retriever.search(item.question, k) for item in items]
+    grounded = [
+        [{"role": "user", "content": render_question(item.question, passages)}]
+        for item, passages in zip(items, retrieved, strict=True)
+    ]
+    pairs = answer_pairs(model, tokenizer, grounded, max_new_tokens)
+    for item, passages, (base, tuned) in zip(items, retrieved, pairs, strict=True):
+        threads = tuple(p.thread_id for p in passages)
+        quotes = tuple(p.excerpt for p in passages)
+        for variant, answer in (("base", base), ("finetuned", tuned)):
+            answers.append(
+                KnowledgeAnswer(
+                    item.question, item.thread_id, variant, True, answer.text, threads, quotes
+                )
+            )
+    return answers
+
+
+def question_alone(row: dict[str, Any]) -> dict[str, Any]:
+    """A grounded row's prompt without its context (:mod:`crawl.layout`: the question leads)."""
+    from crawl.layout import CONTEXT_HEADING
+
+    content = row["prompt"][0]["content"]
+    question = content.split(f"\n\n{CONTEXT_HEADING}\n", 1)[0]
+    return {**row, "prompt": [{**row["prompt"][0], "content": question}, *row["prompt"][1:]]}
+
+
+def rows_with_and_without_context(
+    rows: Sequence[dict[str, Any]], dataset: str | Path, forum_db: str | Path, k: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(the rows with the question alone, the same rows grounded, passages per row).
+
+    A grounded dataset's rows carry their context already; a plain dataset's
+    rows get it the way ``crawl dataset --context K`` adds it (same retrieval,
+    same exclusion of the row's own answer, same share of distractor rows).
+    """
+    import copy
+
+    from crawl.dataset import DatasetOptions, add_context
+    from finetune.grounding import dataset_grounding
+
+    grounding = dataset_grounding(dataset)
+    if grounding is not None:
+        return [question_alone(row) for row in rows], list(rows), grounding.k
+    options = _dataset_options(dataset)
+    grounded = copy.deepcopy(list(rows))
+    add_context(forum_db, grounded, DatasetOptions(**{**options, "context": k}))
+    return list(rows), grounded, k
+
+
+def _dataset_options(dataset: str | Path) -> dict[str, Any]:
+    """The retrieval options the dataset was built with (its ``stats.json``), defaults if none."""
+    from crawl.dataset import DatasetOptions
+
+    try:
+        stats = json.loads((Path(dataset) / "stats.json").read_text(encoding="utf-8"))
+        recorded = stats.get("options") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    known = {"seed", "copypasta_threads", "distractors"}
+    fields = DatasetOptions.__dataclass_fields__
+    return {key: value for key, value in recorded.items() if key in known and key in fields}
+
+
+def context_loss(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    config: FinetuneConfig,
+    forum_db: str | Path,
+    k: int,
+) -> ContextLoss:
+    """Both models' test loss on the same rows, with the question alone and with context.
+
+    Rows whose grounded prompt does not fit ``max_length`` are left out of
+    both, so the two losses are over the same completions.
+    """
+    from finetune.data import token_length
+
+    plain, grounded, passages = rows_with_and_without_context(rows, config.dataset, forum_db, k)
+    kept = [
+        (alone, context)
+        for alone, context in zip(plain, grounded, strict=True)
+        if token_length(tokenizer, context) <= config.max_length
+    ]
+    if not kept:
+        raise UserError(
+            f"no test row fits max_length={config.max_length} with {passages} passages of "
+            "context: lower --k"
+        )
+    base, finetuned = split_losses(model, tokenizer, [alone for alone, _ in kept], config)
+    base_context, finetuned_context = split_losses(
+        model, tokenizer, [context for _, context in kept], config
+    )
+    return ContextLoss(len(kept), passages, base, finetuned, base_context, finetuned_context)
+
+
+def check_knowledge(
+    model: Any,
+    tokenizer: Any,
+    run: Path,
+    knowledge: str | Path,
+    forum_db: str | Path | None,
+    k: int,
+    rows: Sequence[dict[str, Any]],
+    config: FinetuneConfig,
+    max_new_tokens: int,
+) -> KnowledgeReport:
+    """The knowledge check and the context loss of a loaded run (``forum_db`` None: ungrounded)."""
+    from finetune.knowledge import load_knowledge
+
+    items = load_knowledge(knowledge)
+    loss = None
+    if forum_db is None:
+        answers = knowledge_answers(model, tokenizer, items, None, k, max_new_tokens)
+    else:
+        from crawl.search import Retriever
+
+        with Retriever.open(forum_db) as retriever:
+            answers = knowledge_answers(model, tokenizer, items, retriever, k, max_new_tokens)
+        loss = context_loss(model, tokenizer, rows, config, forum_db, k)
+    return KnowledgeReport(
+        run_dir=str(run),
+        knowledge_file=str(knowledge),
+        forum_db=None if forum_db is None else str(forum_db),
+        k=k,
+        items=items,
+        answers=answers,
+        loss=loss,
+    )
+
+
+def _trained_k(adapter_dir: Path) -> int:
+    """Passages per question the adapter learned to read (serving uses as many), else 3."""
+    from finetune.grounding import read_grounding
+
+    grounding = read_grounding(adapter_dir)
+    return grounding.k if grounding is not None else DEFAULT_K
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -343,11 +525,18 @@ def evaluate_run(
     max_rows: int = 200,
     max_new_tokens: int = 256,
     questions: int = 20,
+    knowledge: str | Path | None = None,
+    forum_db: str | Path | None = None,
+    k: int | None = None,
 ) -> EvaluationReport:
     """Evaluate a finished run; writes ``evaluation.json`` and ``evaluation.md`` into it.
 
     ``questions`` test-split questions (one per thread) are answered by both
-    models and compared with the forum's answers; 0 skips them.
+    models and compared with the forum's answers; 0 skips them. A
+    ``knowledge`` check file adds the knowledge check, grounded on the store
+    at ``forum_db`` (none: ungrounded only) with ``k`` passages (default: as
+    many as the adapter was trained with, else 3), written to
+    ``knowledge.json`` and ``knowledge.md``.
     """
     from finetune.data import drop_long_rows, load_dataset_dir
     from finetune.modeling import load_for_inference
@@ -356,12 +545,22 @@ def evaluate_run(
     run = Path(run_dir).expanduser()
     if not (run / RESOLVED_CONFIG_FILE).is_file():
         raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
-    if max_rows < 0 or max_new_tokens < 1 or questions < 0:
+    if max_rows < 0 or max_new_tokens < 1 or questions < 0 or (k is not None and k < 1):
         raise UserError(
-            "--max-rows and --questions must be 0 or more and --max-new-tokens at least 1"
+            "--max-rows and --questions must be 0 or more, --max-new-tokens and --k at least 1"
         )
     config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
     prompt_set = load_prompts(prompts)
+    if knowledge is not None:
+        from finetune.knowledge import load_knowledge
+
+        load_knowledge(knowledge)  # a bad file or store fails before the model loads
+        if forum_db is not None:
+            from crawl.search import Retriever
+
+            Retriever.open(forum_db).close()
+        if k is None:
+            k = _trained_k(run / ADAPTER_DIR)
     splits = load_dataset_dir(config.dataset)
 
     model, tokenizer = load_for_inference(
@@ -375,6 +574,11 @@ def evaluate_run(
     test_answers = answer_test_questions(
         model, tokenizer, distinct_questions(splits.test, questions), max_new_tokens
     )
+    knowledge_report = None
+    if knowledge is not None:
+        knowledge_report = check_knowledge(
+            model, tokenizer, run, knowledge, forum_db, k or DEFAULT_K, rows, config, max_new_tokens
+        )
     report = EvaluationReport(
         run_dir=str(run),
         test_rows=len(rows),
@@ -382,7 +586,11 @@ def evaluate_run(
         finetuned_loss=finetuned_loss,
         answers=answer_prompts(model, tokenizer, prompt_set, max_new_tokens),
         test_answers=test_answers,
+        knowledge=knowledge_report,
     )
     (run / "evaluation.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     (run / "evaluation.md").write_text(report.to_markdown(), encoding="utf-8")
+    if knowledge_report is not None:
+        (run / KNOWLEDGE_JSON).write_text(json.dumps(knowledge_report.to_json(), indent=2) + "\n")
+        (run / KNOWLEDGE_MARKDOWN).write_text(knowledge_report.to_markdown(), encoding="utf-8")
     return report

@@ -36,8 +36,7 @@ from finetune.errors import UserError
 Fact = tuple[str, ...]  # acceptable spellings of one fact
 FIELDS = ("question", "facts", "thread_id")
 MODELS = ("base", "finetuned")
-SHOWN_SOURCES = 3  # the bot shows up to 3 sources, each with an excerpt
-EXCERPT_CHARS = 300  # what an excerpt quotes of its passage, at most
+SHOWN_SOURCES = 3  # the bot shows up to 3 sources, each with its passage's excerpt
 
 _THOUSANDS = re.compile(r"(?<=\d)[,\u202f\u00a0](?=\d{3}(?!\d))")
 _APOSTROPHES = re.compile(r"['\u2019\u2018`\u00b4]")
@@ -149,15 +148,6 @@ def load_knowledge(path: str | Path) -> list[KnowledgeQuestion]:
     return parse_knowledge(text.splitlines(), str(source))
 
 
-def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
-    """The start of a passage as a source's quote shows it: whole words, at most ``limit``."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    cut = text[: limit + 1].rsplit(" ", 1)[0]
-    return cut + "…"
-
-
 @dataclass(frozen=True)
 class KnowledgeAnswer:
     """One model's answer to one question, grounded or not, and what the user was shown."""
@@ -168,7 +158,7 @@ class KnowledgeAnswer:
     grounded: bool
     answer: str
     source_threads: tuple[str, ...] = ()  # the retrieved passages' threads, best first
-    excerpts: tuple[str, ...] = ()  # the quotes shown under the answer
+    excerpts: tuple[str, ...] = ()  # the retrieved passages' excerpts (crawl.search), best first
 
     def stated(self, item: KnowledgeQuestion) -> bool:
         return all(states(self.answer, fact) for fact in item.facts)
@@ -245,6 +235,7 @@ class ContextLoss:
     """Test-split loss of both models with the question alone and with retrieved context."""
 
     rows: int
+    k: int  # passages of context per row
     base: float
     finetuned: float
     base_with_context: float
@@ -300,7 +291,7 @@ class KnowledgeReport:
         loss = self.loss
         assert loss is not None
         return (
-            f"test split ({loss.rows} rows) loss without → with context: "
+            f"test split ({loss.rows} rows) loss without → with {loss.k} passages of context: "
             f"base {loss.base:.4f} → {loss.base_with_context:.4f}, "
             f"finetuned {loss.finetuned:.4f} → {loss.finetuned_with_context:.4f}"
         )
@@ -332,9 +323,9 @@ class KnowledgeReport:
                 "| --- | --- | --- |",
                 f"| Base | {loss.base:.4f} | {loss.base_with_context:.4f} |",
                 f"| Finetuned | {loss.finetuned:.4f} | {loss.finetuned_with_context:.4f} |\n",
-                f"On the completions of {loss.rows} test rows; the context is retrieved as "
-                "`python -m crawl dataset --context` retrieves it, never holding the row's "
-                "own answer.\n",
+                f"On the completions of {loss.rows} test rows; the context is {loss.k} passages "
+                f"retrieved as `python -m crawl dataset --context {loss.k}` retrieves them, "
+                "never the row's own answer.\n",
             ]
         lines.append("## Answers\n")
         for number, item in enumerate(self.items, start=1):
