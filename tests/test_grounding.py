@@ -8,6 +8,7 @@ exact messages it was asked, so a test sees the prompt the model would see.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from openai import AsyncOpenAI
 from bot.api.feedback import ApiFeedback
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
+from bot.console import ConsoleChat
 from bot.feedback.aio import AsyncFeedbackStore
 from bot.feedback.provenance import Provenance
 from bot.feedback.records import AdapterRef
@@ -288,3 +290,17 @@ def test_a_feedback_store_from_before_sources_is_migrated(tmp_path: Path):
     with sqlite3.connect(path) as db:
         (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert version == "2"
+
+
+async def test_the_console_prints_the_sources_and_its_status_says_grounding(forum_store: Path):
+    passages = expected(forum_store, QUESTION)
+    out = io.StringIO()
+    async with grounded(forum_store) as (engine, _):
+        chat = ConsoleChat(engine, out=out)
+        await chat.handle("/status")
+        await chat.handle(QUESTION)
+    shown = out.getvalue()
+    assert shown.startswith("grounding on: ")
+    assert "sources:\n  [1] " in shown
+    assert all(p.url in shown and p.excerpt in shown for p in passages)
+    assert chat.history[-1]["content"].count("sources:") == 0  # the model's text only
