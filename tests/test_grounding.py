@@ -174,7 +174,7 @@ def _empty_db(path: Path) -> Path:
 # ---- settings and the factory ------------------------------------------------------------------
 
 
-def test_without_forum_db_the_engine_is_not_grounded_and_status_says_why(monkeypatch):
+def test_without_forum_db_the_engine_is_not_grounded_and_status_says_why(monkeypatch, caplog):
     for name in ("FORUM_DB", "GROUNDING_K"):
         monkeypatch.delenv(name, raising=False)
     settings = EngineSettings.from_env()
@@ -182,6 +182,7 @@ def test_without_forum_db_the_engine_is_not_grounded_and_status_says_why(monkeyp
     engine = build_engine(EngineSettings(backend="openai"))
     assert not isinstance(engine.inner, GroundedEngine)
     assert engine.status().grounding == "off: FORUM_DB is not set"
+    assert "grounding off: FORUM_DB is not set" in caplog.text  # a warning line at start
 
 
 def test_forum_db_wraps_the_backend_and_k_comes_from_the_adapter(monkeypatch, tmp_path: Path):
@@ -304,3 +305,35 @@ async def test_the_console_prints_the_sources_and_its_status_says_grounding(foru
     assert "sources:\n  [1] " in shown
     assert all(p.url in shown and p.excerpt in shown for p in passages)
     assert chat.history[-1]["content"].count("sources:") == 0  # the model's text only
+
+
+@pytest.mark.timeout(180)
+async def test_the_local_engine_gets_fewer_passages_until_the_prompt_fits(
+    forum_store: Path, tiny_model_dir: Path
+):
+    """The real worker's RequestTooLong (the tiny model, a small token budget) drops passages."""
+    from bot.serving.local_engine import LocalEngine
+    from bot.serving.worker import encode_chats
+    from finetune.modeling import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_model_dir, load_in_4bit=False)
+    passages = expected(forum_store, QUESTION)
+    sizes = [
+        len(encode_chats(tokenizer, [ask(render_question(QUESTION, passages[:n]))])["input_ids"][0])
+        for n in (1, 2)
+    ]
+    answer_tokens = 4
+    settings = EngineSettings(
+        max_new_tokens=answer_tokens,
+        temperature=0.0,
+        max_batch_tokens=(sizes[0] + sizes[1]) // 2 + answer_tokens,  # room for one passage
+    )
+    local = LocalEngine(settings, model_and_tokenizer=(model, tokenizer))
+    engine = GroundedEngine(local, forum_store, 3)
+    await engine.start()
+    try:
+        answer = await engine.generate(ask(), variant="base")
+    finally:
+        await engine.close()
+    assert answer.sources == tuple(passages[:1])
+    assert answer.completion_tokens > 0

@@ -10,9 +10,13 @@ the same way and the counts see the grounded answer.
 
 from __future__ import annotations
 
+import logging
+
 from bot.serving.engine import Engine
 from bot.serving.metrics import CountedEngine
 from bot.serving.settings import EngineSettings
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(settings: EngineSettings) -> CountedEngine:
@@ -22,6 +26,11 @@ def build_engine(settings: EngineSettings) -> CountedEngine:
         from bot.serving.grounding import GroundedEngine
 
         backend = GroundedEngine.from_settings(backend, settings)
+    else:
+        log.warning(
+            "grounding off: FORUM_DB is not set, answers come without forum sources "
+            "(set FORUM_DB to a crawled store to ground them)"
+        )
     return CountedEngine(backend)
 
 
