@@ -18,8 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def crawl_sample_forum(db: Path) -> Path:
     """Serve the sample forum on 127.0.0.1, crawl it into ``db`` with no delay; returns ``db``."""
-    from crawl.__main__ import main
-
     server = subprocess.Popen(
         [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"],
         cwd=REPO,
@@ -32,8 +30,12 @@ def crawl_sample_forum(db: Path) -> Path:
         line = server.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("serving sample forum at http://127.0.0.1:"), line
         forum_url = line.split(" at ", 1)[1].strip()
+        # A process of its own: the fixture may be first asked for inside a running event loop.
         argv = ["fetch", "--forum-url", forum_url, "--db", str(db), "--delay", "0"]
-        assert main(argv) == 0
+        crawl = subprocess.run(
+            [sys.executable, "-m", "crawl", *argv], cwd=REPO, capture_output=True, text=True
+        )
+        assert crawl.returncode == 0, crawl.stderr[-2000:]
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=10)
