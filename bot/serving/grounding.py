@@ -153,7 +153,7 @@ class GroundedEngine:
             log.warning("grounding off: %s", self.off_reason)
             return
         self.retriever, self._counts, self._counted_at = retriever, counts, time.monotonic()
-        log.info("grounding on: %s", self.grounding())
+        log.info("grounding %s", self.grounding())
 
     async def close(self) -> None:
         await self.inner.close()
