@@ -7,9 +7,11 @@ exact messages it was asked, so a test sees the prompt the model would see.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -158,6 +160,17 @@ async def test_a_store_that_cannot_be_searched_turns_grounding_off_and_says_why(
     assert status.grounding.startswith("off: ") and says in status.grounding
     assert says in caplog.text
     assert inner.requests[-1][1] == ask() and answer.sources == ()
+
+
+async def test_grounding_comes_on_once_the_store_is_there(forum_store: Path, tmp_path, monkeypatch):
+    later = tmp_path / "forum.sqlite"
+    async with grounded(later) as (engine, _):
+        assert (await engine.generate(ask())).sources == ()
+        await asyncio.to_thread(shutil.copyfile, forum_store, later)  # a crawl wrote it since
+        assert (await engine.generate(ask())).sources == (), "not tried again at once"
+        monkeypatch.setattr("bot.serving.grounding.RETRY_OPEN_S", 0.0)
+        assert (await engine.generate(ask())).sources == tuple(expected(forum_store, QUESTION))
+        assert engine.status().grounding.startswith("on: ")
 
 
 def _write(path: Path, text: str) -> Path:

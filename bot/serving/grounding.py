@@ -12,8 +12,9 @@ writing) and the last user turn is rewritten with
 Context gives way before the question does: a prompt that does not fit is
 retried with one passage fewer, down to none. Grounding never costs an
 answer: a store that cannot be searched (missing, locked, older, unindexed,
-empty) turns grounding off at start, with the reason in ``/status``; a search
-that fails mid-answer answers that one question ungrounded, with a warning.
+empty) turns grounding off at start, with the reason in ``/status``, and is
+tried again once a minute (a crawl may fill it); a search that fails
+mid-answer answers that one question ungrounded, with a warning.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ GROUNDING_FILE = "grounding.json"  # written by a finetune run trained with cont
 # it is searched together with the user's previous turn.
 FOLLOW_UP_TERMS = 3
 COUNTS_REFRESH_S = 60.0  # how stale /status's passage and thread counts may get
+RETRY_OPEN_S = 60.0  # a store that could not be searched is tried again this often
 
 
 def adapter_grounding(adapter_path: Path | None) -> dict[str, Any] | None:
@@ -123,6 +125,8 @@ class GroundedEngine:
         self.off_reason = "not started"
         self._counts: dict[str, int] = {}
         self._counted_at = 0.0
+        self._opened_at: float | None = None  # when opening was last tried; None before start
+        self._reopening = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, inner: Engine, settings: EngineSettings) -> GroundedEngine:
@@ -137,6 +141,7 @@ class GroundedEngine:
 
     def _open(self) -> None:
         """Open the store; any reason it cannot be searched turns grounding off, with a warning."""
+        self._opened_at = time.monotonic()
         try:
             retriever = Retriever.open(self.forum_db)
             counts = retriever.counts()
@@ -156,6 +161,7 @@ class GroundedEngine:
         log.info("grounding %s", self.grounding())
 
     async def close(self) -> None:
+        self._opened_at = None
         await self.inner.close()
         retriever, self.retriever = self.retriever, None
         if retriever is not None:
@@ -225,15 +231,28 @@ class GroundedEngine:
 
     async def _passages(self, messages: Sequence[Message]) -> list[Passage]:
         """The top ``k`` passages for the conversation's question; none when search fails."""
-        retriever = self.retriever
         question = search_question(messages)
-        if retriever is None or not question.strip():
+        if not question.strip():
+            return []
+        if self.retriever is None:
+            await self._reopen()
+        retriever = self.retriever
+        if retriever is None:
             return []
         try:
             return await asyncio.to_thread(self._search, retriever, question)
         except Exception as exc:  # a locked or rebuilt store: this answer goes on ungrounded
             log.warning("forum search failed, answering without sources: %s", _one_line(exc))
             return []
+
+    async def _reopen(self) -> None:
+        """Try the store again, at most every ``RETRY_OPEN_S``: a crawl may have filled it since."""
+        opened_at = self._opened_at
+        if opened_at is None or time.monotonic() - opened_at < RETRY_OPEN_S:
+            return
+        async with self._reopening:
+            if self.retriever is None and self._opened_at == opened_at:
+                await asyncio.to_thread(self._open)
 
     def _search(self, retriever: Retriever, question: str) -> list[Passage]:
         passages = retriever.search(question, self.k)
