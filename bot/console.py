@@ -3,21 +3,26 @@
 For operators trying a model before wiring Discord, and for the offline demo.
 Each line is a question to the finetuned model (the base model when no
 adapter is loaded); ``/compare QUESTION`` asks both, ``/base QUESTION`` the
-base only, ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) leaves.
+base only, ``/status`` says whether answers are grounded on the forum
+(``FORUM_DB``), ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) leaves.
+A grounded answer is followed by its sources: thread title, link and excerpt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 from bot.serving.context import with_system_prompt
 from bot.serving.engine import Engine, EngineError, Message, Variant
 from bot.serving.settings import EngineSettings
 
-HELP = "Ask a question, or: /compare QUESTION, /base QUESTION, /reset, /quit"
+if TYPE_CHECKING:
+    from crawl.search import Passage
+
+HELP = "Ask a question, or: /compare QUESTION, /base QUESTION, /status, /reset, /quit"
 
 
 class ConsoleChat:
@@ -46,6 +51,8 @@ class ConsoleChat:
             return False
         if command == "/help":
             self._write(HELP + "\n")
+        elif command == "/status":
+            self._write(f"grounding {self.engine.status().grounding}\n")
         elif command == "/reset":
             self.history.clear()
             self._write("(conversation forgotten)\n")
@@ -70,7 +77,7 @@ class ConsoleChat:
         except EngineError as exc:
             self._write(f"\nerror: {exc}\n")
             return
-        self._write("\n")
+        self._write("\n" + sources_text(answer.sources))
         self.history += [
             {"role": "user", "content": question},
             {"role": "assistant", "content": answer.text},
@@ -87,6 +94,16 @@ class ConsoleChat:
             return
         for answer in (base, finetuned):
             self._write(f"--- {answer.variant} ---\n{answer.text}\n")
+        self._write(sources_text(finetuned.sources))
+
+
+def sources_text(passages: Sequence[Passage]) -> str:
+    """The sources under a grounded answer, one per line with its excerpt; "" for none."""
+    lines = [
+        f'  [{number}] {p.title} <{p.url}>\n      "{p.excerpt}"'
+        for number, p in enumerate(passages, 1)
+    ]
+    return "sources:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 async def run_console(
@@ -103,6 +120,7 @@ async def run_console(
         engine = build_engine(settings)
     out.write("loading the model…\n")
     await engine.start()
+    out.write(f"grounding {engine.status().grounding}\n")
     chat = ConsoleChat(engine, system_prompt=settings.system_prompt, out=out)
     out.write(HELP + "\n")
     try:

@@ -80,3 +80,11 @@ def smollm2_dir() -> Path:
 
     path, _ = get_model(MODEL_NAME, MODEL_CACHE)
     return path
+
+
+@pytest.fixture(scope="session")
+def forum_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample forum, crawled once on loopback into an indexed store (read-only use)."""
+    from tests.forum_store import crawl_sample_forum
+
+    return crawl_sample_forum(tmp_path_factory.mktemp("forum") / "forum.sqlite")

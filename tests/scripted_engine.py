@@ -61,6 +61,7 @@ class ScriptedEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        grounding: bool = True,
     ) -> Answer:
         if not self.ready:
             raise EngineUnavailable("The scripted engine is stopped.")
@@ -106,6 +107,7 @@ class ScriptedEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         base, finetuned = await asyncio.gather(
             *(

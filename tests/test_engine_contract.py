@@ -92,10 +92,21 @@ async def local(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     )
 
 
+@contextlib.asynccontextmanager
+async def grounded_openai_over_fake(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+    """The grounding wrapper keeps the contract: a vLLM-like server, the sample forum's store."""
+    from bot.serving.grounding import GroundedEngine
+
+    store: Path = request.getfixturevalue("forum_store")
+    async with openai_over_fake(request) as inner:
+        yield GroundedEngine(inner, store, 3)
+
+
 ENGINES: dict[str, EngineFactory] = {
     "scripted": scripted,
     "openai-over-api": openai_over_api,
     "openai-over-fake": openai_over_fake,
+    "grounded-openai-over-fake": grounded_openai_over_fake,
     "local": local,
 }
 

@@ -78,7 +78,12 @@ class ApiFeedback:
         if answer.finish_reason == "cancelled":
             return
         record = self.provenance.record(
-            messages, answer.text, answer.variant, "api", answer_id=completion_id
+            messages,
+            answer.text,
+            answer.variant,
+            "api",
+            answer_id=completion_id,
+            sources=answer.sources,
         )
         cap = record.settings.get("max_new_tokens")
         if max_tokens is not None and (cap is None or max_tokens < cap):

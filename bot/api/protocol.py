@@ -152,6 +152,8 @@ class ChatCompletionRequest(_Model):
     stop: Stop | None = None
     seed: StrictInt | None = None
     user: StrictStr | None = None
+    # Extension: false answers without the forum's passages (FORUM_DB), e.g. to evaluate.
+    grounding: StrictBool = True
 
     @field_validator("model")
     @classmethod
@@ -188,6 +190,7 @@ class ChatRequest:
     max_tokens: int | None
     stream: bool
     include_usage: bool
+    grounding: bool = True
 
 
 def model_names(engine_settings: EngineSettings | None = None) -> dict[str, Variant]:
@@ -232,6 +235,7 @@ def parse_chat_request(
         max_tokens=request.max_completion_tokens or request.max_tokens,
         stream=request.stream,
         include_usage=options.include_usage,
+        grounding=request.grounding,
     )
 
 
@@ -281,6 +285,31 @@ class Choice(BaseModel):
     finish_reason: FinishReason
 
 
+class SourceRef(BaseModel):
+    """One forum passage an answer was grounded on (an extension: ``sources``)."""
+
+    title: str
+    url: str
+    thread_id: str
+    post_id: str
+    excerpt: str
+    score: float
+
+    @classmethod
+    def of(cls, answer: Answer) -> list[SourceRef]:
+        return [
+            cls(
+                title=p.title,
+                url=p.url,
+                thread_id=p.thread_id,
+                post_id=p.post_id,
+                excerpt=p.excerpt,
+                score=p.score,
+            )
+            for p in answer.sources
+        ]
+
+
 class ChatCompletion(BaseModel):
     """The answer to a request without ``stream``."""
 
@@ -290,6 +319,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    sources: list[SourceRef] = Field(default_factory=list)  # extension: empty when ungrounded
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -315,6 +345,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = Field(None, exclude_if=_unset)  # only in the final usage chunk
+    # Extension: the answer's forum sources, on the finishing chunk and the usage chunk.
+    sources: list[SourceRef] | None = Field(None, exclude_if=_unset)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -364,6 +396,7 @@ def completion_body(completion_id: str, model: str, answer: Answer) -> dict[str,
         model=model,
         choices=[choice],
         usage=Usage.of(answer),
+        sources=SourceRef.of(answer),
     ).dump()
 
 
@@ -382,20 +415,28 @@ class ChunkStream:
     def text(self, piece: str) -> dict[str, Any]:
         return self._chunk([ChunkChoice(delta=Delta(content=piece))])
 
-    def finish(self, reason: FinishReason) -> dict[str, Any]:
-        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)])
+    def finish(self, reason: FinishReason, answer: Answer | None = None) -> dict[str, Any]:
+        """The chunk with ``finish_reason``; with ``answer``, its ``sources`` too."""
+        sources = SourceRef.of(answer) if answer is not None else None
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)], sources=sources)
 
     def usage(self, answer: Answer) -> dict[str, Any]:
         """The final chunk ``stream_options.include_usage`` asks for: no choices, the usage."""
-        return self._chunk([], usage=Usage.of(answer))
+        return self._chunk([], usage=Usage.of(answer), sources=SourceRef.of(answer))
 
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
+    def _chunk(
+        self,
+        choices: list[ChunkChoice],
+        usage: Usage | None = None,
+        sources: list[SourceRef] | None = None,
+    ) -> dict[str, Any]:
         return ChatCompletionChunk(
             id=self.completion_id,
             created=self.created,
             model=self.model,
             choices=choices,
             usage=usage,
+            sources=sources,
         ).dump()
 
 

@@ -92,7 +92,10 @@ class ChatApi:
         if chat.stream:
             return await self._stream(request, chat, completion_id)
         answer = await self._engine.generate(
-            chat.messages, variant=chat.variant, max_new_tokens=chat.max_tokens
+            chat.messages,
+            variant=chat.variant,
+            max_new_tokens=chat.max_tokens,
+            grounding=chat.grounding,
         )
         self._answered(completion_id, chat, answer)
         return web.json_response(completion_body(completion_id, chat.model, answer))
@@ -113,6 +116,7 @@ class ChatApi:
                 variant=chat.variant,
                 max_new_tokens=chat.max_tokens,
                 on_text=pieces.put_nowait,
+                grounding=chat.grounding,
             )
         )
         task.add_done_callback(lambda _: pieces.put_nowait(None))
@@ -144,7 +148,7 @@ class ChatApi:
                     await _send(response, _error_event(error))
                 else:
                     self._answered(completion_id, chat, answer)  # before a vote can follow
-                    await _send(response, chunks.finish(answer.finish_reason))
+                    await _send(response, chunks.finish(answer.finish_reason, answer))
                     if chat.include_usage:
                         await _send(response, chunks.usage(answer))
                 await response.write(b"data: [DONE]\n\n")

@@ -20,7 +20,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.chain import ReplyChains
-from bot.discord_bot.messages import chain_to_messages, split_message, strip_mentions_of
+from bot.discord_bot.messages import (
+    chain_to_messages,
+    sources_block,
+    split_message,
+    strip_mentions_of,
+    with_sources,
+)
 from bot.discord_bot.ratelimit import RateLimiter
 from bot.discord_bot.replies import (
     STREAMING_MARK,
@@ -201,7 +207,12 @@ class AnswerCog(commands.Cog):
         view = None
         if self.bot.feedback is not None and answer.finish_reason != "cancelled":
             view = self.bot.feedback.answer_view_for(messages, answer)
-        return await live.finish(answer.text, note=NOTES.get(answer.finish_reason, ""), view=view)
+        return await live.finish(
+            answer.text,
+            note=NOTES.get(answer.finish_reason, ""),
+            view=view,
+            sources=sources_block(answer.sources),
+        )
 
     def _refusal(
         self,
@@ -364,13 +375,17 @@ async def _show_comparison(
     extra = {"view": view} if view is not None else {}
     texts = {"base": base.text.strip(), "finetuned": finetuned.text.strip()}
     texts = {label: text or "_(empty answer)_" for label, text in texts.items()}
+    sources = sources_block(finetuned.sources or base.sources)  # the same passages: shown once
     if all(len(text) <= EMBED_FIELD_LIMIT for text in texts.values()):
         embed = discord.Embed(title=_shorten(question, 256), colour=discord.Colour.blue())
         for label, text in texts.items():
             embed.add_field(name=label, value=text, inline=True)
+        if sources:
+            extra["content"] = sources
         await interaction.edit_original_response(embed=embed, **extra)
         return
     parts = [p for label, text in texts.items() for p in split_message(f"**{label}**\n{text}")]
+    parts = with_sources(parts, sources)
     # embed=None: no streamed preview is left above the parts
     await interaction.edit_original_response(
         content=parts[0], embed=None, **(extra if len(parts) == 1 else {})
@@ -391,6 +406,7 @@ def _status_embed(engine: Engine) -> discord.Embed:
         "Served": f"{status.requests_served} answers in {status.batches_served} batches",
         "Throughput": f"{status.tokens_per_s:.1f} tokens/s ({status.tokens_generated} tokens in all)",
         "Uptime": _duration(status.uptime_s),
+        "Grounding": status.grounding,
     }
     for name, value in rows.items():
         embed.add_field(name=name, value=_shorten(value, EMBED_FIELD_LIMIT), inline=True)

@@ -167,7 +167,12 @@ class DiscordFeedback:
         answer_id = new_answer_id()
         self.store.record_answer_soon(
             self.provenance.record(
-                messages, answer.text, answer.variant, "discord", answer_id=answer_id
+                messages,
+                answer.text,
+                answer.variant,
+                "discord",
+                answer_id=answer_id,
+                sources=answer.sources,
             )
         )
         return answer_view(answer_id)
@@ -178,8 +183,10 @@ class DiscordFeedback:
         """Queue the record of a ``/compare``'s two answers and return its preference buttons."""
         pair_id = new_pair_id()
         self.store.record_pair_soon(
-            self.provenance.record(messages, base.text, "base", "discord"),
-            self.provenance.record(messages, finetuned.text, "finetuned", "discord"),
+            self.provenance.record(messages, base.text, "base", "discord", sources=base.sources),
+            self.provenance.record(
+                messages, finetuned.text, "finetuned", "discord", sources=finetuned.sources
+            ),
             pair_id,
         )
         return pair_view(pair_id)

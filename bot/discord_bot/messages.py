@@ -8,14 +8,23 @@ are tested on their own, and the worker and the bot trim context the same way.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bot.serving.context import trim_oldest_first, with_system_prompt
 from bot.serving.engine import Message
 
+if TYPE_CHECKING:
+    from crawl.search import Passage
+
 DISCORD_MESSAGE_LIMIT = 2000
 FENCE = "```"
+# The line that starts an answer's sources; what follows it is not the model's text.
+SOURCES_MARK = "-# Sources:"
+MAX_SOURCES = 3
+SOURCE_TITLE_CHARS = 80
+SOURCE_EXCERPT_CHARS = 160
 
 
 def split_message(text: str, limit: int = DISCORD_MESSAGE_LIMIT) -> list[str]:
@@ -88,7 +97,7 @@ def chain_to_messages(
     """
     turns: list[Message] = []
     for message in chain:
-        content = message.content.strip()
+        content = (strip_sources(message.content) if message.from_bot else message.content).strip()
         if not content:
             continue
         role = "assistant" if message.from_bot else "user"
@@ -102,6 +111,55 @@ def chain_to_messages(
         turns.pop()
     kept = trim_oldest_first(turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars)
     return with_system_prompt(kept, system_prompt)
+
+
+def sources_block(passages: Sequence[Passage], limit: int = DISCORD_MESSAGE_LIMIT) -> str:
+    """Up to three sources: a link titled by the thread, and the passage's quoted excerpt.
+
+    Links are ``<…>``-wrapped so Discord shows no preview (no foreign images);
+    each source is dropped whole rather than cut, so the block fits ``limit``.
+    """
+    lines = [SOURCES_MARK]
+    for number, passage in enumerate(passages[:MAX_SOURCES], 1):
+        title = _link_text(passage.title)
+        entry = f"{number}. [{title}](<{passage.url}>)"
+        quote = _shorten(" ".join(passage.excerpt.split()), SOURCE_EXCERPT_CHARS)
+        if quote:
+            entry += f"\n> {_escape(quote)}"
+        if len("\n".join([*lines, entry])) > limit:
+            break
+        lines.append(entry)
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def with_sources(parts: list[str], block: str, limit: int = DISCORD_MESSAGE_LIMIT) -> list[str]:
+    """``parts`` with ``block`` under the last one, or in a part of its own when it does not fit."""
+    if not block:
+        return parts
+    if parts and len(parts[-1]) + 2 + len(block) <= limit:
+        return [*parts[:-1], f"{parts[-1]}\n\n{block}"]
+    return [*parts, block]
+
+
+def strip_sources(text: str) -> str:
+    """A bot message without its sources block: what the model said, for the reply chain."""
+    head, mark, _ = text.partition(SOURCES_MARK)
+    return head.rstrip() if mark else text
+
+
+def _link_text(title: str) -> str:
+    """A thread title safe inside ``[…]``: no brackets, no markdown, at most 80 characters."""
+    flat = " ".join(title.replace("[", "(").replace("]", ")").split()) or "forum thread"
+    return _escape(_shorten(flat, SOURCE_TITLE_CHARS))
+
+
+def _escape(text: str) -> str:
+    """Markdown and link syntax shown as typed (a quote is the forum's text, not ours)."""
+    return re.sub(r"([\\*_`~|\[\]])", r"\\\1", text)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def strip_mentions_of(text: str, user_id: int) -> str:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import discord
 
-from bot.discord_bot.messages import DISCORD_MESSAGE_LIMIT, split_message
+from bot.discord_bot.messages import DISCORD_MESSAGE_LIMIT, split_message, with_sources
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,20 @@ class LiveText:
             self._task = None
 
     async def finish(
-        self, text: str, *, note: str = "", view: discord.ui.View | None = None
+        self,
+        text: str,
+        *,
+        note: str = "",
+        view: discord.ui.View | None = None,
+        sources: str = "",
     ) -> list[discord.Message]:
-        """Replace the preview by the final ``text`` (plus ``note``), split to Discord's limit."""
+        """Replace the preview by the final ``text`` (plus ``note``), split to Discord's limit.
+
+        ``sources`` (a :func:`~bot.discord_bot.messages.sources_block`) goes in the last part.
+        """
         await self.stop()
         body = (self.prefix + text.strip()).strip() or "_(the model gave an empty answer)_"
         if note:
             body = f"{body}\n\n{note}"
-        parts = split_message(body)
+        parts = with_sources(split_message(body), sources)
         return await (self.target.finish(parts, view) if view else self.target.finish(parts))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.feedback.ids import new_answer_id
-from bot.feedback.records import AdapterRef, AnswerRecord, Source
+from bot.feedback.records import AdapterRef, AnswerRecord, Source, source_refs
 from bot.serving.engine import Message, Variant
 from bot.serving.settings import EngineSettings
 
@@ -33,7 +33,9 @@ class Provenance:
         answer_id: str | None = None,
         pair_id: str | None = None,
         thread_key: str | None = None,
+        sources: Sequence[Any] = (),
     ) -> AnswerRecord:
+        """The record of one answer; ``sources`` are the passages shown with it."""
         return AnswerRecord(
             conversation=list(conversation),
             text=text,
@@ -45,6 +47,7 @@ class Provenance:
             answer_id=answer_id or new_answer_id(),
             pair_id=pair_id,
             thread_key=thread_key,
+            sources=source_refs(sources),
         )
 
 

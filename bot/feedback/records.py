@@ -84,6 +84,9 @@ class AnswerRecord:
     answer_id: str = field(default_factory=new_answer_id)
     pair_id: str | None = None
     thread_key: str | None = None
+    # The forum sources shown under the answer (see :func:`source_refs`), so a vote says
+    # which passages it judged along with the text.
+    sources: Sequence[Mapping[str, Any]] = ()
 
     def validate(self) -> None:
         check_id(self.answer_id, "answer_id")
@@ -147,6 +150,7 @@ class StoredAnswer:
     pair_id: str | None
     thread_key: str
     counts: AnswerCounts
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,21 @@ class FeedbackSummary:
     @property
     def win_rate(self) -> float | None:
         return self.finetuned / self.decided if self.decided else None
+
+
+def source_refs(passages: Sequence[Any]) -> list[dict[str, Any]]:
+    """The fields of each shown :class:`crawl.search.Passage` a vote is recorded with."""
+    return [
+        {
+            "thread_id": p.thread_id,
+            "post_id": p.post_id,
+            "title": p.title,
+            "url": p.url,
+            "excerpt": p.excerpt,
+            "score": p.score,
+        }
+        for p in passages
+    ]
 
 
 def check_id(value: str, name: str) -> str:

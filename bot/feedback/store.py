@@ -41,7 +41,7 @@ from bot.feedback.records import (
 )
 
 DEFAULT_FEEDBACK_DB = "data/feedback.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: answers.sources
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS answers (
     adapter_hash TEXT,
     settings     TEXT NOT NULL,
     pair_id      TEXT,
-    thread_key   TEXT NOT NULL
+    thread_key   TEXT NOT NULL,
+    sources      TEXT NOT NULL DEFAULT '[]'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS answers_pair_variant ON answers (pair_id, variant)
     WHERE pair_id IS NOT NULL;
@@ -110,6 +111,7 @@ class FeedbackStore:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            _migrate(db)
 
     def close(self) -> None:
         with self._lock:
@@ -358,8 +360,8 @@ class FeedbackStore:
         try:
             db.execute(
                 "INSERT INTO answers (answer_id, created_at, source, conversation, text, variant,"
-                " model, adapter_path, adapter_hash, settings, pair_id, thread_key)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model, adapter_path, adapter_hash, settings, pair_id, thread_key, sources)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.answer_id,
                     self._clock(),
@@ -373,6 +375,7 @@ class FeedbackStore:
                     json.dumps(dict(record.settings), ensure_ascii=False, sort_keys=True),
                     pair_id or record.pair_id,
                     record.thread_key or conversation_key(conversation),  # type: ignore[arg-type]
+                    json.dumps([dict(source) for source in record.sources], ensure_ascii=False),
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -386,6 +389,17 @@ class FeedbackStore:
         if row is None:
             raise UnknownAnswer(f"no answer {answer_id!r} is stored")
         return row
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a store written by an older version up to :data:`SCHEMA_VERSION`, in place."""
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(answers)")}
+    if "sources" not in columns:  # version 1: answers recorded before grounding
+        db.execute("ALTER TABLE answers ADD COLUMN sources TEXT NOT NULL DEFAULT '[]'")
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'schema_version' AND CAST(value AS INTEGER) < ?",
+        (str(SCHEMA_VERSION), SCHEMA_VERSION),
+    )
 
 
 def feedback_db_from_env() -> Path | None:
@@ -440,4 +454,5 @@ def _stored(db: sqlite3.Connection, row: sqlite3.Row) -> StoredAnswer:
         pair_id=row["pair_id"],
         thread_key=row["thread_key"],
         counts=_answer_counts(db, row["answer_id"]),
+        sources=json.loads(row["sources"]),
     )

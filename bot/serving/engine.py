@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
+
+if TYPE_CHECKING:
+    from crawl.search import Passage
 
 Variant = Literal["base", "finetuned"]
 VARIANTS: tuple[Variant, ...] = ("base", "finetuned")
@@ -71,6 +74,8 @@ class Answer:
     queue_s: float = 0.0  # waiting for a batch slot
     first_token_s: float | None = None  # request accepted → first text
     total_s: float = 0.0  # request accepted → answer complete
+    # The forum passages the answer was grounded on (FORUM_DB), best first; shown as its sources.
+    sources: tuple[Passage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class EngineStatus:
     tokens_generated: int
     tokens_per_s: float  # over the recent window
     uptime_s: float
+    # Whether answers are grounded on the forum (FORUM_DB), and if not why: one line for /status.
+    grounding: str = "off: FORUM_DB is not set"
 
 
 class EngineError(Exception):
@@ -134,12 +141,15 @@ class Engine(Protocol):
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
         sampling: Sampling | None = None,
+        grounding: bool = True,
     ) -> Answer:
         """Answer ``messages`` (oldest first) with one variant, streaming through ``on_text``.
 
         ``max_new_tokens`` can shorten the answer, never lengthen it past the
         engine's configured ``MAX_NEW_TOKENS``. ``sampling`` overrides the
-        configured sampling for this request only.
+        configured sampling for this request only. ``grounding=False`` answers
+        without the forum's passages (an evaluation's opt-out); backends accept
+        and ignore it, :class:`~bot.serving.grounding.GroundedEngine` acts on it.
         """
 
     async def compare(
@@ -149,6 +159,7 @@ class Engine(Protocol):
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
+        grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         """Base and finetuned answers to the same messages: ``(base, finetuned)``.
 

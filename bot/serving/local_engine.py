@@ -121,6 +121,7 @@ class LocalEngine:
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
         sampling: Sampling | None = None,
+        grounding: bool = True,  # grounding happens above the backend (GroundedEngine)
     ) -> Answer:
         (answer,) = await self._run([(variant, on_text)], messages, max_new_tokens, sampling)
         return answer
@@ -132,6 +133,7 @@ class LocalEngine:
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
+        grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         """Both variants as two rows that join the batch together and share every step."""
         base, finetuned = await self._run(

@@ -139,10 +139,15 @@ class CountedEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        grounding: bool = True,
     ) -> Answer:
         try:
             answer = await self.inner.generate(
-                messages, variant=variant, max_new_tokens=max_new_tokens, on_text=on_text
+                messages,
+                variant=variant,
+                max_new_tokens=max_new_tokens,
+                on_text=on_text,
+                grounding=grounding,
             )
         except (Exception, asyncio.CancelledError) as error:
             ANSWERS.labels(variant, outcome_of(error)).inc()
@@ -156,10 +161,11 @@ class CountedEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         try:
             base, finetuned = await self.inner.compare(
-                messages, max_new_tokens=max_new_tokens, on_text=on_text
+                messages, max_new_tokens=max_new_tokens, on_text=on_text, grounding=grounding
             )
         except (Exception, asyncio.CancelledError) as error:
             for variant in VARIANTS:

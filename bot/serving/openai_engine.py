@@ -153,6 +153,7 @@ class OpenAIEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        grounding: bool = True,  # grounding happens above the backend (GroundedEngine)
     ) -> Answer:
         if variant not in self._model_names:
             raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
@@ -164,6 +165,7 @@ class OpenAIEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         # Both requests go out at once so the server can batch them together.
         tasks = [

@@ -65,6 +65,10 @@ class EngineSettings:
     openai_api_key: str = field(default="", repr=False)
     base_model_name: str = "base"
     finetuned_model_name: str = "finetuned"
+    # Grounding (bot/serving/grounding.py): the forum store whose passages answers are
+    # grounded on, and how many; None k takes the adapter's grounding.json, else 3.
+    forum_db: Path | None = None
+    grounding_k: int | None = None
 
     @classmethod
     def from_env(cls) -> EngineSettings:
@@ -118,4 +122,27 @@ class EngineSettings:
             base_model_name=env_str("BASE_MODEL_NAME", cls.base_model_name) or cls.base_model_name,
             finetuned_model_name=env_str("FINETUNED_MODEL_NAME", cls.finetuned_model_name)
             or cls.finetuned_model_name,
+            forum_db=_forum_db_from_env(),
+            grounding_k=_grounding_k_from_env(),
         )
+
+
+MAX_GROUNDING_K = 20
+
+
+def _forum_db_from_env() -> Path | None:
+    """``FORUM_DB``; a missing or unindexed store is not an error here (grounding goes off)."""
+    value = env_str("FORUM_DB")
+    return Path(value).expanduser() if value else None
+
+
+def _grounding_k_from_env() -> int | None:
+    """``GROUNDING_K``, passages per answer; unset leaves it to the adapter (or 3)."""
+    if not env_str("GROUNDING_K"):
+        return None
+    k = env_int("GROUNDING_K", 3, minimum=1)
+    if k > MAX_GROUNDING_K:
+        raise UserError(
+            f"GROUNDING_K={k} is too large: at most {MAX_GROUNDING_K} passages fit a prompt"
+        )
+    return k

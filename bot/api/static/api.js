@@ -38,7 +38,8 @@ export async function engineStatus() {
 
 /**
  * Stream one answer: `onText` gets each new piece of text as it is generated.
- * Resolves to `{id, finishReason}`; `id` is the completion id votes refer to.
+ * Resolves to `{id, finishReason, sources}`; `id` is the completion id votes refer to,
+ * `sources` the forum posts the answer was grounded on (the last chunk's extension field).
  */
 export async function streamChat({ model, messages, signal, onText }) {
   const response = await request("/v1/chat/completions", {
@@ -50,6 +51,7 @@ export async function streamChat({ model, messages, signal, onText }) {
   let buffer = "";
   let id = null;
   let finishReason = null;
+  let sources = [];
   for (;;) {
     const { value, done } = await read(reader);
     if (done) throw new ApiFailure("cut", CUT);
@@ -60,13 +62,14 @@ export async function streamChat({ model, messages, signal, onText }) {
       for (const line of event.split("\n")) {
         if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
-        if (data === "[DONE]") return { id, finishReason };
+        if (data === "[DONE]") return { id, finishReason, sources };
         const chunk = JSON.parse(data);
         if (chunk.error) throw streamFailure(chunk.error);
         id ??= chunk.id;
         const choice = chunk.choices?.[0];
         if (choice?.delta?.content) onText(choice.delta.content);
         if (choice?.finish_reason) finishReason = choice.finish_reason;
+        if (Array.isArray(chunk.sources)) sources = chunk.sources;
       }
     }
   }

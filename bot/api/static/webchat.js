@@ -107,7 +107,7 @@ function turnView(turn, variants) {
           },
         });
         Object.assign(result, { id: done.id, ok: true });
-        slot.finish(done.finishReason, done.id);
+        slot.finish(done.finishReason, done.id, done.sources);
         if (variants.length > 1 && feedbackOn && VARIANTS.every((v) => turn.answers[v]?.ok)) {
           article.append(preference(turn));
         }
@@ -150,9 +150,11 @@ function answerSlot(variant) {
       renderMarkdown(text, body);
       if (follow) scrollDown();
     },
-    finish(finishReason, completionId) {
+    finish(finishReason, completionId, sources = []) {
       node.removeAttribute("aria-busy");
       node.dataset.completionId = completionId ?? "";
+      node.querySelector(".sources")?.remove();
+      if (sources.length) node.insertBefore(sourceList(sources), footer);
       footer.replaceChildren();
       if (NOTES[finishReason]) footer.append(element("span", "note", NOTES[finishReason]));
       if (feedbackOn && completionId) footer.append(thumbs(completionId));
@@ -168,6 +170,33 @@ function answerSlot(variant) {
       footer.replaceChildren(error, again);
     },
   };
+}
+
+/** The forum posts an answer was grounded on: thread title as a link, and the quoted excerpt. */
+function sourceList(sources) {
+  const list = element("ol", "sources");
+  list.setAttribute("aria-label", "Sources");
+  for (const source of sources.slice(0, 3)) {
+    const item = element("li");
+    const link = element("a", "", source.title || "forum thread");
+    link.href = safeUrl(source.url);
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    item.append(link);
+    if (source.excerpt) item.append(element("q", "excerpt", source.excerpt));
+    list.append(item);
+  }
+  return list;
+}
+
+/** Only web links become hrefs; anything else (javascript:, data:) links nowhere. */
+function safeUrl(url) {
+  try {
+    const parsed = new URL(url, location.href);
+    return ["http:", "https:"].includes(parsed.protocol) ? parsed.href : "#";
+  } catch {
+    return "#";
+  }
 }
 
 /** 👍/👎 on one answer. */
