@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,12 +40,12 @@ from bot.serving.engine import (
 from bot.serving.settings import EngineSettings
 from crawl.layout import LAYOUT, render_question
 from crawl.search import Passage, Retriever, query_terms
+from finetune.grounding import Grounding, read_grounding
 from freeski_common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 3
-GROUNDING_FILE = "grounding.json"  # written by a finetune run trained with context
 # A last question with fewer search terms than this is a follow-up ("and how much is it?"):
 # it is searched together with the user's previous turn.
 FOLLOW_UP_TERMS = 3
@@ -54,30 +53,22 @@ COUNTS_REFRESH_S = 60.0  # how stale /status's passage and thread counts may get
 RETRY_OPEN_S = 60.0  # a store that could not be searched is tried again this often
 
 
-def adapter_grounding(adapter_path: Path | None) -> dict[str, Any] | None:
-    """The adapter's ``grounding.json`` (``{"layout", "k"}``), None when it has none.
+def adapter_grounding(adapter_path: Path | None) -> Grounding | None:
+    """How the adapter was trained to read context (its run's record), None when it was not.
 
     An adapter trained on another layout than :data:`crawl.layout.LAYOUT` would
     read its context wrongly, so it is refused here, at start, in one line.
     """
     if adapter_path is None:
         return None
-    path = Path(adapter_path) / GROUNDING_FILE
-    if not path.is_file():
-        return None
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        layout, k = recorded["layout"], int(recorded["k"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    recorded = read_grounding(adapter_path)
+    if recorded is not None and recorded.layout != LAYOUT:
         raise UserError(
-            f'{path} is unreadable ({exc}): rewrite it as {{"layout": "{LAYOUT}", "k": 3}}'
-        ) from None
-    if layout != LAYOUT:
-        raise UserError(
-            f"the adapter at {adapter_path} was trained with the context layout {layout!r} but "
-            f"this bot writes {LAYOUT!r}: serve it with the code it was trained with, or retrain"
+            f"the adapter at {adapter_path} was trained with the context layout "
+            f"{recorded.layout!r} but this bot writes {LAYOUT!r}: serve it with the code it was "
+            "trained with, or retrain"
         )
-    return {"layout": layout, "k": k}
+    return recorded
 
 
 def grounding_k(settings: EngineSettings) -> int:
@@ -85,7 +76,7 @@ def grounding_k(settings: EngineSettings) -> int:
     if settings.grounding_k is not None:
         return settings.grounding_k
     recorded = adapter_grounding(settings.adapter_path)
-    return max(1, recorded["k"]) if recorded else DEFAULT_K
+    return max(1, recorded.k) if recorded else DEFAULT_K
 
 
 def search_question(messages: Sequence[Message]) -> str:
