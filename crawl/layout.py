@@ -34,3 +34,8 @@ def render_question(
         who = passage.author or "someone"
         lines.append(f"[{number}] {passage.title} ({who}): {clip(passage.text, passage_chars)}")
     return "\n".join(lines)
+
+
+def question_of(content: str) -> str:
+    """The question a rendered prompt asks, without its context (the inverse of rendering)."""
+    return content.split(f"\n\n{CONTEXT_HEADING}\n", 1)[0]

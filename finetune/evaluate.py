@@ -398,10 +398,9 @@ def knowledge_answers(
 
 def question_alone(row: dict[str, Any]) -> dict[str, Any]:
     """A grounded row's prompt without its context (:mod:`crawl.layout`: the question leads)."""
-    from crawl.layout import CONTEXT_HEADING
+    from crawl.layout import question_of
 
-    content = row["prompt"][0]["content"]
-    question = content.split(f"\n\n{CONTEXT_HEADING}\n", 1)[0]
+    question = question_of(row["prompt"][0]["content"])
     return {**row, "prompt": [{**row["prompt"][0], "content": question}, *row["prompt"][1:]]}
 
 
