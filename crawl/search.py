@@ -36,6 +36,11 @@ _STOPWORD_TEXT = """a about above after again all also am an and any are as at b
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 MAX_TERMS = 24
 CANDIDATES_PER_SLOT = 8
+# BM25 scores every passage that has any of the query's words, ~1 µs each: a word in a third of
+# a million-post forum costs a third of a second. The rarest words are the ones that find the
+# thread, so a search keeps words, rarest first, while the passages they match stay within this
+# budget (the rarest word is always kept). A forum under this size searches every word.
+MATCH_BUDGET = 20_000
 EXCERPT_CHARS = 220
 
 
@@ -135,6 +140,9 @@ class Retriever:
         self.path = path
         self.copypasta_threads = copypasta_threads
         self.per_thread = per_thread
+        # word -> passages having it, capped at the budget. A count gone stale as a crawl adds
+        # posts only keeps a word that could have been dropped: slower, never wrong.
+        self._frequency: dict[str, int] = {}
 
     @classmethod
     def open(cls, path: str | Path, **options: int) -> Retriever:
@@ -194,13 +202,17 @@ class Retriever:
         limit = k * CANDIDATES_PER_SLOT + len(exclude_posts)
         with self._lock:
             try:
+                terms = self._selective(terms)
                 rows = self._db.execute(
-                    """SELECT p.*, t.url AS thread_url, bm25(passage_index, 2.0, 1.0) AS bm25
-                       FROM passage_index
-                       JOIN passages p ON p.id = passage_index.rowid
+                    # Ranked first, joined after: joining every match before the sort
+                    # read each matching passage's row, more than scoring it cost.
+                    """SELECT p.*, t.url AS thread_url, best.bm25
+                       FROM (SELECT rowid, bm25(passage_index, 2.0, 1.0) AS bm25
+                             FROM passage_index WHERE passage_index MATCH ?
+                             ORDER BY bm25 LIMIT ?) AS best
+                       JOIN passages p ON p.id = best.rowid
                        JOIN threads t ON t.id = p.thread_id
-                       WHERE passage_index MATCH ?
-                       ORDER BY bm25 LIMIT ?""",
+                       ORDER BY best.bm25""",
                     (match_expression(terms), limit),
                 ).fetchall()
                 spam = self._copypasta({row["text_key"] for row in rows})
@@ -238,6 +250,26 @@ class Retriever:
             if len(found) == k:
                 break
         return found
+
+    def _selective(self, terms: list[str]) -> list[str]:
+        """The rarest of ``terms`` whose passages together stay within ``MATCH_BUDGET``."""
+        for term in terms:
+            if term not in self._frequency:
+                if len(self._frequency) >= 100_000:  # bounded memory; counting again is cheap
+                    self._frequency.clear()
+                self._frequency[term] = self._db.execute(
+                    """SELECT COUNT(*) FROM (SELECT 1 FROM passage_index
+                                             WHERE passage_index MATCH ? LIMIT ?)""",
+                    (match_expression([term]), MATCH_BUDGET + 1),
+                ).fetchone()[0]
+        kept: list[str] = []
+        matched = 0
+        for term in sorted(terms, key=lambda t: (self._frequency[t], terms.index(t))):
+            if kept and matched + self._frequency[term] > MATCH_BUDGET:
+                break
+            kept.append(term)
+            matched += self._frequency[term]
+        return kept
 
     def _copypasta(self, keys: set[bytes]) -> set[bytes]:
         """Of ``keys``, those whose text appears in ``copypasta_threads`` threads or more."""
