@@ -239,3 +239,26 @@ def test_the_layout_puts_the_question_first_and_numbers_the_passages():
     )
     assert "\n[2] " in rendered and len(rendered) < 1400
     assert render_question("Which wax?", []) == "Which wax?"
+
+
+def test_words_in_too_many_passages_are_left_out_but_one_is_always_kept(tmp_path, monkeypatch):
+    threads = {
+        str(i): (
+            f"Thread {i}",
+            [{"text": "a question"}, {"text": f"Powder days are fun, says rider {i}."}],
+        )
+        for i in range(1, 7)
+    }
+    threads["9"] = (
+        "Zorbex",
+        [{"text": "what is it"}, {"text": "Zorbex is a cold snow wax, the blue one."}],
+    )
+    db = make_store(tmp_path, threads)
+    with Store.open(db) as store:
+        index_pending(store, progress=False)
+    with Retriever.open(db) as retriever:  # within the budget: every word is searched
+        assert len(retriever.search("powder zorbex", 3)) == 3
+    monkeypatch.setattr("crawl.search.MATCH_BUDGET", 3)  # "powder" is in 6 passages: too common
+    with Retriever.open(db) as retriever:
+        assert [p.thread_id for p in retriever.search("powder zorbex", 3)] == ["9"]
+        assert len(retriever.search("powder", 3)) == 3  # the rarest word is kept even over it
