@@ -285,7 +285,10 @@ async def test_the_api_returns_sources_streamed_and_not_and_records_them(
     finally:
         await store.close()
         await engine.close()
-    assert recorded.sources == sources and streamed.sources == sources
+    shown = [
+        {**s, "author": p.author, "text": p.text} for s, p in zip(sources, passages, strict=True)
+    ]
+    assert recorded.sources == shown and streamed.sources == shown
     assert ungrounded.sources == []
 
 

@@ -189,7 +189,11 @@ class FeedbackSummary:
 
 
 def source_refs(passages: Sequence[Any]) -> list[dict[str, Any]]:
-    """The fields of each shown :class:`crawl.search.Passage` a vote is recorded with."""
+    """Each shown :class:`crawl.search.Passage`, as a vote is recorded with it.
+
+    With its author and text, so the exact grounded prompt the model read can be
+    rebuilt (``crawl.layout.render_question``) when votes become training data.
+    """
     return [
         {
             "thread_id": p.thread_id,
@@ -198,6 +202,8 @@ def source_refs(passages: Sequence[Any]) -> list[dict[str, Any]]:
             "url": p.url,
             "excerpt": p.excerpt,
             "score": p.score,
+            "author": p.author,
+            "text": p.text,
         }
         for p in passages
     ]
