@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tries per page before it is recorded as failed (default: %(default)s)",
     )
     fetch.add_argument(
+        "--max-page-bytes",
+        metavar="N",
+        type=_positive_int,
+        default=FetchOptions.max_page_bytes,
+        help="a page whose body (decompressed) is larger is recorded as failed "
+        "(default: %(default)s, 5 MiB)",
+    )
+    fetch.add_argument(
         "--site",
         choices=sorted(SITES),
         default="newschoolers",
@@ -330,6 +338,7 @@ def fetch_main(args: argparse.Namespace) -> int:
         delay=args.delay,
         timeout=args.timeout,
         max_tries=args.max_tries,
+        max_page_bytes=args.max_page_bytes,
     )
     options = CrawlOptions(
         forum_url=args.forum_url,

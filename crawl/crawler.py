@@ -182,7 +182,16 @@ class Crawler:
                 # The page before promised this one: not the forum's end, and the report says so.
                 self.summary.listing_error = f"{url}: {record.error or record.state}"
                 break
-            for thread in self.store.listed_threads(url):
+            listed = self.store.listed_threads(url)
+            if number > 1 and not listed:
+                # Every row was on an earlier page: a site that ignores ?page=N serves page 1
+                # again forever, and its "next" link would keep this walk going for ever.
+                self.summary.listing_error = (
+                    f"{url}: lists no thread that an earlier listing page did not; the site "
+                    "seems to serve the same listing for every ?page=N, so the walk stops here"
+                )
+                break
+            for thread in listed:
                 if thread.id in seen or (limit is not None and len(seen) >= limit):
                     continue
                 seen.add(thread.id)

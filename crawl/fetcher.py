@@ -12,7 +12,10 @@ so politeness is enforced in one place rather than trusted to every caller:
   backoff and jitter; a ``Retry-After`` is obeyed and holds back every
   request to the host, not only the one retried;
 * a page that keeps failing is given up after ``max_tries`` and reported,
-  never raised: one bad page does not stop a crawl.
+  never raised: one bad page does not stop a crawl;
+* a body larger than ``max_page_bytes`` is refused (``fetch_error``, not
+  retried in the run): counted after decompression, so a small gzip bomb is
+  cut off at the cap rather than inflated into memory.
 
 Every wait (pacing, backoff, ``Retry-After``) is measured and slept on one
 :class:`Clock`, the event loop's unless another is given, so the timing rules
@@ -22,6 +25,7 @@ can be tested on a clock that a test moves by hand.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -63,6 +67,7 @@ class FetchOptions:
     max_backoff: float = 60.0
     max_retry_after: float = 300.0  # a longer Retry-After is capped, not obeyed for hours
     max_redirects: int = 5
+    max_page_bytes: int = 5 * 1024 * 1024  # of the decoded body; a forum page is ~100 KB
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,17 @@ class FetchResult:
     last_modified: str | None = None
     attempts: int = 0
     error: str | None = None
+
+
+class PageTooLarge(Exception):
+    """A body over ``max_page_bytes``: asking again would bring the same bytes."""
+
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        size = f"declares {declared} bytes" if declared is not None else "goes on past that"
+        super().__init__(
+            f"the response is larger than the {limit}-byte page limit ({size}); "
+            "raise --max-page-bytes if the site's pages really are that big"
+        )
 
 
 class RetryableResponse(Exception):
@@ -309,6 +325,10 @@ class Fetcher:
                 with attempt:
                     tries += 1
                     return await self._get_once(url, headers), tries
+        except PageTooLarge as exc:
+            return FetchResult(
+                url=url, final_url=url, state="fetch_error", attempts=tries, error=str(exc)
+            )
         except RetryableResponse as exc:
             return FetchResult(
                 url=url,
@@ -346,10 +366,36 @@ class Fetcher:
                         if retry_after is not None:
                             self._pacer.hold_off(min(retry_after, self.options.max_retry_after))
                         raise RetryableResponse(resp.status, retry_after)
-                    text = await resp.text(errors="replace") if resp.status == 200 else ""
+                    text = await self._read_text(resp) if resp.status == 200 else ""
                     return _Response(resp.status, text, resp.headers.copy())
             finally:
                 self.in_flight -= 1
+
+    async def _read_text(self, resp: aiohttp.ClientResponse) -> str:
+        """The body as text, refused once it passes ``max_page_bytes``.
+
+        aiohttp's stream yields decompressed bytes, so the count is what would be
+        held in memory, whatever ``Content-Length`` (the compressed size) says.
+        """
+        limit = self.options.max_page_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise PageTooLarge(limit, resp.content_length)
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                raise PageTooLarge(limit)
+        return bytes(body).decode(_charset(resp.charset), errors="replace")
+
+
+def _charset(declared: str | None) -> str:
+    """The header's charset when Python knows it, else UTF-8 (what aiohttp's ``text()`` assumes)."""
+    if declared:
+        try:
+            return codecs.lookup(declared).name
+        except LookupError:
+            pass
+    return "utf-8"
 
 
 def _state_of(status: int) -> str:

@@ -375,6 +375,13 @@ class Store:
                 self._put_post(record.thread_id, record.number, post)
 
     def _put_post(self, thread_id: str, page: int, post: Post) -> None:
+        """Insert or refresh one post; where it sits is the lowest page it was seen on.
+
+        Some forums repeat the opening post at the top of every page of a thread: the
+        last page seen must not move it off page 1 (the dataset builder takes page 1's
+        first post as the question), and a post that moves to an earlier page (posts
+        before it deleted, seen on ``--refresh``) follows it there.
+        """
         quotes = [{"post_id": q.post_id, "author": q.author, "text": q.text} for q in post.quotes]
         quoted_ids = [q.post_id for q in post.quotes if q.post_id]
         self._db.execute(
@@ -382,7 +389,10 @@ class Store:
                                  quoted_ids, quotes, signature, edited, deleted)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(id) DO UPDATE SET
-                 thread_id=excluded.thread_id, page=excluded.page, position=excluded.position,
+                 thread_id=excluded.thread_id,
+                 page=CASE WHEN excluded.page <= posts.page THEN excluded.page ELSE posts.page END,
+                 position=CASE WHEN excluded.page <= posts.page
+                               THEN excluded.position ELSE posts.position END,
                  author=excluded.author, created=excluded.created, html=excluded.html,
                  text=excluded.text, quoted_ids=excluded.quoted_ids, quotes=excluded.quotes,
                  signature=excluded.signature, edited=excluded.edited, deleted=excluded.deleted""",

@@ -9,6 +9,13 @@ that ends an answer (the one training must teach), the tokens and text that
 end generation, and the padding token all follow the model, and a new model
 family needs no code here.
 
+Text inside a message is never a turn marker: every conversation becomes
+token ids through :data:`TEMPLATE_KWARGS` (transformers'
+``sanitize_control_tokens``), here for prompts and scoring and as a dataset
+column for what trl tokenizes, so ``<|im_end|>`` or ``</s>`` typed by a user
+(or quoted in a forum post) is encoded as the characters it is, and only the
+markers the template writes are control tokens.
+
 Templates also differ in what they refuse (Mistral's raises on two user
 turns in a row, others on a system message). Conversations are normalized
 the same way for every template before rendering, so any conversation a
@@ -28,6 +35,11 @@ if TYPE_CHECKING:
 # the visible openings and ends of a turn in the common templates. Four at most,
 # the OpenAI API's limit.
 FALLBACK_STOP_STRINGS = ("[INST]", "<|im_start|>", "<|im_end|>", "<|eot_id|>")
+
+# How every conversation is tokenized: control tokens found in message text (the
+# tokenizer's special tokens) are encoded as plain text, the template's own are not.
+# trl reads the same keywords from a dataset's ``chat_template_kwargs`` column.
+TEMPLATE_KWARGS: dict[str, Any] = {"sanitize_control_tokens": True}
 
 _PROBE_QUESTION = "Probe question one?"
 _PROBE_ANSWER = "Probe answer."
@@ -164,17 +176,58 @@ def _fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 def render_prompt(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], **kwargs: Any
 ) -> str:
-    """The templated prompt of a normalized conversation, ready for the model's answer."""
+    """The templated prompt of a normalized conversation, ready for the model's answer.
+
+    Text for people (logs, samples); the model's input comes from :func:`encode_prompt`.
+    """
+    return _apply_normalized(tokenizer, messages, tokenize=False, **kwargs)
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]
+) -> list[int]:
+    """The token ids of :func:`render_prompt`'s prompt, message text encoded as plain text.
+
+    The one place a conversation to answer becomes model input (serving, samples,
+    evaluation). The template writes whatever BOS the model wants, so no special
+    tokens are added on top (as trl does in training): never a second BOS.
+    """
+    encoded = _apply_normalized(tokenizer, messages, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    *,
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of a conversation as trl tokenizes it for training (not normalized)."""
+    encoded = tokenizer.apply_chat_template(
+        list(messages),
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=add_generation_prompt,
+        **TEMPLATE_KWARGS,
+    )
+    return list(encoded["input_ids"])
+
+
+def _apply_normalized(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], **kwargs: Any
+) -> Any:
+    """``apply_chat_template`` on the normalized conversation with a generation prompt; a
+    template that refuses a system message gets it folded into the first user turn."""
     from jinja2 import TemplateError
 
+    if kwargs.get("tokenize"):
+        kwargs = {**TEMPLATE_KWARGS, **kwargs}
     normalized = normalize_conversation(messages)
     try:
-        return tokenizer.apply_chat_template(
-            normalized, tokenize=False, add_generation_prompt=True, **kwargs
-        )
+        return tokenizer.apply_chat_template(normalized, add_generation_prompt=True, **kwargs)
     except TemplateError:
         if normalized[0]["role"] != "system":
             raise
     return tokenizer.apply_chat_template(
-        _fold_system(normalized), tokenize=False, add_generation_prompt=True, **kwargs
+        _fold_system(normalized), add_generation_prompt=True, **kwargs
     )

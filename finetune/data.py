@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.chat import TEMPLATE_KWARGS, encode_conversation
 from finetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -109,8 +110,7 @@ def conversation(row: Row) -> list[dict[str, str]]:
 
 def token_length(tokenizer: PreTrainedTokenizerBase, row: Row) -> int:
     """Tokens of the templated prompt + completion, as trl will tokenize it."""
-    encoded = tokenizer.apply_chat_template(conversation(row), tokenize=True, return_dict=True)
-    return len(encoded["input_ids"])
+    return len(encode_conversation(tokenizer, conversation(row)))
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,21 @@ def drop_long_rows(
 
 
 def to_hf_dataset(rows: Sequence[Row]) -> Dataset:
-    """Only the two columns trl trains on; ids and URLs stay in the JSONL."""
+    """The two columns trl trains on, and how to tokenize them; ids and URLs stay in the JSONL.
+
+    trl passes each row's ``chat_template_kwargs`` to ``apply_chat_template``:
+    a forum post that quotes ``</s>`` or ``<|im_end|>`` is trained on as text,
+    not as the end of a turn.
+    """
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": r["prompt"],
+                "completion": r["completion"],
+                "chat_template_kwargs": dict(TEMPLATE_KWARGS),
+            }
+            for r in rows
+        ]
+    )

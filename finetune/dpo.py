@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.chat import encode_conversation
 from finetune.config import RESOLVED_CONFIG_FILE
 from finetune.dpo_config import DpoConfig
 from finetune.dpo_data import drop_long_pairs, load_preference_dir, to_preference_dataset
@@ -96,12 +97,8 @@ def completion_logps(
     """
     import torch
 
-    prompt_ids = tokenizer.apply_chat_template(
-        list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
-    full_ids = tokenizer.apply_chat_template(
-        [*prompt, *completion], tokenize=True, return_dict=True
-    )["input_ids"]
+    prompt_ids = encode_conversation(tokenizer, prompt, add_generation_prompt=True)
+    full_ids = encode_conversation(tokenizer, [*prompt, *completion])
     ids = torch.tensor([full_ids], device=model.device)
     with torch.inference_mode():
         logits = model(input_ids=ids, adapter_names=[adapter_name]).logits.float()

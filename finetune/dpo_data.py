@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.chat import TEMPLATE_KWARGS
 from finetune.data import LengthFilter, _check_messages, token_length
 from finetune.errors import UserError
 
@@ -103,9 +104,21 @@ def drop_long_pairs(
 
 
 def to_preference_dataset(rows: Sequence[Row]) -> Dataset:
-    """Only the three columns trl trains on; votes and ids stay in the JSONL."""
+    """The three columns trl trains on, and how to tokenize them; votes and ids stay in the JSONL.
+
+    ``chat_template_kwargs`` makes trl encode control tokens typed into a chat
+    (``<|im_end|>``, ``</s>``) as text: a voter cannot forge a turn in the prompt.
+    """
     from datasets import Dataset
 
     return Dataset.from_list(
-        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        [
+            {
+                "prompt": r["prompt"],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "chat_template_kwargs": dict(TEMPLATE_KWARGS),
+            }
+            for r in rows
+        ]
     )

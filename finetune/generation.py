@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from finetune.chat import chat_format, render_prompt
+from finetune.chat import chat_format, encode_prompt, render_prompt
 from finetune.modeling import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME
 
 if TYPE_CHECKING:
@@ -56,11 +56,7 @@ class GenerationSettings:
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """The templated prompt text of the normalized conversation.
-
-    The template writes whatever BOS the model wants, so it is encoded with no
-    special tokens added (as trl does in training): never a second BOS.
-    """
+    """The templated prompt text of the normalized conversation (for people to read)."""
     return render_prompt(tokenizer, messages)
 
 
@@ -71,16 +67,14 @@ def encode_chats(
 ) -> dict[str, torch.Tensor]:
     """Left-padded batch of templated prompts, ready for batched ``generate``.
 
-    ``add_special_tokens=False`` because the template already wrote its BOS:
-    a second one is a prompt the model never saw in training.
+    Each prompt comes from :func:`~finetune.chat.encode_prompt`: the template's BOS
+    only (a second one is a prompt the model never saw in training), and message
+    text that spells a control token encoded as plain text, never as a turn.
     """
-    texts = [chat_prompt(tokenizer, conv) for conv in conversations]
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = previous_side
+    ids = [encode_prompt(tokenizer, conv) for conv in conversations]
+    batch = tokenizer.pad(
+        {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
+    )
     return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
 
 

@@ -228,22 +228,52 @@ def save_adapter(
     """Write a run's ``adapter/``: the adapter weights and config at the top, plus the tokenizer.
 
     The tokenizer (with its chat template) travels with the adapter because it
-    is the prompt format the adapter was trained on.
+    is the prompt format the adapter was trained on. Everything is written into
+    a hidden directory beside ``out_dir`` and renamed into place last: a run
+    killed while saving leaves the previous ``adapter/`` (or none), never a
+    half-written one that serving would load.
     """
+    import shutil
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = list(peft_model.peft_config)
     if len(names) != 1:
         raise ValueError(f"expected one adapter to save, found {names}")
-    peft_model.save_pretrained(str(out))
-    nested = out / names[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # what an earlier killed save left behind
+    staging.mkdir()
+    peft_model.save_pretrained(str(staging))
+    nested = staging / names[0]
     if names[0] != TRAINING_ADAPTER_NAME and nested.is_dir():
         for item in nested.iterdir():
-            item.replace(out / item.name)
+            item.replace(staging / item.name)
         nested.rmdir()
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(staging))
+    _fsync_tree(staging)
+    # A directory cannot be renamed over a non-empty one: the old adapter steps aside first.
+    # Between the two renames there is no adapter/ at all, which serving refuses cleanly.
+    previous = out.with_name(f".{out.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
     return out
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush the files and the directory itself, so the rename never lands before the data."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_adapter(

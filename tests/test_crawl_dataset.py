@@ -454,3 +454,40 @@ def test_a_quote_without_a_post_id_is_matched_to_the_quoted_post_by_its_text(tmp
     assert rows["1002"] == f"DIN\n\n{QUESTION['text']}\n\nbob wrote:\ncrank your DIN to 12"
     assert rows["1003"] == f"DIN\n\n{QUESTION['text']}"
     assert stats["quote_context"] == 1
+
+
+def test_an_opening_post_repeated_atop_every_page_stays_the_question(tmp_path):
+    """Some forums show the opening post again at the top of each page of a thread."""
+    url = "http://forum.test/forum/thread/9/t"
+    listing = PageRecord(url="http://forum.test/forum/1/F", kind="listing", number=1, state="ok")
+
+    def post(post_id: str, position: int, text: str) -> Post:
+        return Post(post_id, position, f"user{post_id}", None, "<div></div>", text)
+
+    opening = post("op", 1, QUESTION["text"])
+    pages = [
+        [opening, post("r1", 2, GOOD), post("r2", 3, GOOD + " Every time.")],
+        [opening, post("r3", 2, GOOD + " Or more."), post("r4", 3, GOOD + " Or less.")],
+        [opening, post("r5", 2, GOOD + " Or never.")],
+    ]
+    db = tmp_path / "forum.sqlite"
+    with Store.open(db) as store:
+        store.save_listing(listing, "forum/1/F", [(ThreadLink("9", url, "Waxing"), url)])
+        for number, posts in enumerate(pages, start=1):
+            page = ThreadPage("9", "Waxing", posts, has_next=number < len(pages))
+            record = PageRecord(
+                url=f"{url}?page={number}", kind="thread", thread_id="9", number=number, state="ok"
+            )
+            store.save_thread_page(record, page)
+        stored = [(p.id, p.page, p.position) for p in store.posts("9")]
+    stats = build_dataset(db, tmp_path / "out", DatasetOptions(test_fraction=0))
+
+    assert stored[0] == ("op", 1, 1)
+    assert [r["post_id"] for r in read_rows(tmp_path / "out" / "train.jsonl")] == [
+        "r1",
+        "r2",
+        "r3",
+        "r4",
+        "r5",
+    ]
+    assert stats["threads"] == 1 and stats["rows"] == 5

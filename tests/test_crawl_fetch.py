@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -473,3 +474,80 @@ async def test_a_malformed_http_response_is_retried_then_recorded_not_raised():
     assert result.state == "fetch_error"
     assert result.attempts == FAST.max_tries
     assert attempts["/forum/thread/1"] == FAST.max_tries
+
+
+@asynccontextmanager
+async def serve_pages(pages: dict[str, web.Response], hits: Counter):
+    """A site without robots.txt answering each path with a fresh copy of its response."""
+
+    async def page(request: web.Request) -> web.Response:
+        hits[request.path] += 1
+        template = pages[request.path]
+        return web.Response(
+            body=template.body, status=template.status, headers=dict(template.headers)
+        )
+
+    app = web.Application()
+    app.router.add_get("/robots.txt", lambda _: web.Response(status=404))
+    app.router.add_get("/{path:.+}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_body_over_the_page_limit_is_a_clear_page_error_and_not_retried():
+    hits: Counter = Counter()
+    options = FetchOptions(delay=0, max_tries=3, backoff=0.01, max_page_bytes=1000)
+    pages = {
+        "/big": web.Response(body=b"x" * 5000, content_type="text/html"),
+        "/small": web.Response(body=b"y" * 1000, content_type="text/html"),
+    }
+    async with serve_pages(pages, hits) as origin, Fetcher.open(origin, options) as fetcher:
+        big = await fetcher.fetch(f"{origin}/big")
+        small = await fetcher.fetch(f"{origin}/small")
+    assert big.state == "fetch_error" and big.text == ""
+    assert "larger than the 1000-byte page limit" in big.error
+    assert "--max-page-bytes" in big.error
+    assert hits["/big"] == 1  # the same bytes would come back: not asked again
+    assert small.state == "ok" and small.text == "y" * 1000
+
+
+async def test_a_decompression_bomb_is_cut_off_at_the_limit_whatever_content_length_says():
+    hits: Counter = Counter()
+    bomb = gzip.compress(b"<p>" + b"a" * 4_000_000)  # ~4 KB on the wire, 4 MB inflated
+    options = FetchOptions(delay=0, max_tries=2, backoff=0.01, max_page_bytes=100_000)
+    pages = {
+        "/bomb": web.Response(
+            body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "text/html"}
+        )
+    }
+    async with serve_pages(pages, hits) as origin, Fetcher.open(origin, options) as fetcher:
+        result = await fetcher.fetch(f"{origin}/bomb")
+    assert len(bomb) < 100_000  # Content-Length alone would have let it through
+    assert result.state == "fetch_error" and result.text == ""
+    assert "larger than the 100000-byte page limit" in result.error
+    assert hits["/bomb"] == 1
+
+
+async def test_a_listing_that_serves_page_1_for_every_page_number_ends_the_walk(tmp_path):
+    """A site that ignores ?page=N keeps promising a next page; the walk must not loop."""
+
+    @web.middleware
+    async def same_listing(request: web.Request, handler):
+        if request.path == LISTING:
+            request = request.clone(rel_url=LISTING)
+        return await handler(request)
+
+    async with serve_forum(SITE_DIR, middlewares=[same_listing]) as base:
+        options = CrawlOptions(forum_url=base + LISTING, max_threads=None, progress=False)
+        with Store.open(tmp_path / "f.sqlite") as store:
+            summary = await crawl(NewschoolersSite(), store, options, FAST)
+    assert summary.threads == 4  # page 1's threads, crawled
+    assert summary.listing_error is not None
+    assert f"{LISTING}?page=2: lists no thread that an earlier listing page did not" in (
+        summary.listing_error
+    )

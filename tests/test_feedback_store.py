@@ -55,6 +55,47 @@ def test_created_on_first_use_in_wal_mode_with_a_private_salt(tmp_path: Path) ->
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_two_processes_creating_the_salt_at_once_end_with_the_same_one(tmp_path, monkeypatch):
+    """The bot and the API starting together: the first one is still writing its salt
+    (held inside token_bytes here) while the second finds the file and reads it."""
+    from bot.feedback import ids
+
+    path = tmp_path / "feedback.sqlite.salt"
+    second_done = threading.Event()
+    real_token_bytes = ids.secrets.token_bytes
+    calls: list[int] = []
+
+    def token_bytes(n: int) -> bytes:
+        calls.append(n)
+        if len(calls) == 1:  # the first starter stalls mid-creation until the second finished
+            second_done.wait(timeout=10)
+        return real_token_bytes(n)
+
+    monkeypatch.setattr(ids.secrets, "token_bytes", token_bytes)
+    results: dict[str, bytes | Exception] = {}
+
+    def start(name: str) -> None:
+        try:
+            results[name] = ids.load_or_create_salt(path)
+        except Exception as exc:  # the test reports what the loser saw
+            results[name] = exc
+        if name == "second":
+            second_done.set()
+
+    first = threading.Thread(target=start, args=("first",))
+    first.start()
+    while not calls:  # the first starter is inside its creation
+        threading.Event().wait(0.01)
+    start("second")
+    first.join(timeout=20)
+
+    assert not isinstance(results["second"], Exception), results["second"]
+    assert results["first"] == results["second"] == bytes.fromhex(path.read_text())
+    assert len(results["first"]) == ids.SALT_BYTES
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no staged file left behind
+    assert path.stat().st_mode & 0o077 == 0
+
+
 def test_answer_round_trips_with_everything_needed_to_learn_from_it(store: FeedbackStore) -> None:
     answer_id = store.record_answer(record(thread_key="thread-9"))
     stored = store.get_answer(answer_id)

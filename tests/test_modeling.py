@@ -162,3 +162,44 @@ def test_hub_failures_become_one_line(monkeypatch):
         load_tokenizer("mistralai/Mistral-7B-Instruct-v0.2")
     assert "\n" not in str(info.value)
     assert "couldn't connect" in str(info.value)
+
+
+def test_a_save_killed_midway_never_leaves_an_adapter_that_loads(tiny_model_dir: Path, tmp_path):
+    """A run killed while writing adapter/ (here: while writing the tokenizer, after the
+    weights) leaves no adapter/ on a first save, and the previous one whole on a later save."""
+    from peft import LoraConfig
+
+    from finetune.fingerprint import adapter_weights_hash
+
+    class Killed(Exception):
+        pass
+
+    class DyingTokenizer:
+        def save_pretrained(self, path: str) -> None:
+            raise Killed
+
+    torch.manual_seed(0)
+    model = attach_new_adapter(
+        load_base_model(tiny_model_dir, quant=QuantOptions(load_in_4bit=False)),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    out = tmp_path / "run" / "adapter"
+    with pytest.raises(Killed):
+        save_adapter(model, out, DyingTokenizer())
+    assert not (out / "adapter_config.json").exists()
+
+    save_adapter(model, out, load_tokenizer(tiny_model_dir))
+    saved = adapter_weights_hash(out)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    with pytest.raises(Killed):
+        save_adapter(model, out, DyingTokenizer())
+    assert adapter_weights_hash(out) == saved
+    assert (out / "tokenizer_config.json").is_file()
+
+    save_adapter(model, out, load_tokenizer(tiny_model_dir))  # the next save cleans up
+    assert adapter_weights_hash(out) != saved
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]
+    load_adapter(load_base_model(tiny_model_dir, quant=QuantOptions(load_in_4bit=False)), out)

@@ -43,17 +43,32 @@ def hash_voter(voter: str, salt: bytes) -> str:
 
 
 def load_or_create_salt(path: Path) -> bytes:
-    """The salt kept beside the database, created (mode 0600) by whichever process comes first."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        salt = bytes.fromhex(path.read_text().strip())
-        if len(salt) < 16:
-            raise ValueError(f"{path} holds a salt shorter than 16 bytes") from None
-        return salt
-    salt = secrets.token_bytes(SALT_BYTES)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(salt.hex() + "\n")
+    """The salt kept beside the database, created (mode 0600) by whichever process comes first.
+
+    The bot and the API may start at the same moment on one database: the salt
+    is written whole into a private file of its own, then hard-linked to its
+    name, which fails if another process got there first. So the file appears
+    complete or not at all, and every process ends with the one salt on disk.
+    """
+    if not path.exists():
+        salt = secrets.token_bytes(SALT_BYTES)
+        staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(salt.hex() + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(staged, path)
+        except FileExistsError:
+            pass  # another process created it meanwhile: its salt is the one
+        else:
+            return salt
+        finally:
+            staged.unlink(missing_ok=True)
+    salt = bytes.fromhex(path.read_text().strip())
+    if len(salt) < 16:
+        raise ValueError(f"{path} holds a salt shorter than 16 bytes")
     return salt
 
 
