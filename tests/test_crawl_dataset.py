@@ -13,8 +13,8 @@ from crawl import dataset as dataset_module
 from crawl.clean import clean_text, content_drop, normalise, repeats
 from crawl.dataset import DROP_RULES, DatasetOptions, build_dataset, split_threads
 from crawl.errors import CrawlError
-from crawl.site import Quote
-from crawl.store import Store
+from crawl.site import Post, Quote, ThreadLink, ThreadPage
+from crawl.store import PageRecord, Store
 from tests.forum_store import make_store
 
 GOOD = "Wax it every five days and scrape it thin, then brush tip to tail."
