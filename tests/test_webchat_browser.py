@@ -443,6 +443,10 @@ async def test_votes_from_the_page_land_in_the_feedback_store(
             assert pair.finetuned.answer_id == ids["finetuned"]
             assert (pair.counts.base, pair.counts.finetuned) == (1, 0)
             assert base.conversation == [{"role": "user", "content": "fat skis for powder"}]
+            # The votes came as this browser: the voter cookie the page got, out of its scripts' reach.
+            (voter,) = [c for c in await context.cookies() if c["name"] == "freeski_voter"]
+            assert (voter["httpOnly"], voter["sameSite"]) == (True, "Strict")
+            assert "freeski_voter" not in await page.evaluate("document.cookie")
     finally:
         await store.close()
     assert errors.errors == []

@@ -204,7 +204,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
-    app.router.add_post("/v1/feedback", FeedbackRoute(feedback).post)
+    FeedbackRoute(feedback, settings).install(app)
     add_webchat_routes(app, feedback=feedback is not None)
     return app
 
