@@ -268,8 +268,8 @@ def tokenless_scenarios(server: Server, report: Report, votes: int) -> None:
     page = report.check("no token: the web chat page, GET /", server.send("GET", "/"), 200)
     cookies = page.headers.get("set-cookie", [])
     report.note(
-        "no token: the page issues an HttpOnly SameSite=Strict voter cookie",
-        any("HttpOnly" in c and "SameSite=Strict" in c for c in cookies),
+        "no token: the page issues an HttpOnly SameSite=Lax voter cookie",
+        any("HttpOnly" in c and "SameSite=Lax" in c for c in cookies),
         f"Set-Cookie: {cookies[0].split('=')[0] if cookies else 'none'}",
     )
     report.check(

@@ -6,8 +6,12 @@ as a hundred people. So ``POST /v1/feedback`` counts a vote for:
 1. the browser, when the request carries the ``freeski_voter`` cookie: a
    random id the server issued with the page (``GET /``), signed with a key
    derived from the feedback store's salt (HMAC-SHA256), ``HttpOnly`` (the
-   page's scripts cannot read or copy it) and ``SameSite=Strict`` (another
-   site's page cannot vote with it). A forged or altered cookie is ignored;
+   page's scripts cannot read or copy it) and ``SameSite=Lax`` (another
+   site's page cannot vote with it: no cross-site POST or fetch carries it).
+   Not ``Strict``: a browser withholds a Strict cookie when it follows a link
+   from another site (a Discord message) to the page, which would then give
+   it a new id, a new voter, on every such arrival. A forged or altered
+   cookie is ignored;
 2. otherwise the client: the ``API_TOKEN`` when one is set (every request has
    passed it), else its network address.
 
@@ -111,7 +115,7 @@ class WebVoters:
                     "max-age": str(COOKIE_MAX_AGE_S),
                     "path": "/",
                     "httponly": True,
-                    "samesite": "Strict",
+                    "samesite": "Lax",
                 }
             )
             response.headers.add(hdrs.SET_COOKIE, cookie[COOKIE].OutputString())
