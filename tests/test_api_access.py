@@ -120,6 +120,26 @@ async def test_without_a_token_a_foreign_host_is_refused(path: str) -> None:
     assert "API_ALLOWED_HOSTS" in body["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"Host": b"\xff\xfe.example"}, "foreign_host"),
+        ({"Host": "127.0.0.1:notaport"}, "foreign_host"),
+        ({"Host": "127.0.0.1:99999"}, "foreign_host"),
+        ({"Origin": "http://127.0.0.1:99999"}, "foreign_origin"),
+        ({"Origin": b"http://\xc3\xa9vil.example"}, "foreign_origin"),
+        ({"Origin": "http://[::1"}, "foreign_origin"),
+    ],
+)
+async def test_mangled_host_and_origin_headers_are_a_403_not_a_500(
+    headers: dict[str, bytes | str], code: str
+) -> None:
+    async with api(ApiSettings()) as server:
+        status, body = await server.send("POST", "/v1/chat/completions", headers, CHAT)
+        assert (status, body["error"]["code"]) == (403, code)
+        assert server.engine.requests == []
+
+
 async def test_a_foreign_host_reaches_no_engine() -> None:
     async with api(ApiSettings()) as server:
         status, _ = await server.send(

@@ -121,12 +121,12 @@ def _origin_is(
     origin: str, host_port: int | None, request: web.Request, is_own: Callable[[str], bool]
 ) -> bool:
     """Whether ``Origin`` is this server: one of its names, on the port the request came to."""
-    parts = urlsplit(origin)
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:  # includes "null"
-        return False
     try:
+        parts = urlsplit(origin)
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:  # includes "null"
+            return False
         origin_port = parts.port or DEFAULT_PORTS[parts.scheme]
-    except ValueError:
+    except ValueError:  # a bracket left open, a port out of range
         return False
     own_port = host_port or _local_port(request) or DEFAULT_PORTS[parts.scheme]
     return is_own(parts.hostname.lower()) and origin_port == own_port
