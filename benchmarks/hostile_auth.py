@@ -265,6 +265,16 @@ def tokenless_scenarios(server: Server, report: Report, votes: int) -> None:
         ),
         403,
     )
+    report.check(
+        "no token: Host with bytes that are not UTF-8",
+        server.send("GET", "/v1/models", {"Host": b"\xff\xfe.example"}),
+        403,
+    )
+    report.check(
+        "no token: a mangled Origin (http://[::1, bracket left open)",
+        server.send("POST", "/v1/chat/completions", {"Origin": "http://[::1", **json_type}, CHAT),
+        403,
+    )
     page = report.check("no token: the web chat page, GET /", server.send("GET", "/"), 200)
     cookies = page.headers.get("set-cookie", [])
     report.note(
