@@ -68,7 +68,7 @@ async def serve(settings: BotSettings) -> int:
     if settings.metrics_port:
         from bot.serving.metrics_server import start_metrics_server
 
-        metrics_server = start_metrics_server(settings.metrics_port)
+        metrics_server = start_metrics_server(settings.metrics_port, host=settings.metrics_host)
     engine = build_engine(settings.engine)
     await engine.start()
     bot = FreeskiBot(settings, engine)

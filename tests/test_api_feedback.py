@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from bot.api.feedback import ApiFeedback
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
+from bot.api.voters import COOKIE
 from bot.feedback.aio import AsyncFeedbackStore
 from bot.feedback.provenance import Provenance
 from bot.feedback.records import AdapterRef
@@ -29,20 +31,38 @@ SETTINGS = {"backend": "scripted", "max_new_tokens": 64, "temperature": 0.0}
 
 @contextlib.asynccontextmanager
 async def api(
-    tmp_path: Path, *, token: str = "", feedback: bool = True
+    tmp_path: Path, *, token: str = "", feedback: bool = True, votes_per_minute: int = 30
 ) -> AsyncIterator[tuple[aiohttp.ClientSession, AsyncFeedbackStore | None]]:
+    """The API and a client that keeps no cookies (as curl or a script): it votes as its address."""
     engine = ScriptedEngine()
     await engine.start()
     store = await AsyncFeedbackStore.open(tmp_path / "feedback.sqlite") if feedback else None
     provenance = Provenance("scripted-base", AdapterRef("runs/x/adapter", "abc123"), SETTINGS)
     link = ApiFeedback(store, provenance)
-    app = create_app(engine, ApiSettings(token=token), feedback=link if store else None)
+    settings = ApiSettings(token=token, votes_per_minute=votes_per_minute)
+    app = create_app(engine, settings, feedback=link if store else None)
     try:
-        async with serve_app(app) as url, aiohttp.ClientSession(url) as client:
+        async with (
+            serve_app(app) as url,
+            aiohttp.ClientSession(url, cookie_jar=aiohttp.DummyCookieJar()) as client,
+        ):
             yield client, store
     finally:
         if store is not None:
             await store.close()
+
+
+@contextlib.asynccontextmanager
+async def browser(client: aiohttp.ClientSession) -> AsyncIterator[aiohttp.ClientSession]:
+    """Another browser on the same server: it loads the page first, and keeps its cookies."""
+    async with client.get("/healthz") as probe:
+        url = probe.url.origin()
+    jar = aiohttp.CookieJar(unsafe=True)  # unsafe: keep cookies from an IP address
+    headers = dict(client.headers)
+    async with aiohttp.ClientSession(url, cookie_jar=jar, headers=headers) as session:
+        async with session.get("/") as page:
+            assert page.status == 200
+        yield session
 
 
 async def complete(client: aiohttp.ClientSession, model: str, **extra: Any) -> str:
@@ -88,16 +108,92 @@ async def test_every_answer_is_recorded_under_its_completion_id(tmp_path: Path) 
 
 
 async def test_a_voter_has_one_vote_per_answer_and_may_change_it(tmp_path: Path) -> None:
-    async with api(tmp_path) as (client, _):
+    async with api(tmp_path) as (client, _), browser(client) as alice, browser(client) as bob:
         answer = await complete(client, "finetuned")
-        assert await vote(client, answer_id=answer, rating="up", voter="alice") == (
+        assert await vote(alice, answer_id=answer, rating="up") == (
             200,
             {"answer_id": answer, "rating": "up", "previous": None, "counts": {"up": 1, "down": 0}},
         )
-        status, body = await vote(client, answer_id=answer, rating="down", voter="alice")
+        status, body = await vote(alice, answer_id=answer, rating="down")
         assert (status, body["previous"], body["counts"]) == (200, "up", {"up": 0, "down": 1})
-        status, body = await vote(client, answer_id=answer, rating="up", voter="bob")
+        status, body = await vote(bob, answer_id=answer, rating="up")
         assert body["counts"] == {"up": 1, "down": 1}
+
+
+async def test_a_hundred_voter_ids_chosen_by_the_client_count_as_one_voter(tmp_path: Path) -> None:
+    async with api(tmp_path, votes_per_minute=0) as (client, store), browser(client) as page:
+        # A script without cookies, naming a new voter each time: it is one client.
+        scripted = await complete(client, "finetuned")
+        for i in range(100):
+            status, body = await vote(client, answer_id=scripted, rating="up", voter=f"forged-{i}")
+            assert status == 200
+        assert body["counts"] == {"up": 1, "down": 0}
+        # A browser with its voter cookie, naming a new voter each time: it is one browser.
+        browsed = await complete(client, "base")
+        for i in range(100):
+            status, body = await vote(page, answer_id=browsed, rating="down", voter=f"forged-{i}")
+        assert body["counts"] == {"up": 0, "down": 1}
+        # Voter cookies made up by the client are not the server's: the vote is the client's.
+        forged_cookies = await complete(client, "finetuned", max_tokens=2)
+        for _ in range(100):
+            cookie = f"{secrets.token_urlsafe(16)}.{secrets.token_hex(16)}"
+            async with client.post(
+                "/v1/feedback",
+                json={"answer_id": forged_cookies, "rating": "up"},
+                headers={"Cookie": f"{COOKIE}={cookie}"},
+            ) as response:
+                assert response.status == 200
+                body = await response.json()
+        assert body["counts"] == {"up": 1, "down": 0}
+        stored = await store.get_answer(forged_cookies)
+        assert (stored.counts.up, stored.counts.down) == (1, 0)
+
+
+async def test_the_page_gives_each_browser_a_signed_voter_cookie_scripts_cannot_read(
+    tmp_path: Path,
+) -> None:
+    async with api(tmp_path) as (client, _):
+        async with client.get("/") as first, client.get("/") as second:
+            cookies = [first.headers.getone("Set-Cookie"), second.headers.getone("Set-Cookie")]
+        for cookie in cookies:
+            attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+            assert {"httponly", "samesite", "path", "max-age"} <= attributes
+            assert "SameSite=Lax" in cookie
+        assert cookies[0] != cookies[1]  # one id per browser
+        async with browser(client) as page, page.get("/") as again:
+            assert "Set-Cookie" not in again.headers  # a browser that has one keeps it
+    async with api(tmp_path, feedback=False) as (client, _), client.get("/") as page:
+        assert "Set-Cookie" not in page.headers  # nothing to vote on, no id
+
+
+async def test_with_a_token_a_client_without_cookie_votes_as_the_token(tmp_path: Path) -> None:
+    auth = {"Authorization": "Bearer s3cret"}
+    async with api(tmp_path, token="s3cret") as (client, _):
+        client.headers.update(auth)
+        answer = await complete(client, "finetuned")
+        assert (await vote(client, answer_id=answer, rating="up", voter="a"))[0] == 200
+        status, body = await vote(client, answer_id=answer, rating="up", voter="b")
+        assert body["counts"] == {"up": 1, "down": 0}
+        async with browser(client) as page:
+            status, body = await vote(page, answer_id=answer, rating="up")
+        assert (status, body["counts"]) == (200, {"up": 2, "down": 0})
+
+
+async def test_votes_are_rate_limited_per_voter_and_per_address(tmp_path: Path) -> None:
+    async with api(tmp_path, votes_per_minute=3) as (client, store), browser(client) as page:
+        answer = await complete(client, "finetuned")
+        for rating in ("up", "down", "up"):
+            assert (await vote(page, answer_id=answer, rating=rating))[0] == 200
+        async with page.post("/v1/feedback", json={"answer_id": answer, "rating": "down"}) as late:
+            assert late.status == 429
+            assert int(late.headers["Retry-After"]) >= 1
+            error = (await late.json())["error"]
+        assert error["code"] == "too_many_votes" and "3 a minute" in error["message"]
+        # A fresh browser from the same address is held back too.
+        async with browser(client) as fresh:
+            assert (await vote(fresh, answer_id=answer, rating="down"))[0] == 429
+        stored = await store.get_answer(answer)
+        assert (stored.counts.up, stored.counts.down) == (1, 0)
 
 
 async def test_which_is_better_pairs_two_answers_to_the_same_question(tmp_path: Path) -> None:
@@ -140,7 +236,7 @@ async def test_which_is_better_pairs_two_answers_to_the_same_question(tmp_path: 
     [
         ({"answer_id": "chatcmpl-nope", "rating": "up", "voter": "v"}, 404, "no answer"),
         ({"answer_id": "chatcmpl-x", "rating": "meh", "voter": "v"}, 400, "'rating'"),
-        ({"answer_id": "chatcmpl-x", "rating": "up"}, 400, "'voter'"),
+        ({"answer_id": "chatcmpl-x", "rating": "up"}, 404, "no answer"),  # no voter needed
         ({"answer_id": "a:b", "rating": "up", "voter": "v"}, 400, "'answer_id'"),
         ({"answer_id": "chatcmpl-x"}, 400, "'rating'"),
         ([1, 2], 400, "'rating'"),

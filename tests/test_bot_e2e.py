@@ -9,6 +9,7 @@ the bot down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from bot.discord_bot.commands import SORRY
 from bot.discord_bot.replies import STREAMING_MARK
 from bot.discord_bot.settings import BotSettings
 from bot.serving.settings import EngineSettings
-from tests.fake_discord import GUILD_ID, FakeDiscord, final_comparison, user_payload
+from tests.fake_discord import (
+    GUILD_ID,
+    OTHER_CHANNEL_ID,
+    FakeDiscord,
+    final_comparison,
+    user_payload,
+)
 from tests.scripted_engine import ScriptedEngine, scripted_words
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
@@ -227,6 +234,38 @@ async def test_status_shows_the_engine(world: World):
     fields = {f["name"]: f["value"] for f in message["embeds"][0]["fields"]}
     assert fields["Model"] == "scripted-base"
     assert message["flags"] & 64, "status is shown to the asker only"
+
+
+@pytest.mark.parametrize(
+    ("allow", "refusal"),
+    [
+        ({"allowed_channel_ids": (OTHER_CHANNEL_ID,)}, f"I only answer in <#{OTHER_CHANNEL_ID}>."),
+        ({"allowed_role_ids": (900000000000000077,)}, "only members with one of the bot's allowed"),
+    ],
+)
+async def test_status_obeys_the_allow_lists(
+    world: World, allow: dict[str, tuple[int, ...]], refusal: str
+):
+    cog = world.bot.get_cog("AnswerCog")
+    settings = cog.settings
+    cog.settings = dataclasses.replace(settings, **allow)
+    try:
+        interaction = await world.fake.slash_command("status", user=new_user())
+        message = await world.fake.wait_for(
+            lambda: next(
+                (
+                    m
+                    for m in world.fake.messages.values()
+                    if m.get("interaction_token") == interaction["token"]
+                ),
+                None,
+            )
+        )
+    finally:
+        cog.settings = settings
+    assert refusal in message["content"]
+    assert message["embeds"] == [], "no model, adapter or queue for those the lists keep out"
+    assert message["flags"] & 64
 
 
 async def test_a_failing_answer_tells_the_user_and_the_bot_lives_on(world: World):

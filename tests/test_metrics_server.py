@@ -18,7 +18,7 @@ from bot.serving.engine import EngineBusy, Message
 from bot.serving.metrics import CountedEngine
 from bot.serving.metrics_server import start_metrics_server
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
-from bot.serving.settings import EngineSettings
+from bot.serving.settings import EngineSettings, metrics_host_from_env
 from finetune.errors import UserError
 from tests.loopback import serve_app
 from tests.scripted_engine import ScriptedEngine
@@ -111,3 +111,15 @@ def test_the_grafana_dashboard_charts_every_metric_and_only_those() -> None:
         if isinstance(metric, MetricWrapperBase)
     }
     assert charted == defined
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METRICS_HOST", raising=False)
+    assert metrics_host_from_env() == "127.0.0.1"
+    server = start_metrics_server(0)
+    try:
+        assert server.httpd.server_address[0] == "127.0.0.1"
+    finally:
+        server.close()
+    monkeypatch.setenv("METRICS_HOST", "0.0.0.0")
+    assert metrics_host_from_env() == "0.0.0.0"

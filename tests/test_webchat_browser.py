@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from bot.api.feedback import ApiFeedback
@@ -443,6 +444,44 @@ async def test_votes_from_the_page_land_in_the_feedback_store(
             assert pair.finetuned.answer_id == ids["finetuned"]
             assert (pair.counts.base, pair.counts.finetuned) == (1, 0)
             assert base.conversation == [{"role": "user", "content": "fat skis for powder"}]
+            # The votes came as this browser: the voter cookie the page got, out of its scripts' reach.
+            (voter,) = [c for c in await context.cookies() if c["name"] == "freeski_voter"]
+            assert (voter["httpOnly"], voter["sameSite"]) == (True, "Lax")
+            assert "freeski_voter" not in await page.evaluate("document.cookie")
+    finally:
+        await store.close()
+    assert errors.errors == []
+
+
+async def test_a_browser_keeps_its_voter_id_when_it_follows_a_link_from_another_site(
+    context: BrowserContext, tmp_path: Path
+) -> None:
+    """Arriving from a link elsewhere (a Discord message, a forum post) is the same browser."""
+    page, errors = await open_page(context)
+    store = await AsyncFeedbackStore.open(tmp_path / "feedback.sqlite")
+    feedback = ApiFeedback(store, Provenance("scripted-base", AdapterRef(), {}))
+    try:
+        async with scripted_api(ScriptedEngine(), feedback=feedback) as url:
+            elsewhere = web.Application()
+
+            async def link(request: web.Request) -> web.Response:
+                return web.Response(
+                    text=f'<a href="{url}/">the ski chat</a>', content_type="text/html"
+                )
+
+            elsewhere.router.add_get("/", link)
+            async with serve_app(elsewhere) as other:
+                await page.goto(url)
+                (first,) = [
+                    c["value"] for c in await context.cookies() if c["name"] == "freeski_voter"
+                ]
+                await page.goto(other.replace("127.0.0.1", "localhost"))  # another site
+                await page.get_by_role("link", name="the ski chat").click()
+                await page.wait_for_url(f"{url}/")
+                (then,) = [
+                    c["value"] for c in await context.cookies() if c["name"] == "freeski_voter"
+                ]
+        assert then == first
     finally:
         await store.close()
     assert errors.errors == []

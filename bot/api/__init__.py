@@ -12,6 +12,8 @@ can live in one process and share one model.
 - :mod:`bot.api.routes` — the aiohttp routes over a running engine.
 - :mod:`bot.api.server` — ``python -m bot api``: start-up, signals, shutdown.
 - :mod:`bot.api.settings` — ``API_*`` settings.
+- :mod:`bot.api.access` — the bearer token, and the same-origin guard without one.
+- :mod:`bot.api.feedback` / :mod:`bot.api.voters` — votes, and who a web voter is.
 
 Sampling parameters in a request (``temperature``, ``top_p``, ``stop``, …)
 are checked against the ranges OpenAI documents, then ignored: the operator's

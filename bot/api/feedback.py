@@ -4,7 +4,8 @@ With a feedback store (``FEEDBACK_DB``), every answer the API gives is recorded
 there under its completion id (the ``id`` of the ``chat.completion`` or of its
 chunks), queued before the answer's last chunk is sent, so a vote that follows
 it always finds it: the store runs its calls on one thread, in order. Votes
-land in the same store as the Discord buttons', as ``web:<voter>``.
+land in the same store as the Discord buttons'; who a vote counts for is the
+server's decision (:mod:`bot.api.voters`), never a field of the body.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from aiohttp import web
 from pydantic import BaseModel, StringConstraints, ValidationError
 
 from bot.api.protocol import ApiError
+from bot.api.settings import ApiSettings
+from bot.api.voters import KEY_PURPOSE, WebVoters
 from bot.feedback.aio import AsyncFeedbackStore
 from bot.feedback.provenance import Provenance, provenance_for
 from bot.feedback.records import (
@@ -38,11 +41,14 @@ Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class AnswerVoteBody(BaseModel):
-    """👍/👎 on one answer."""
+    """👍/👎 on one answer.
+
+    Who votes is not in the body (a ``voter`` field from older clients is
+    ignored like any unknown field): see :mod:`bot.api.voters`.
+    """
 
     answer_id: Id
     rating: Literal["up", "down"]
-    voter: Id
 
 
 class PairVoteBody(BaseModel):
@@ -51,7 +57,6 @@ class PairVoteBody(BaseModel):
     base_answer_id: Id
     finetuned_answer_id: Id
     choice: Literal["base", "finetuned", "both_bad"]
-    voter: Id
 
 
 @dataclass(frozen=True)
@@ -96,18 +101,35 @@ class ApiFeedback:
 class FeedbackRoute:
     """``POST /v1/feedback``; a 404 that says why when the server keeps no feedback."""
 
-    def __init__(self, feedback: ApiFeedback | None) -> None:
+    def __init__(self, feedback: ApiFeedback | None, settings: ApiSettings | None = None) -> None:
         self._feedback = feedback
+        settings = settings or ApiSettings()
+        self._voters = (
+            WebVoters(
+                feedback.store.store.derived_key(KEY_PURPOSE),
+                token=settings.token,
+                votes_per_minute=settings.votes_per_minute,
+            )
+            if feedback is not None
+            else None
+        )
+
+    def install(self, app: web.Application) -> None:
+        """Take votes on ``POST /v1/feedback``, and give each browser its voter id with the page."""
+        app.router.add_post("/v1/feedback", self.post)
+        if self._voters is not None:
+            self._voters.install(app)
 
     async def post(self, request: web.Request) -> web.Response:
-        if self._feedback is None:
+        if self._feedback is None or self._voters is None:
             raise ApiError(
                 404,
                 "This server keeps no feedback (FEEDBACK_DB is off): set FEEDBACK_DB to a file.",
                 code="feedback_disabled",
             )
         vote = _parse_vote(await _json_body(request))
-        voter = f"web:{vote.voter}"
+        voter = self._voters.voter_of(request)
+        self._voters.check_rate(request, voter)
         store = self._feedback.store
         try:
             if isinstance(vote, AnswerVoteBody):
@@ -162,8 +184,8 @@ def _parse_vote(body: Any) -> AnswerVoteBody | PairVoteBody:
     if not isinstance(body, dict) or not ({"rating", "choice"} & body.keys()):
         raise ApiError(
             400,
-            "Send {'answer_id', 'rating': 'up'|'down', 'voter'} or "
-            "{'base_answer_id', 'finetuned_answer_id', 'choice': 'base'|'finetuned'|'both_bad', 'voter'}.",
+            "Send {'answer_id', 'rating': 'up'|'down'} or "
+            "{'base_answer_id', 'finetuned_answer_id', 'choice': 'base'|'finetuned'|'both_bad'}.",
         )
     shape = AnswerVoteBody if "rating" in body else PairVoteBody
     try:

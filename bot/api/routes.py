@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import math
@@ -15,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bot.api.access import bearer_auth, public_status, same_origin_only
 from bot.api.feedback import ApiFeedback, FeedbackRoute
 from bot.api.protocol import (
     ApiError,
@@ -172,7 +172,7 @@ class ChatApi:
         return web.json_response(
             {
                 "status": "ok" if status.ready else "unavailable",
-                "engine": dataclasses.asdict(status),
+                "engine": dataclasses.asdict(public_status(status)),
             },
             status=200 if status.ready else 503,
         )
@@ -199,12 +199,16 @@ def create_app(
     )
     app = web.Application(
         client_max_size=settings.max_request_bytes,
-        middlewares=[_openai_errors, _bearer_auth(settings.token)],
+        middlewares=[
+            _openai_errors,
+            same_origin_only(settings.token, settings.host, settings.allowed_hosts),
+            bearer_auth(settings.token),
+        ],
     )
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
-    app.router.add_post("/v1/feedback", FeedbackRoute(feedback).post)
+    FeedbackRoute(feedback, settings).install(app)
     add_webchat_routes(app, feedback=feedback is not None)
     return app
 
@@ -241,27 +245,6 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("unexpected failure serving %s %s", request.method, request.path)
         return ApiError(500, "Internal server error.", type="server_error").response()
-
-
-def _bearer_auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Require ``Authorization: Bearer <API_TOKEN>`` on ``/v1/`` when a token is set."""
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise ApiError(
-                    401,
-                    "Missing or wrong API key: send 'Authorization: Bearer <API_TOKEN>'.",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await handler(request)
-
-    return check
 
 
 async def _send(response: web.StreamResponse, event: Mapping[str, Any]) -> None:

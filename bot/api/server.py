@@ -23,7 +23,12 @@ from bot.serving.engine import (
 )
 from bot.serving.factory import build_engine
 from bot.serving.metrics_server import start_metrics_server
-from bot.serving.settings import EngineSettings, log_level_from_env, metrics_port_from_env
+from bot.serving.settings import (
+    EngineSettings,
+    log_level_from_env,
+    metrics_host_from_env,
+    metrics_port_from_env,
+)
 from freeski_common.cli import ArgumentParser
 from freeski_common.errors import UserError, cli_entry
 from freeski_common.shutdown import stop_requested
@@ -53,6 +58,7 @@ async def serve(
     *,
     engine_settings: EngineSettings | None = None,
     metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
     feedback_db: Path | None = None,
 ) -> None:
     """Serve the API until SIGINT/SIGTERM, starting ``engine`` and closing it at the end.
@@ -82,7 +88,7 @@ async def serve(
                     "choose another API_PORT (or --port)"
                 ) from None
             if metrics_port:
-                metrics_server = start_metrics_server(metrics_port)
+                metrics_server = start_metrics_server(metrics_port, host=metrics_host)
             await engine.start()
             host, port = runner.addresses[0][:2]
             url = f"http://{host}:{port}/v1"
@@ -147,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings,
             engine_settings=engine_settings,
             metrics_port=metrics_port,
+            metrics_host=metrics_host_from_env(),
             feedback_db=feedback_db,
         )
     )

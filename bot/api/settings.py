@@ -20,6 +20,10 @@ class ApiSettings:
     token: str = field(default="", repr=False)
     max_request_bytes: int = 64 * 1024
     max_tokens_cap: int = 1024
+    # Votes one web voter, and one client address, may send per minute (0: no limit).
+    votes_per_minute: int = 30
+    # Names besides localhost and loopback addresses a token-less API answers to (bot/api/access.py).
+    allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -30,4 +34,10 @@ class ApiSettings:
             token=env_str("API_TOKEN", "") or "",
             max_request_bytes=env_int("API_MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
             max_tokens_cap=env_int("API_MAX_TOKENS", cls.max_tokens_cap, minimum=1),
+            votes_per_minute=env_int("API_VOTES_PER_MINUTE", cls.votes_per_minute, minimum=0),
+            allowed_hosts=tuple(
+                name.strip()
+                for name in (env_str("API_ALLOWED_HOSTS", "") or "").split(",")
+                if name.strip()
+            ),
         )

@@ -167,6 +167,10 @@ class AnswerCog(commands.Cog):
     @app_commands.command(name="status", description="Model, queue and throughput of the bot")
     async def status(self, interaction: discord.Interaction) -> None:
         async with self._guarded(interaction.id, "/status", _responder(interaction)):
+            refusal = self._not_allowed(interaction.user, interaction.channel)
+            if refusal is not None:  # the allow lists cover the bot's status too
+                await interaction.response.send_message(refusal, ephemeral=True)
+                return
             embed = _status_embed(self.engine)
             if self.bot.feedback is not None:
                 for name, value in (await self.bot.feedback.status_rows()).items():
@@ -223,17 +227,9 @@ class AnswerCog(commands.Cog):
         """Why this question is not answered (a polite sentence), or None to answer it."""
         if not self.accepting:
             return "I'm restarting right now: ask again in a minute."
-        allowed_channels = self.settings.allowed_channel_ids
-        if allowed_channels and isinstance(channel, discord.abc.GuildChannel | discord.Thread):
-            channel_ids = {channel.id, getattr(channel, "parent_id", None)}
-            if not channel_ids & set(allowed_channels):
-                places = ", ".join(f"<#{c}>" for c in allowed_channels)
-                return f"I only answer in {places}."
-        allowed_roles = self.settings.allowed_role_ids
-        if allowed_roles:
-            roles = {role.id for role in getattr(user, "roles", [])}
-            if not roles & set(allowed_roles):
-                return "Sorry, only members with one of the bot's allowed roles can ask me."
+        refusal = self._not_allowed(user, channel)
+        if refusal is not None:
+            return refusal
         if not question.strip():
             return "Ask me a ski question: mention me followed by your question."
         limit = self.settings.max_question_chars
@@ -248,6 +244,21 @@ class AnswerCog(commands.Cog):
                 f"Easy there: {per_minute} questions a minute at most. "
                 f"Try again in {math.ceil(wait_s)} s."
             )
+        return None
+
+    def _not_allowed(self, user: discord.User | discord.Member, channel: object) -> str | None:
+        """Why the allow lists (ALLOWED_CHANNEL_IDS, ALLOWED_ROLE_IDS) keep this user out, or None."""
+        allowed_channels = self.settings.allowed_channel_ids
+        if allowed_channels and isinstance(channel, discord.abc.GuildChannel | discord.Thread):
+            channel_ids = {channel.id, getattr(channel, "parent_id", None)}
+            if not channel_ids & set(allowed_channels):
+                places = ", ".join(f"<#{c}>" for c in allowed_channels)
+                return f"I only answer in {places}."
+        allowed_roles = self.settings.allowed_role_ids
+        if allowed_roles:
+            roles = {role.id for role in getattr(user, "roles", [])}
+            if not roles & set(allowed_roles):
+                return "Sorry, only members with one of the bot's allowed roles can ask me."
         return None
 
     @contextlib.asynccontextmanager

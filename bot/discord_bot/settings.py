@@ -21,6 +21,7 @@ from bot.serving.settings import (
     EngineSettings,
     LogLevel,
     log_level_from_env,
+    metrics_host_from_env,
     metrics_port_from_env,
 )
 from freeski_common.errors import UserError
@@ -55,6 +56,7 @@ class BotSettings:
     allowed_channel_ids: tuple[int, ...] = ()
     allowed_role_ids: tuple[int, ...] = ()
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     log_level: LogLevel = "INFO"
     feedback_db: Path | None = None  # None: no vote buttons
 
@@ -82,6 +84,7 @@ class BotSettings:
             allowed_channel_ids=tuple(env_id_list("ALLOWED_CHANNEL_IDS")),
             allowed_role_ids=tuple(env_id_list("ALLOWED_ROLE_IDS")),
             metrics_port=metrics_port_from_env(),
+            metrics_host=metrics_host_from_env(),
             log_level=log_level_from_env(),
             feedback_db=feedback_db_from_env(),
         )

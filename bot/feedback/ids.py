@@ -16,7 +16,14 @@ from pathlib import Path
 from bot.serving.engine import Message
 from finetune.fingerprint import adapter_weights_hash
 
-__all__ = ["adapter_weights_hash", "conversation_key", "hash_voter", "new_answer_id", "new_pair_id"]
+__all__ = [
+    "adapter_weights_hash",
+    "conversation_key",
+    "derive_key",
+    "hash_voter",
+    "new_answer_id",
+    "new_pair_id",
+]
 
 SALT_BYTES = 32
 
@@ -40,6 +47,15 @@ def hash_voter(voter: str, salt: bytes) -> str:
     if not voter:
         raise ValueError("a voter id must not be empty")
     return hmac.new(salt, voter.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def derive_key(salt: bytes, purpose: str) -> bytes:
+    """A secret for one ``purpose`` (signing web voter cookies), kept nowhere but in the salt.
+
+    Derived rather than the salt itself, so a signature never helps anyone
+    recompute a voter hash, and whoever keeps the salt keeps the key.
+    """
+    return hmac.new(salt, f"freeski-bot key for {purpose}".encode(), hashlib.sha256).digest()
 
 
 def load_or_create_salt(path: Path) -> bytes:

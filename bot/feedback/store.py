@@ -19,7 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bot.feedback.ids import conversation_key, hash_voter, load_or_create_salt, new_pair_id
+from bot.feedback.ids import (
+    conversation_key,
+    derive_key,
+    hash_voter,
+    load_or_create_salt,
+    new_pair_id,
+)
 from bot.feedback.records import (
     CHOICES,
     RATINGS,
@@ -128,6 +134,10 @@ class FeedbackStore:
     def voter_hash(self, voter: str) -> str:
         """How ``voter`` (e.g. ``discord:1234``) is stored."""
         return hash_voter(voter, self._salt)
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A secret of this store's own (e.g. to sign web voter ids), derived from its salt."""
+        return derive_key(self._salt, purpose)
 
     def record_answer(self, record: AnswerRecord) -> str:
         """Store one answer; returns its id. Raises InvalidRecord for a bad or duplicate record."""

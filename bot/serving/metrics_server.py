@@ -34,17 +34,19 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def start_metrics_server(port: int, *, host: str = "0.0.0.0") -> MetricsServer:
+def start_metrics_server(port: int, *, host: str = "127.0.0.1") -> MetricsServer:
     """Expose ``/metrics`` on ``host:port`` (port 0: any free one) from a daemon thread.
 
-    It listens on every interface by default because Prometheus usually
-    scrapes from another host or container; the numbers hold no secrets.
+    Loopback unless told otherwise (``METRICS_HOST``): the endpoint has no
+    authentication, and queue depths and request counts say how busy, and
+    when, a community is. A Prometheus in another host or container needs
+    ``METRICS_HOST=0.0.0.0`` (and a firewall).
     """
     try:
         httpd, thread = start_http_server(port, addr=host)
     except OSError as error:
         raise UserError(
             f"METRICS_PORT={port}: cannot listen on {host}:{port} ({error.strerror}); "
-            "choose a free port or leave METRICS_PORT unset"
+            "choose a free port (or METRICS_HOST) or leave METRICS_PORT unset"
         ) from None
     return MetricsServer(httpd, thread)

@@ -32,6 +32,11 @@ def metrics_port_from_env() -> int | None:
     return env_int("METRICS_PORT", 0, minimum=0) or None
 
 
+def metrics_host_from_env() -> str:
+    """``METRICS_HOST``: where ``/metrics`` listens; loopback unless the operator opens it."""
+    return env_str("METRICS_HOST", "127.0.0.1") or "127.0.0.1"
+
+
 def log_level_from_env() -> LogLevel:
     level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
     if level not in LOG_LEVELS:

@@ -13,7 +13,6 @@ const NOTES = {
 // Context sent with a question, oldest exchanges dropped first; the server trims
 // again, exactly, in tokens. This keeps long chats under its request size limit.
 const CONTEXT_CHARS = 16000;
-const VOTER_KEY = "freeski-voter";
 const NEEDS_TOKEN = "This server needs its API token (API_TOKEN). It is kept for this tab only.";
 
 const byId = (id) => document.getElementById(id);
@@ -229,7 +228,7 @@ function voteButtons(question, choices) {
     button.setAttribute("aria-pressed", "false");
     button.addEventListener("click", async () => {
       try {
-        await sendFeedback({ ...body, voter: voterId() });
+        await sendFeedback(body); // the server knows this browser by its voter cookie
       } catch (error) {
         status.textContent = error instanceof ApiFailure ? error.message : `The vote failed: ${error.message}`;
         if (error.kind === "auth") askForToken(error.message);
@@ -242,17 +241,6 @@ function voteButtons(question, choices) {
   });
   group.append(element("span", "vote-question", question), ...buttons, status);
   return group;
-}
-
-/** Who votes, as far as the store knows: one random id per browser, so a new vote replaces the old. */
-function voterId() {
-  let id = localStorage.getItem(VOTER_KEY);
-  if (!id) {
-    // getRandomValues, not randomUUID: the page may be served over plain http on a LAN.
-    id = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
-    localStorage.setItem(VOTER_KEY, id);
-  }
-  return id;
 }
 
 function setBusy(busy) {
