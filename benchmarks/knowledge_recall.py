@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,37 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from forums import crawl_forum  # noqa: E402
+
 from finetune.knowledge import SHOWN_SOURCES, load_knowledge, states  # noqa: E402
 
 FORUMS = {
     "sample": REPO / "crawl" / "sample_forum",
     "unseen": REPO / "benchmarks" / "unseen_forum",
 }
-
-
-def run(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-
-
-def crawl_forum(threads_yaml: Path, work: Path) -> Path:
-    """A freshly crawled and indexed store of the forum that ``threads_yaml`` renders."""
-    site, db = work / "site", work / "forum.sqlite"
-    run("crawl.sample_render", str(threads_yaml), str(site))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "crawl", "serve-sample", "--dir", str(site), "--port", "0"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        url = server.stdout.readline().split()[-1]
-        run("crawl", "fetch", "--forum-url", url, "--db", str(db), "--delay", "0")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    run("crawl", "index", "--db", str(db))
-    return db
 
 
 def measure(db: Path, knowledge: Path, ks: list[int]) -> dict[str, dict[str, float]]:
@@ -96,7 +72,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name, folder in FORUMS.items():
             work = Path(args.workdir or scratch) / name
-            db = crawl_forum(folder / "threads.yaml", work)
+            db = crawl_forum(folder / "threads.yaml", work, quiet=True)
             summary[name] = measure(db, folder / "knowledge.jsonl", args.k)
     print(json.dumps(summary))
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,10 +30,7 @@ FORUM = REPO / "benchmarks" / "unseen_forum" / "threads.yaml"
 KNOWLEDGE = FORUM.with_name("knowledge.jsonl")
 MODEL = REPO / ".cache" / "smollm2-135m-instruct"
 
-
-def run(*args: str) -> None:
-    print("$ python -m " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
+from forums import crawl_forum, run  # noqa: E402  (benchmarks/ is this script's folder)
 
 
 def main() -> int:
@@ -44,22 +40,9 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.workdir or scratch)
-        site, db, dataset, run_dir = (work / n for n in ("site", "forum.sqlite", "dataset", "run"))
-        run("crawl.sample_render", str(FORUM), str(site))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "crawl", "serve-sample", "--dir", str(site), "--port", "0"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None
-            url = server.stdout.readline().split()[-1]
-            run("crawl", "fetch", "--forum-url", url, "--db", str(db), "--delay", "0")
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
-        run("crawl", "dataset", "--db", str(db), "--out", str(dataset))
+        dataset, run_dir = work / "dataset", work / "run"
+        db = crawl_forum(FORUM, work)
+        run("crawl", "dataset", "--db", str(db), "--out", str(dataset), "--context", "3")
         run("finetune", "get-model", "smollm2-135m-instruct", "--out", str(MODEL))
         run(
             "finetune",

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from crawl.site import Post, ThreadLink, ThreadPage
@@ -19,29 +21,39 @@ from crawl.store import PageRecord, Store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def crawl_sample_forum(db: Path) -> Path:
-    """Serve the sample forum on 127.0.0.1, crawl it into ``db`` with no delay; returns ``db``."""
+@contextmanager
+def serve_sample(site_dir: Path | None = None) -> Iterator[str]:
+    """``python -m crawl serve-sample`` in a subprocess; yields the forum URL it prints."""
+    argv = [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"]
+    if site_dir is not None:
+        argv += ["--dir", str(site_dir)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"],
+        argv,
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        line = server.stdout.readline()  # type: ignore[union-attr]
+        assert server.stdout is not None
+        line = server.stdout.readline()
         assert line.startswith("serving sample forum at http://127.0.0.1:"), line
-        forum_url = line.split(" at ", 1)[1].strip()
+        yield line.split(" at ", 1)[1].strip()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+
+
+def crawl_sample_forum(db: Path) -> Path:
+    """Serve the sample forum on 127.0.0.1, crawl it into ``db`` with no delay; returns ``db``."""
+    with serve_sample() as forum_url:
         # A process of its own: the fixture may be first asked for inside a running event loop.
         argv = ["fetch", "--forum-url", forum_url, "--db", str(db), "--delay", "0"]
         crawl = subprocess.run(
             [sys.executable, "-m", "crawl", *argv], cwd=REPO, capture_output=True, text=True
         )
         assert crawl.returncode == 0, crawl.stderr[-2000:]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=10)
     return db
 
 

@@ -8,8 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,35 +15,13 @@ import yaml
 
 from crawl.__main__ import main
 from crawl.errors import EXIT_USER_ERROR
+from tests.forum_store import serve_sample
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 SAMPLE_FORUM = REPO / "crawl" / "sample_forum" / "threads.yaml"
 THREAD_700003 = "forum/thread/700003/Park-skis-in-powder---too-soft-"
-
-
-@contextmanager
-def serve_sample(site_dir: Path | None = None) -> Iterator[str]:
-    """``python -m crawl serve-sample`` in a subprocess; yields the forum URL it prints."""
-    argv = [sys.executable, "-m", "crawl", "serve-sample", "--port", "0"]
-    if site_dir is not None:
-        argv += ["--dir", str(site_dir)]
-    server = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("serving sample forum at http://127.0.0.1:"), line
-        yield line.split(" at ", 1)[1].strip()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=10) == 0
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
