@@ -306,3 +306,51 @@ def test_other_architectures_and_runs_without_adapter_fail_in_one_line(
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no trained adapter" in err
+
+
+def render_like_ollama(turns, messages: list[dict]) -> str:
+    """What the Modelfile's Go template writes for ``messages`` (the same branches, in Python)."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    out = turns.bos
+    for i, message in enumerate(messages):
+        last = i == len(messages) - 1
+        if message["role"] == "system" and turns.system_open is not None:
+            out += turns.system_open + message["content"] + turns.system_close
+        elif message["role"] == "user":
+            out += turns.user_open
+            if turns.system_open is None and system and i <= 1:
+                out += system + turns.system_close
+            out += message["content"] + (turns.generation if last else turns.user_close)
+        elif message["role"] == "assistant":
+            out += message["content"] + ("" if last else turns.answer_close)
+    return out
+
+
+@pytest.mark.parametrize("template", ["mistral", "chatml", "llama3"])
+def test_modelfile_template_writes_the_chat_templates_prompt(template: str):
+    from finetune.export.modelfile import go_template, turn_text
+    from finetune.export.vocab import adds_bos
+    from finetune.tiny_model import DEFAULT_CORPUS, train_tokenizer
+
+    tokenizer = train_tokenizer(DEFAULT_CORPUS.read_text(), 400, template)
+    bos = adds_bos(tokenizer)
+    turns = turn_text(tokenizer, strip_bos=bos)
+    assert turns is not None
+    assert "{{ range $i, $_ := .Messages }}" in go_template(turns)
+    conversations = [
+        [{"role": "user", "content": "Wax?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wax?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Wax?"},
+            {"role": "assistant", "content": "Warm wax."},
+            {"role": "user", "content": "And in January?"},
+        ],
+    ]
+    for messages in conversations:
+        expected = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        if bos and tokenizer.bos_token and expected.startswith(tokenizer.bos_token):
+            expected = expected[len(tokenizer.bos_token) :]  # llama.cpp adds it
+        assert render_like_ollama(turns, messages) == expected

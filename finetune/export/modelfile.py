@@ -31,14 +31,28 @@ class TurnText:
     answer_close: str
     system_open: str | None  # None: the system message folds into the first user turn
     system_close: str
+    default_system: str | None = None  # what the template writes when no system message is given
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
 
+def _cut_after(text: str, marker: str) -> tuple[str, str] | None:
+    """Split after ``marker`` and the spaces/newlines that follow it (the end of a turn)."""
+    at = text.find(marker)
+    if not marker or at < 0:
+        return None
+    end = at + len(marker)
+    while end < len(text) and text[end] in " \n":
+        end += 1
+    return text[:end], text[end:]
+
+
 def turn_text(tokenizer: PreTrainedTokenizerBase, *, strip_bos: bool) -> TurnText | None:
     """Cut the chat template into turn pieces; None when it is not that regular."""
+    from finetune.chat import chat_format
+
     user1 = {"role": "user", "content": _Q1}
     text = _render(
         tokenizer,
@@ -48,29 +62,51 @@ def turn_text(tokenizer: PreTrainedTokenizerBase, *, strip_bos: bool) -> TurnTex
     head, rest = text.split(_Q1, 1)
     user_close, rest = rest.split(_A1, 1)
     between, generation = rest.split(_Q2, 1)
+    # A BOS opens the prompt once (Mistral's <s>); SmolLM2 names <|im_start|> its BOS,
+    # but that opens every turn and is part of the turn text.
     bos = tokenizer.bos_token or ""
+    if bos in between:
+        bos = ""
     leading = ""
     if bos and head.startswith(bos):
         head = head[len(bos) :]
         leading = "" if strip_bos else bos  # when llama.cpp adds it, the template must not
-    if not between.endswith(head):
+    cut = _cut_after(between, chat_format(tokenizer).end_of_turn)
+    if cut is None or not head.endswith(cut[1]):
         return None
-    answer_close = between[: len(between) - len(head)]
+    answer_close, user_open = cut
+    default_turn = head[: len(head) - len(user_open)]  # SmolLM2 writes a system turn unasked
 
-    system_open, system_close = None, ""
+    system_open, system_close, default_system = None, "", None
     with_system = _render(tokenizer, [{"role": "system", "content": _SYS}, user1], True)
     if _SYS in with_system:
         before, after = with_system.split(_SYS, 1)
         if bos and before.startswith(bos):
             before = before[len(bos) :]
         separator = after.split(_Q1, 1)[0]
-        if before == head:  # folded: "[INST] system\n\nquestion [/INST]"
+        if before == user_open:  # folded: "[INST] system\n\nquestion [/INST]"
             system_close = separator
-        elif separator.endswith(head):
-            system_open, system_close = before, separator[: len(separator) - len(head)]
         else:
-            return None
-    return TurnText(leading, head, user_close, generation, answer_close, system_open, system_close)
+            cut = _cut_after(separator, chat_format(tokenizer).end_of_turn)
+            if cut is None or cut[1] != user_open:
+                return None
+            system_open, system_close = before, cut[0]
+            if default_turn.startswith(system_open) and default_turn.endswith(system_close):
+                default_system = default_turn[
+                    len(system_open) : len(default_turn) - len(system_close)
+                ]
+    if default_turn and default_system is None:
+        return None
+    return TurnText(
+        leading,
+        user_open,
+        user_close,
+        generation,
+        answer_close,
+        system_open,
+        system_close,
+        default_system or None,
+    )
 
 
 def go_template(turns: TurnText) -> str:
@@ -126,6 +162,7 @@ def modelfile_text(
         lines.append("# Ollama falls back to the chat template in the GGUF's metadata")
     else:
         lines.append(f'TEMPLATE """{go_template(turns)}"""')
+    system = system or (turns.default_system if turns else None)
     if system:
         lines.append(f'SYSTEM """{system}"""')
     stops = [tokenizer.convert_ids_to_tokens(i) for i in fmt.stop_token_ids]
