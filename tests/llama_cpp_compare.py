@@ -21,7 +21,7 @@ import numpy as np
 PROBE = Path(__file__).with_name("llama_cpp_probe.py")
 MIN_AGREEMENT = 0.98
 MAX_LOGPROB_ERROR = 0.03  # nats, on the token transformers chose
-Q8_MIN_AGREEMENT = 0.95
+Q8_MIN_AGREEMENT = 0.90  # a random-weight model's flat logits flip argmaxes easily
 Q8_MAX_LOGPROB_ERROR = 0.1
 
 FORUM_TEXTS = [
