@@ -354,3 +354,19 @@ def test_modelfile_template_writes_the_chat_templates_prompt(template: str):
         if bos and tokenizer.bos_token and expected.startswith(tokenizer.bos_token):
             expected = expected[len(tokenizer.bos_token) :]  # llama.cpp adds it
         assert render_like_ollama(turns, messages) == expected
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_run: Path, tmp_path, monkeypatch):
+    import errno
+
+    import gguf
+
+    from finetune.export.run import export_run
+
+    def full(self, tensor, tensor_endianess=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    with pytest.raises(UserError, match=r"is full writing base\.gguf"):
+        export_run(tiny_run, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
