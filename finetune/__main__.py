@@ -5,6 +5,7 @@ python -m finetune estimate --config configs/mistral-7b-8gb.yaml [...]     GPU m
 python -m finetune evaluate --run DIR [--prompts FILE]                      loss and answers
 python -m finetune evaluate --run DIR --knowledge FILE [--forum-db STORE]   + knowledge check
 python -m finetune merge --run DIR --out DIR                                16-bit merged model
+python -m finetune export --run DIR --out DIR [--dtype f16|q8_0] [--merged]  GGUF for llama.cpp/Ollama
 python -m finetune tiny-model --out DIR [--corpus FILE] [--seed N]          build the test model
 python -m finetune dpo --config C --adapter RUN/adapter --dataset DIR --output-dir RUN2   DPO on votes
 python -m finetune get-model smollm2-135m-instruct --out DIR               a real small model
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from finetune.errors import UserError, cli_entry
 from freeski_common.cli import ArgumentParser
 
-SUBCOMMANDS = ("estimate", "evaluate", "merge", "tiny-model", "get-model", "dpo")
+SUBCOMMANDS = ("estimate", "evaluate", "merge", "export", "tiny-model", "get-model", "dpo")
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -123,6 +124,40 @@ def merge_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def export_main(argv: Sequence[str]) -> int:
+    parser = ArgumentParser(
+        prog="python -m finetune export",
+        description="Write a run as GGUF for llama.cpp, Ollama and LM Studio: base.gguf (the "
+        "run's base from its unquantized safetensors, with tokenizer and chat template), "
+        "adapter.gguf (the LoRA adapter in llama.cpp's format), a Modelfile and a README.",
+    )
+    parser.add_argument("--run", required=True, help="run directory written by training")
+    parser.add_argument("--out", required=True, help="directory for the exported files")
+    parser.add_argument(
+        "--dtype",
+        choices=("f16", "q8_0"),
+        default="f16",
+        help="weight type of base.gguf and merged.gguf (default: f16)",
+    )
+    parser.add_argument(
+        "--merged", action="store_true", help="also write merged.gguf, the adapter folded in"
+    )
+    parser.add_argument(
+        "--system",
+        default=os.environ.get("SYSTEM_PROMPT") or None,
+        help="default system prompt for the Modelfile (default: $SYSTEM_PROMPT, if set)",
+    )
+    args = parser.parse_args(argv)
+
+    from finetune.export.run import export_run
+
+    result = export_run(
+        args.run, args.out, dtype=args.dtype, merged=args.merged, system=args.system
+    )
+    print(result.summary())
+    return 0
+
+
 def tiny_model_main(argv: Sequence[str]) -> int:
     from finetune.tiny_model import TinyModelSpec
 
@@ -211,6 +246,7 @@ COMMANDS = {
     "estimate": estimate_main,
     "evaluate": evaluate_main,
     "merge": merge_main,
+    "export": export_main,
     "tiny-model": tiny_model_main,
     "get-model": get_model_main,
 }
