@@ -20,6 +20,8 @@ class ApiSettings:
     token: str = field(default="", repr=False)
     max_request_bytes: int = 64 * 1024
     max_tokens_cap: int = 1024
+    max_messages: int = 256  # messages in one request; more is a 400
+    rate_limit_per_minute: int = 60  # chat requests per client (token, else address); 0: off
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -30,4 +32,8 @@ class ApiSettings:
             token=env_str("API_TOKEN", "") or "",
             max_request_bytes=env_int("API_MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=1024),
             max_tokens_cap=env_int("API_MAX_TOKENS", cls.max_tokens_cap, minimum=1),
+            max_messages=env_int("API_MAX_MESSAGES", cls.max_messages, minimum=1),
+            rate_limit_per_minute=env_int(
+                "API_RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, minimum=0
+            ),
         )

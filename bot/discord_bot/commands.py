@@ -21,7 +21,6 @@ from discord.ext import commands
 
 from bot.discord_bot.chain import ReplyChains
 from bot.discord_bot.messages import chain_to_messages, split_message, strip_mentions_of
-from bot.discord_bot.ratelimit import RateLimiter
 from bot.discord_bot.replies import (
     STREAMING_MARK,
     InteractionReply,
@@ -32,6 +31,7 @@ from bot.discord_bot.replies import (
 from bot.discord_bot.settings import BotSettings
 from bot.serving.context import with_system_prompt
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
+from bot.serving.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import FreeskiBot
