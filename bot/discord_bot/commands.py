@@ -56,7 +56,7 @@ class AnswerCog(commands.Cog):
         self.engine = engine
         self.settings = settings
         self.rate_limit = RateLimiter(settings.rate_limit_per_minute)
-        self.chains = ReplyChains(bot.user.id)
+        self.chains = ReplyChains(bot.user.id, max_chars=CONTEXT_CHARS)
         self.accepting = True
         self._in_flight: dict[int, asyncio.Task[object]] = {}  # question/interaction id → task
         self._deleted: set[int] = set()
