@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from bot.serving import metrics
@@ -177,6 +178,7 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         self._beat = time.monotonic()  # the loop's heartbeat: when it last went round
         self._failed_steps = 0  # scheduling steps in a row that raised
+        self._overhead: float | None = None  # the template's tokens per turn, once measured
 
     # ---- the caller's side (any thread) -------------------------------------------------
 
@@ -477,10 +479,12 @@ class InferenceWorker:
         """The prompt's token ids, oldest turns dropped until it fits ``budget``.
 
         This runs on the worker thread between decoding steps, so its cost is
-        every running answer's stall: a long conversation costs one encode of
-        the whole and one batched tokenization of the turns (to estimate what
-        to keep), then an encode of what is kept, not one encode per dropped
-        turn (a 1,000-turn chat once stalled other answers for seconds).
+        every running answer's stall. Encoding one candidate after another
+        (one encode per dropped turn) once stalled other answers for seconds
+        on a 1,000-turn chat; now the turns are tokenized once, in one batched
+        call, their lengths plus the template's markers estimate what fits,
+        and only what is kept is encoded (again, one exchange shorter, in the
+        rare case the estimate fell short).
         """
         for message in request.messages:
             at = lone_surrogate_at(message["content"])
@@ -498,14 +502,17 @@ class InferenceWorker:
                 "the conversation ends with an answer, not a question: "
                 "end it with the user's message to answer"
             )
-        ids = self._encode(chat)
-        if len(ids) <= budget:
-            return ids
-        contents = [m["content"] for m in chat]
-        counted = self.tokenizer(contents, add_special_tokens=False)["input_ids"]
-        overhead = max(0, len(ids) - sum(map(len, counted))) / len(chat)  # template markers
-        cost = {id(m): len(c) + overhead for m, c in zip(chat, counted, strict=True)}
-        kept = trim_oldest_first(chat, lambda rest: sum(cost[id(m)] for m in rest) <= budget)
+        counted = self.tokenizer([m["content"] for m in chat], add_special_tokens=False)
+        overhead = self._turn_overhead()
+        # suffix[i]: the estimated tokens of chat[i:], so any candidate costs one lookup.
+        suffix = list(accumulate(len(ids) + overhead for ids in reversed(counted["input_ids"])))
+        suffix.reverse()
+        system = 1 if chat[0]["role"] == "system" else 0
+        system_cost = suffix[0] - suffix[1] if system else 0.0
+        position = {id(m): i for i, m in enumerate(chat)}
+        kept = trim_oldest_first(
+            chat, lambda rest: system_cost + suffix[position[id(rest[system])]] <= budget
+        )
         ids = self._encode(kept)
         while len(ids) > budget:  # the estimate was short: drop one more exchange at a time
             longest = len(kept)
@@ -515,6 +522,19 @@ class InferenceWorker:
             kept = shorter
             ids = self._encode(kept)
         return ids
+
+    def _turn_overhead(self) -> float:
+        """Tokens the chat template adds per turn (its markers), measured once on a sample."""
+        if self._overhead is None:
+            sample: list[Message] = [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ]
+            content = self.tokenizer(["a", "b", "c"], add_special_tokens=False)["input_ids"]
+            markers = len(self._encode(sample)) - sum(map(len, content))
+            self._overhead = max(0.0, markers / len(sample))
+        return self._overhead
 
     def _join(self, admitted: list[_Row]) -> None:
         """Prefill the admitted rows, give each its first token, and add them to the batch."""
