@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -303,3 +304,17 @@ def test_after_the_storm_the_server_answers_and_logged_no_traceback(
     assert 400 in statuses
     tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+async def test_healthz_is_503_naming_the_state_when_the_worker_loop_is_not_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    async with api(tmp_path) as (url, engine), aiohttp.ClientSession(url) as client:
+        async with client.get("/healthz") as response:
+            assert (response.status, (await response.json())["status"]) == (200, "ok")
+        real = engine.status
+        monkeypatch.setattr(engine, "status", lambda: dataclasses.replace(real(), worker="stalled"))
+        async with client.get("/healthz") as response:
+            body = await response.json()
+    assert response.status == 503
+    assert body["status"] == "stalled" and body["engine"]["worker"] == "stalled"
