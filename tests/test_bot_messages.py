@@ -16,7 +16,7 @@ from bot.discord_bot.messages import (
     strip_mentions_of,
     trim_oldest_first,
 )
-from bot.discord_bot.ratelimit import RateLimiter
+from bot.serving.ratelimit import RateLimiter
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz.,!?'", min_size=1, max_size=25)
 separators = st.sampled_from([" ", " ", " ", "\n", "\n\n"])

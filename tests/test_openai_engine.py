@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import REGISTRY
 
-from bot.serving.engine import EngineBusy, EngineError, EngineTimeout, EngineUnavailable, Message
+from bot.serving.engine import (
+    EngineBusy,
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidRequest,
+    Message,
+)
 from bot.serving.openai_engine import (
     CUT_OFF,
     UNREACHABLE,
@@ -171,7 +178,7 @@ async def test_a_retry_after_beyond_the_deadline_gives_up_at_once(
 
 
 @pytest.mark.parametrize(
-    ("status", "error"), [(400, EngineError), (504, EngineTimeout), (500, EngineError)]
+    ("status", "error"), [(400, InvalidRequest), (504, EngineTimeout), (500, EngineError)]
 )
 async def test_failures_map_to_engine_errors(
     server: FakeOpenAIServer, status: int, error: type[EngineError]

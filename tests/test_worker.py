@@ -25,6 +25,7 @@ from bot.serving.engine import (
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    InvalidRequest,
     RequestTooLong,
     Sampling,
 )
@@ -571,3 +572,195 @@ async def test_closing_refuses_new_questions(tokenizer: Any):
         await engine.generate(QUESTION, variant="base")
     await engine.close()
     assert not engine.status().ready
+
+
+# ---- a bad request fails alone -----------------------------------------------------------------
+
+POISONED = {
+    "an assistant turn longer than the budget": [
+        *QUESTION,
+        {"role": "assistant", "content": "powder " * 400},
+    ],
+    "a lone surrogate": [{"role": "user", "content": "\ud800x"}],
+}
+
+
+@pytest.mark.parametrize("poison", POISONED)
+def test_a_request_that_cannot_be_prepared_fails_alone_and_the_queue_goes_on(
+    tokenizer: Any, poison: str
+):
+    """It fails with its own clear error; the row already streaming and the one queued behind
+    it are answered in full."""
+    model = ScriptedModel(word_token(tokenizer), step_s=0.005)
+    worker = InferenceWorker(
+        model, tokenizer, generation=GenerationSettings(), adapter_name=None, max_batch_tokens=128
+    )
+    results: dict[str, Any] = {}
+    streaming = threading.Event()
+    done = threading.Event()
+
+    def keep(name: str):
+        def on_done(result: Any) -> None:
+            results[name] = result
+            if len(results) == 3:
+                done.set()
+
+        return on_done
+
+    running = request(keep("running"), max_new_tokens=60)
+    running.on_text = lambda _: streaming.set()
+    worker.submit(running)
+    worker.start()
+    assert streaming.wait(10)
+    bad = request(keep("bad"))
+    bad.messages = POISONED[poison]
+    worker.submit(bad)
+    worker.submit(request(keep("behind"), max_new_tokens=5))
+    assert done.wait(10), f"stuck: only {sorted(results)} answered"
+    worker.stop(cancel=False, timeout=10)
+    assert isinstance(results["bad"], InvalidRequest)
+    assert "\n" not in str(results["bad"])
+    assert results["running"].completion_tokens == 60
+    assert results["behind"].completion_tokens == 5
+    assert worker.queue_depth == 0
+    assert worker.health(stall_s=60)[0] == "stopped"
+
+
+def test_a_sampling_setting_that_breaks_the_kernel_ends_its_row_alone(tokenizer: Any):
+    """A temperature so small the logits overflow makes sampling raise for the whole batch;
+    only that row ends."""
+    model = ScriptedModel(word_token(tokenizer))
+    worker = InferenceWorker(
+        model, tokenizer, generation=GenerationSettings(), adapter_name=None, batch_wait_s=0.5
+    )
+    results: dict[str, Any] = {}
+    done = threading.Event()
+
+    def keep(name: str):
+        def on_done(result: Any) -> None:
+            results[name] = result
+            if len(results) == 2:
+                done.set()
+
+        return on_done
+
+    broken, fine = (
+        request(keep("broken"), max_new_tokens=6),
+        request(keep("fine"), max_new_tokens=6),
+    )
+    broken.sampling = Sampling(temperature=1e-300, top_p=1.0, repetition_penalty=1.0)
+    fine.sampling = Sampling(temperature=0.7, top_p=1.0, repetition_penalty=1.0)
+    worker.submit(broken, fine)
+    worker.start()
+    assert done.wait(10)
+    worker.stop(cancel=False, timeout=10)
+    assert model.prefills == [2], "both rows shared the batch"
+    assert isinstance(results["broken"], InvalidRequest)
+    assert results["fine"].completion_tokens == 6
+
+
+def test_a_cancelled_queued_request_leaves_the_queue_count_at_once(tokenizer: Any):
+    worker = InferenceWorker(
+        ScriptedModel(word_token(tokenizer)),
+        tokenizer,
+        generation=GenerationSettings(),
+        adapter_name=None,
+        queue_size=3,
+    )  # not started: nothing leaves the queue but by cancelling
+    results: list[Any] = []
+    queued = [request(results.append) for _ in range(3)]
+    for each in queued:
+        worker.submit(each)
+    worker.cancel(queued[1])
+    assert worker.queue_depth == 2
+    worker.submit(request(results.append))  # the freed place takes a new question
+    assert worker.queue_depth == 3
+    worker.start()
+    assert worker.wait_idle(10)
+    worker.stop(cancel=False, timeout=10)
+    assert sorted(a.finish_reason for a in results) == ["cancelled", "length", "length", "length"]
+
+
+def test_trimming_a_long_conversation_costs_a_few_encodes_not_one_per_turn(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """A 1,000-turn chat was once trimmed by encoding it again for each dropped turn, on the
+    worker thread, between other users' decoding steps."""
+    model = ScriptedModel(word_token(tokenizer))
+    worker = InferenceWorker(
+        model, tokenizer, generation=GenerationSettings(), adapter_name=None, max_batch_tokens=200
+    )
+    encodes: list[int] = []
+    real_encode = worker._encode
+    monkeypatch.setattr(
+        worker, "_encode", lambda messages: encodes.append(len(messages)) or real_encode(messages)
+    )
+    chat = []
+    for i in range(500):
+        chat += [
+            {"role": "user", "content": f"Question {i} about wax and edges?"},
+            {"role": "assistant", "content": f"Answer {i}: wax often, sharpen twice a season."},
+        ]
+    chat.append({"role": "user", "content": "And for park skis?"})
+    answers: list[Any] = []
+    worker.submit(_with(chat, answers))
+    worker.start()
+    assert worker.wait_idle(30)
+    worker.stop(cancel=False, timeout=10)
+    (answer,) = answers
+    assert isinstance(answer, Answer), answer
+    assert 0 < answer.prompt_tokens <= 200 - 8
+    assert len(encodes) <= 4, f"{len(encodes)} encodes"
+    kept = encodes[-1]
+    assert kept > 1, "more than the question fits, and is kept"
+
+
+def _with(messages: list[dict[str, str]], answers: list[Any]) -> GenerationRequest:
+    queued = request(answers.append, max_new_tokens=8)
+    queued.messages = messages
+    return queued
+
+
+async def test_healthz_state_follows_the_worker_loop(tokenizer: Any):
+    """The engine's status says "stalled" while a step takes longer than WORKER_STALL_S,
+    "ok" when idle, "stopped" once closed."""
+    model = ScriptedModel(word_token(tokenizer), step_s=0.3)
+    engine = scripted_engine(model, tokenizer, worker_stall_s=0.1, max_new_tokens=4)
+    await engine.start()
+    try:
+        assert engine.status().worker == "ok"
+        task = asyncio.create_task(engine.generate(QUESTION, variant="base"))
+        states = set()
+        while not task.done():
+            states.add(engine.status().worker)
+            await asyncio.sleep(0.02)
+        await task
+        assert "stalled" in states
+        assert engine.status().worker == "ok", "idle again"
+    finally:
+        await engine.close()
+    assert engine.status().worker == "stopped"
+
+
+def test_a_worker_whose_every_step_raises_reports_failing(tokenizer: Any):
+    class BrokenModel(ScriptedModel):
+        def forward(self, **kwargs: Any) -> Any:
+            raise RuntimeError("a broken kernel")
+
+        __call__ = forward
+
+    worker = InferenceWorker(
+        BrokenModel(word_token(tokenizer)),
+        tokenizer,
+        generation=GenerationSettings(),
+        adapter_name=None,
+    )
+    worker.start()
+    results: list[Any] = []
+    for _ in range(3):
+        worker.submit(request(results.append))
+        assert worker.wait_idle(10)
+    state, _ = worker.health(stall_s=60)
+    worker.stop(cancel=False, timeout=10)
+    assert all(isinstance(r, EngineError) for r in results) and len(results) == 3
+    assert state == "failing"

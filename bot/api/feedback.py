@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, StringConstraints, ValidationError
 
-from bot.api.protocol import ApiError
+from bot.api.protocol import ApiError, decode_json_body
 from bot.api.settings import ApiSettings
 from bot.api.voters import KEY_PURPOSE, WebVoters
 from bot.feedback.aio import AsyncFeedbackStore
@@ -173,10 +172,7 @@ def _question(answer: StoredAnswer) -> str:
 
 
 async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ApiError(400, f"The request body is not valid JSON: {error}.") from None
+    return decode_json_body(await request.read())
 
 
 def _parse_vote(body: Any) -> AnswerVoteBody | PairVoteBody:

@@ -7,10 +7,19 @@ are validated by pydantic models with the ranges OpenAI documents
 strings); every problem becomes one 400 whose ``param`` names the field, as
 OpenAI's own errors do. Fields this API does not use are accepted and ignored,
 so clients written for OpenAI or vLLM work unchanged.
+
+Whatever a client sends is answered with a 4xx, never a 500: a body nested
+too deep or holding a number too long to read is refused by
+:func:`decode_json_body`; a conversation must end with a user's message and
+its text must be Unicode (a lone UTF-16 surrogate such as ``"\ud800"`` is valid
+JSON but no tokenizer can encode it, so it is refused, not silently replaced:
+the client learns its text was corrupt); and ``API_MAX_MESSAGES`` caps how many
+messages one request may carry.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +42,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from bot.serving.context import ConversationError, normalize_conversation
+from bot.serving.context import ConversationError, lone_surrogate_at, normalize_conversation
 from bot.serving.engine import Answer, FinishReason, Message, Variant
 from bot.serving.settings import EngineSettings
 
@@ -78,6 +87,23 @@ def error_body(
 
 
 # ---- requests ---------------------------------------------------------------------------
+
+
+def decode_json_body(raw: bytes) -> Any:
+    """A request body's JSON, or a 400 that says what is wrong with it.
+
+    Python's parser raises more than ``JSONDecodeError`` on hostile input:
+    ``RecursionError`` for deep nesting (``[`` × 60,000) and ``ValueError`` for
+    an integer of more than 4,300 digits. Each is the client's mistake.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "The request body nests arrays or objects too deeply.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"The request body is not valid JSON: {error}.") from None
+    except ValueError:  # an integer too long to convert
+        raise ApiError(400, "The request body holds a number too long to read.") from None
 
 
 class _Model(BaseModel):
@@ -209,11 +235,23 @@ def model_names(engine_settings: EngineSettings | None = None) -> dict[str, Vari
 
 
 def parse_chat_request(
-    body: Any, *, models: Mapping[str, Variant], max_tokens_cap: int
+    body: Any,
+    *,
+    models: Mapping[str, Variant],
+    max_tokens_cap: int,
+    max_messages: int | None = None,
 ) -> ChatRequest:
     """Check a decoded request body; the first problem is raised, naming the offending field."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    sent = body.get("messages")
+    if max_messages is not None and isinstance(sent, list) and len(sent) > max_messages:
+        raise ApiError(
+            400,
+            f"'messages': {len(sent)} messages are more than this server takes (at most "
+            f"{max_messages}): send only the latest turns.",
+            param="messages",
+        )
     try:
         request = ChatCompletionRequest.model_validate(
             body, context={"models": models, "max_tokens_cap": max_tokens_cap}
@@ -222,6 +260,22 @@ def parse_chat_request(
         raise _first_problem(invalid) from None
     options = request.stream_options or StreamOptions()
     messages = [message.message() for message in request.messages]
+    for index, message in enumerate(messages):
+        at = lone_surrogate_at(message["content"])
+        if at is not None:
+            raise ApiError(
+                400,
+                f"'messages[{index}].content' holds a lone UTF-16 surrogate at character {at}, "
+                "which is not text: send valid Unicode.",
+                param=f"messages[{index}].content",
+            )
+    turns = [message for message in messages if message["role"] != "system"]
+    if turns and turns[-1]["role"] != "user":
+        raise ApiError(
+            400,
+            "'messages' must end with a user message: the last turn is the question to answer.",
+            param="messages",
+        )
     try:  # the engines normalize the rest (repeated roles, extra system messages)
         normalize_conversation(messages)  # type: ignore[arg-type]
     except ConversationError:

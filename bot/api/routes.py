@@ -21,6 +21,7 @@ from bot.api.protocol import (
     ChatRequest,
     ChunkStream,
     completion_body,
+    decode_json_body,
     error_body,
     model_names,
     models_body,
@@ -36,10 +37,12 @@ from bot.serving.engine import (
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    InvalidRequest,
     Message,
     RequestTooLong,
     Variant,
 )
+from bot.serving.ratelimit import RateLimiter
 from bot.serving.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,26 @@ class ChatApi:
         self._models = dict(models)
         self._system_prompt = system_prompt
         self._created = int(time.time())
+        self._rate_limit = RateLimiter(settings.rate_limit_per_minute)
+
+    def _within_rate_limit(self, request: web.Request) -> None:
+        """``API_RATE_LIMIT_PER_MINUTE`` per client, beside the queue's bound: one client
+        cannot fill the queue for everyone. A client is its token when the server
+        requires one (checked already, so a client cannot invent new ones), else its address."""
+        client = request.headers.get("Authorization") if self._settings.token else request.remote
+        wait_s = self._rate_limit.acquire(client or "unknown")
+        if wait_s is not None:
+            raise ApiError(
+                429,
+                f"Too many requests from this client: at most "
+                f"{self._settings.rate_limit_per_minute} a minute (API_RATE_LIMIT_PER_MINUTE).",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._within_rate_limit(request)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -77,12 +98,11 @@ class ChatApi:
                 f"The request body is larger than this server's {self._settings.max_request_bytes} bytes.",
                 code="request_too_large",
             ) from None
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ApiError(400, f"The request body is not valid JSON: {error}.") from None
         chat = parse_chat_request(
-            body, models=self._models, max_tokens_cap=self._settings.max_tokens_cap
+            decode_json_body(raw),
+            models=self._models,
+            max_tokens_cap=self._settings.max_tokens_cap,
+            max_messages=self._settings.max_messages,
         )
         # SYSTEM_PROMPT leads here as on Discord, whichever engine answers.
         chat = dataclasses.replace(
@@ -168,13 +188,15 @@ class ChatApi:
         return web.json_response(models_body(self._models, self._created))
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """200 only while the engine is loaded and its loop goes round (its heartbeat)."""
         status = self._engine.status()
+        state = "unavailable" if not status.ready else status.worker
         return web.json_response(
             {
-                "status": "ok" if status.ready else "unavailable",
+                "status": state,
                 "engine": dataclasses.asdict(public_status(status)),
             },
-            status=200 if status.ready else 503,
+            status=200 if state == "ok" else 503,
         )
 
 
@@ -235,6 +257,8 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return ApiError(503, str(error), type="service_unavailable").response()
     except RequestTooLong as error:  # the asker's to shorten, as OpenAI says of a long context
         return ApiError(400, str(error), code="context_length_exceeded").response()
+    except InvalidRequest as error:  # the asker's to fix; other requests go on
+        return ApiError(400, str(error)).response()
     except EngineError as error:
         return ApiError(500, str(error), type="server_error").response()
     except web.HTTPException as error:
@@ -256,7 +280,7 @@ def _error_event(error: Exception) -> dict[str, Any]:
         kind = "timeout"
     elif isinstance(error, EngineUnavailable):
         kind = "service_unavailable"
-    elif isinstance(error, RequestTooLong):
+    elif isinstance(error, RequestTooLong | InvalidRequest):
         kind = "invalid_request_error"
     else:
         kind = "server_error"

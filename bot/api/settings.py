@@ -24,6 +24,8 @@ class ApiSettings:
     votes_per_minute: int = 30
     # Names besides localhost and loopback addresses a token-less API answers to (bot/api/access.py).
     allowed_hosts: tuple[str, ...] = ()
+    max_messages: int = 256  # messages in one request; more is a 400
+    rate_limit_per_minute: int = 60  # chat requests per client (token, else address); 0: off
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -39,5 +41,9 @@ class ApiSettings:
                 name.strip()
                 for name in (env_str("API_ALLOWED_HOSTS", "") or "").split(",")
                 if name.strip()
+            ),
+            max_messages=env_int("API_MAX_MESSAGES", cls.max_messages, minimum=1),
+            rate_limit_per_minute=env_int(
+                "API_RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, minimum=0
             ),
         )

@@ -34,7 +34,7 @@ from http.cookies import SimpleCookie
 from aiohttp import hdrs, web
 
 from bot.api.protocol import ApiError
-from bot.discord_bot.ratelimit import RateLimiter
+from bot.serving.ratelimit import RateLimiter
 
 COOKIE = "freeski_voter"
 COOKIE_MAX_AGE_S = 400 * 24 * 3600  # the longest browsers keep a cookie

@@ -9,6 +9,5 @@ torch: everything that answers goes through :mod:`bot.serving`.
 - :mod:`~bot.discord_bot.chain` — reply chains as conversation context.
 - :mod:`~bot.discord_bot.replies` — where an answer is written, and its live edits.
 - :mod:`~bot.discord_bot.messages` — text shaping for Discord (splitting, mentions).
-- :mod:`~bot.discord_bot.ratelimit` — questions per user per minute.
 - :mod:`~bot.discord_bot.settings` — ``DISCORD_*`` and the allow lists.
 """

@@ -3,7 +3,10 @@
 Walking a chain costs one REST call per message that is not in memory, so
 the messages the bot has seen or written are kept in a bounded LRU cache; its
 own answers are cached with their final text (the gateway copy may still
-hold a streaming preview).
+hold a streaming preview). A walk is bounded in messages (``max_depth``) and
+in characters (``max_chars``): twenty long messages would otherwise hand the
+worker a conversation of tens of thousands of characters to tokenize and
+trim, between other users' decoding steps.
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ class _Known:
 class ReplyChains:
     """Reads the chain of replies above a message, oldest first, through a cache."""
 
-    def __init__(self, bot_user_id: int, *, max_depth: int = 20, cache_size: int = 2048) -> None:
+    def __init__(
+        self,
+        bot_user_id: int,
+        *,
+        max_depth: int = 20,
+        max_chars: int = 6000,
+        cache_size: int = 2048,
+    ) -> None:
         self.bot_user_id = bot_user_id
         self.max_depth = max_depth
+        self.max_chars = max_chars
         self.cache_size = cache_size
         self._known: OrderedDict[int, _Known] = OrderedDict()
 
@@ -68,11 +79,16 @@ class ReplyChains:
         return isinstance(resolved, discord.Message) and resolved.author.id == self.bot_user_id
 
     async def chain(self, message: discord.Message) -> list[ChainMessage]:
-        """``message`` and the replies above it, oldest first, at most ``max_depth`` long."""
+        """``message`` and the replies above it, oldest first.
+
+        At most ``max_depth`` messages, and the ones above ``message`` only
+        while all of them together stay within ``max_chars`` characters.
+        """
         chain = [self.remember_message(message)]
+        total = len(chain[0].content)
         parent_id = chain[0].parent_id
         resolved = message.reference.resolved if message.reference else None
-        while parent_id is not None and len(chain) < self.max_depth:
+        while parent_id is not None and len(chain) < self.max_depth and total < self.max_chars:
             known = self._known.get(parent_id)
             if known is None:
                 parent = await self._fetch(message.channel, parent_id, resolved)
@@ -80,6 +96,9 @@ class ReplyChains:
                     break
                 known = self.remember_message(parent)
             resolved = None
+            total += len(known.content)
+            if total > self.max_chars:
+                break  # this one and everything older is beyond the budget
             chain.append(known)
             parent_id = known.parent_id
         return [ChainMessage(k.from_bot, k.content) for k in reversed(chain)]

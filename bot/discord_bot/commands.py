@@ -27,7 +27,6 @@ from bot.discord_bot.messages import (
     strip_mentions_of,
     with_sources,
 )
-from bot.discord_bot.ratelimit import RateLimiter
 from bot.discord_bot.replies import (
     STREAMING_MARK,
     InteractionReply,
@@ -38,6 +37,7 @@ from bot.discord_bot.replies import (
 from bot.discord_bot.settings import BotSettings
 from bot.serving.context import with_system_prompt
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
+from bot.serving.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from bot.discord_bot.client import FreeskiBot
@@ -62,7 +62,7 @@ class AnswerCog(commands.Cog):
         self.engine = engine
         self.settings = settings
         self.rate_limit = RateLimiter(settings.rate_limit_per_minute)
-        self.chains = ReplyChains(bot.user.id)
+        self.chains = ReplyChains(bot.user.id, max_chars=CONTEXT_CHARS)
         self.accepting = True
         self._in_flight: dict[int, asyncio.Task[object]] = {}  # question/interaction id → task
         self._deleted: set[int] = set()

@@ -15,7 +15,13 @@ from bot.serving.engine import Message
 # with training and the templates; front ends reach it through here.
 from finetune.chat import ConversationError, normalize_conversation
 
-__all__ = ["ConversationError", "normalize_conversation", "trim_oldest_first", "with_system_prompt"]
+__all__ = [
+    "ConversationError",
+    "lone_surrogate_at",
+    "normalize_conversation",
+    "trim_oldest_first",
+    "with_system_prompt",
+]
 
 
 def with_system_prompt(messages: Sequence[Message], system_prompt: str) -> list[Message]:
@@ -48,3 +54,16 @@ def trim_oldest_first(
         while turns and turns[0]["role"] != "user":
             turns.pop(0)
     return system + turns
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (valid JSON, ``"\\ud800"``, but not text), if anywhere.
+
+    No tokenizer can encode one, so every front end refuses it before it is
+    queued, and the worker again before it tokenizes.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None

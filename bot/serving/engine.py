@@ -97,6 +97,10 @@ class EngineStatus:
     uptime_s: float
     # Whether answers are grounded on the forum (FORUM_DB), and if not why: one line for /status.
     grounding: str = "off: FORUM_DB is not set"
+    # The answering loop's own state, from its heartbeat: "ok", "stalled" (busy but no
+    # step for WORKER_STALL_S), "failing" (its last steps all raised) or "stopped".
+    worker: str = "ok"
+    heartbeat_age_s: float | None = None  # since the loop last went round; None without one
 
 
 class EngineError(Exception):
@@ -113,6 +117,12 @@ class EngineBusy(EngineError):
 
 class RequestTooLong(EngineError):
     """The prompt with its answer cannot fit: the asker must shorten it (an HTTP 400, not a 500)."""
+
+
+class InvalidRequest(EngineError):
+    """This request cannot be answered as sent (a conversation that does not end with a
+    question, text the tokenizer refuses): the asker's to fix, an HTTP 400. Other requests
+    are not affected."""
 
 
 class EngineTimeout(EngineError):

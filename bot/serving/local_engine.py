@@ -185,6 +185,9 @@ class LocalEngine:
 
     def status(self) -> EngineStatus:
         worker = self._worker
+        health, heartbeat_age_s = (
+            worker.health(self.settings.worker_stall_s) if worker else ("stopped", None)
+        )
         return EngineStatus(
             backend="local",
             model=self.settings.base_model,
@@ -199,6 +202,8 @@ class LocalEngine:
             tokens_generated=worker.tokens_generated if worker else 0,
             tokens_per_s=worker.tokens_per_s() if worker else 0.0,
             uptime_s=time.monotonic() - self._started_at,
+            worker=health,
+            heartbeat_age_s=heartbeat_age_s,
         )
 
 

@@ -50,6 +50,7 @@ from bot.serving.engine import (
     EngineTimeout,
     EngineUnavailable,
     FinishReason,
+    InvalidRequest,
     Message,
     OnText,
     Variant,
@@ -420,7 +421,9 @@ class OpenAIEngine:
         log.warning("%s failed the request (HTTP %d): %s", where, status, detail)
         if status >= 500:
             return EngineError("The answering server failed on this question; please try again.")
-        return EngineError(
+        # A 4xx is about this request (too long, text it refuses), not the server: a bad
+        # request for whoever asked (a 400 from this bot's own API), not a 500.
+        return InvalidRequest(
             "The answering server could not take this question (it may be too long)."
         )
 

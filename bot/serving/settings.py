@@ -65,6 +65,9 @@ class EngineSettings:
     top_p: float = 0.9
     repetition_penalty: float = 1.15
     request_timeout_s: float = 120.0
+    # A worker with work that has not gone round its loop for this long is "stalled" on
+    # /healthz; above the slowest step (a full prefill) the hardware takes.
+    worker_stall_s: float = 60.0
     system_prompt: str = ""
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: str = field(default="", repr=False)
@@ -121,6 +124,7 @@ class EngineSettings:
             top_p=top_p,
             repetition_penalty=env_float("REPETITION_PENALTY", cls.repetition_penalty, minimum=1.0),
             request_timeout_s=env_float("REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1.0),
+            worker_stall_s=env_float("WORKER_STALL_S", cls.worker_stall_s, minimum=1.0),
             system_prompt=env_str("SYSTEM_PROMPT", "") or "",
             openai_base_url=env_str("OPENAI_BASE_URL", cls.openai_base_url) or cls.openai_base_url,
             openai_api_key=env_str("OPENAI_API_KEY", "") or "",

@@ -34,17 +34,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from bot.serving import metrics
 from bot.serving.batch import DecodeBatch
-from bot.serving.context import trim_oldest_first
+from bot.serving.context import ConversationError, lone_surrogate_at, trim_oldest_first
 from bot.serving.engine import (
     Answer,
     EngineBusy,
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    InvalidRequest,
     Message,
     RequestTooLong,
     Sampling,
@@ -58,6 +60,7 @@ from finetune.generation import GenerationSettings, adapter_names_for, encode_ch
 log = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = "the model ran out of memory on this question: try a shorter one"
+FAILING_AFTER = 3  # scheduling steps in a row that raised before the worker reports "failing"
 
 
 @dataclass(eq=False)
@@ -162,6 +165,7 @@ class InferenceWorker:
         self._token_cap = max_batch_tokens  # lowered after running out of memory
         self._pending: deque[list[_Row]] = deque()
         self._pending_rows = 0
+        self._dropped: list[_Row] = []  # cancelled while queued: out of the count, to settle
         self._running: list[_Row] = []  # the batch's rows plus those being prefilled
         self._batch: DecodeBatch | None = None  # the worker thread's alone
         self._steps = 0
@@ -172,6 +176,9 @@ class InferenceWorker:
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()  # the loop's heartbeat: when it last went round
+        self._failed_steps = 0  # scheduling steps in a row that raised
+        self._overhead: float | None = None  # the template's tokens per turn, once measured
 
     # ---- the caller's side (any thread) -------------------------------------------------
 
@@ -207,9 +214,24 @@ class InferenceWorker:
         return ahead
 
     def cancel(self, request: GenerationRequest) -> None:
-        """Take ``request`` out: from the queue, or from the batch before the next step."""
+        """Take ``request`` out: from the queue at once, or from the batch before the next step.
+
+        A queued row leaves the queue (and its count) here, so a client that
+        gave up frees its place for the next one now, not when the worker
+        reaches it; the worker thread settles it as cancelled.
+        """
         request.cancelled = True
         with self._cond:
+            for group in self._pending:
+                row = next((r for r in group if r.request is request), None)
+                if row is not None:
+                    group.remove(row)
+                    if not group:
+                        self._pending.remove(group)
+                    self._pending_rows -= 1
+                    self._dropped.append(row)
+                    metrics.QUEUE_DEPTH.set(self._pending_rows)
+                    break
             self._cond.notify()
 
     @property
@@ -219,6 +241,21 @@ class InferenceWorker:
     @property
     def busy(self) -> bool:
         return bool(self._pending_rows or self._running)
+
+    def health(self, stall_s: float) -> tuple[str, float]:
+        """The loop's state from its heartbeat, and seconds since it last went round.
+
+        "stopped": the thread is not running; "failing": its last steps all
+        raised; "stalled": it has work but took no step for ``stall_s``.
+        """
+        age = time.monotonic() - self._beat
+        if self._thread is None or not self._thread.is_alive():
+            return "stopped", age
+        if self._failed_steps >= FAILING_AFTER:
+            return "failing", age
+        if self.busy and age > stall_s:
+            return "stalled", age
+        return "ok", age
 
     def tokens_per_s(self) -> float:
         with self._cond:
@@ -279,11 +316,14 @@ class InferenceWorker:
             cleanup.callback(self._enable_adapter, True)  # leave the model as it was given
             cleanup.callback(self._hold_adapter_names, None, {})
             while self._wait_for_work():
+                self._beat = time.monotonic()
                 try:
                     self._iterate()
+                    self._failed_steps = 0
                 except torch.cuda.OutOfMemoryError:
                     self._recover_from_out_of_memory()
                 except Exception as exc:  # a bug or a broken model must not stop the worker
+                    self._failed_steps += 1
                     log.exception("decoding %d rows failed", len(self._running))
                     metrics.ERRORS.labels(kind="generate").inc()
                     error = EngineError(f"generation failed: {type(exc).__name__}")
@@ -292,13 +332,19 @@ class InferenceWorker:
                     self._batch = None
                 finally:
                     self._publish_running()
+                    self._beat = time.monotonic()
 
     def _wait_for_work(self) -> bool:
         """Sleep while there is nothing to do; an idle worker gives late arrivals ``batch_wait_s``."""
         with self._cond:
-            while not self._pending and self._batch is None and not self._stopping:
+            while (
+                not self._pending
+                and not self._dropped
+                and self._batch is None
+                and not self._stopping
+            ):
                 self._cond.wait()
-            if not self._pending and self._batch is None:
+            if not self._pending and not self._dropped and self._batch is None:
                 return False  # stopping, and everything is answered
             if self._batch is None and not self._stopping:
                 wait_until = time.monotonic() + self.batch_wait_s
@@ -312,6 +358,7 @@ class InferenceWorker:
     def _iterate(self) -> None:
         """One scheduling step: drop rows that ended, admit what fits in the room they leave,
         prefill it into the batch, decode one token for every row."""
+        self._settle_dropped()
         self._drop_ended()
         admitted = self._admit()
         if admitted:
@@ -334,10 +381,11 @@ class InferenceWorker:
                     break
                 group = self._pending[0]
             now = time.monotonic()
-            for row in group:
+            rows = list(group)  # cancel() may take rows out of the group meanwhile
+            for row in rows:
                 if not row.request.done:
-                    self._prepare(row, now)
-            live = [r for r in group if not r.request.done]
+                    self._prepare_alone(row, now)
+            live = [r for r in rows if not r.request.done]
             if live and (running or admitted):
                 rows = len(running) + len(admitted) + len(live)
                 group_reserve = max(reserve, *(r.reserve for r in live))
@@ -351,8 +399,9 @@ class InferenceWorker:
                 ):
                     break
             with self._cond:
-                self._pending.popleft()
-                self._pending_rows -= len(group)
+                if self._pending and self._pending[0] is group:  # else cancel() took it all
+                    self._pending.popleft()
+                    self._pending_rows -= len(group)
                 metrics.QUEUE_DEPTH.set(self._pending_rows)
                 self._running.extend(live)
             for row in live:
@@ -362,6 +411,25 @@ class InferenceWorker:
                 reserve = max(reserve, row.reserve)
             admitted.extend(live)
         return admitted
+
+    def _prepare_alone(self, row: _Row, now: float) -> None:
+        """Prepare one row so that whatever goes wrong ends that row alone.
+
+        It runs before the row leaves the queue: an exception escaping here
+        would fail the running batch and leave the row at the head of the
+        queue to fail again, for every user, on every step.
+        """
+        try:
+            self._prepare(row, now)
+        except EngineError as error:  # the asker's to fix; already says how
+            log.info("refused a question: %s", error)
+            self._fail(row, error)
+        except Exception as exc:
+            log.exception("preparing a question failed")
+            metrics.ERRORS.labels(kind="prepare").inc()
+            self._fail(
+                row, EngineError(f"this question could not be prepared: {type(exc).__name__}")
+            )
 
     def _prepare(self, row: _Row, now: float) -> None:
         """Settle a queued row that is cancelled, late or too long; tokenise it the first time."""
@@ -408,13 +476,65 @@ class InferenceWorker:
         )
 
     def _fit_context(self, request: GenerationRequest, budget: int) -> list[int]:
-        """The prompt's token ids, oldest turns dropped until it fits ``budget``."""
+        """The prompt's token ids, oldest turns dropped until it fits ``budget``.
 
-        def fits(messages: list[Message]) -> bool:
-            return len(self._encode(messages)) <= budget
+        This runs on the worker thread between decoding steps, so its cost is
+        every running answer's stall. Encoding one candidate after another
+        (one encode per dropped turn) once stalled other answers for seconds
+        on a 1,000-turn chat; now the turns are tokenized once, in one batched
+        call, their lengths plus the template's markers estimate what fits,
+        and only what is kept is encoded (again, one exchange shorter, in the
+        rare case the estimate fell short).
+        """
+        for message in request.messages:
+            at = lone_surrogate_at(message["content"])
+            if at is not None:
+                raise InvalidRequest(
+                    f"the question holds a lone UTF-16 surrogate at character {at}, which is "
+                    "not text: send valid Unicode"
+                )
+        try:  # normalized first, so the oldest turns go in user/assistant pairs whatever was sent
+            chat = normalize_conversation(request.messages)
+        except ConversationError as error:
+            raise InvalidRequest(f"{error}: end the conversation with a user's question") from None
+        if chat[-1]["role"] != "user":
+            raise InvalidRequest(
+                "the conversation ends with an answer, not a question: "
+                "end it with the user's message to answer"
+            )
+        counted = self.tokenizer([m["content"] for m in chat], add_special_tokens=False)
+        overhead = self._turn_overhead()
+        # suffix[i]: the estimated tokens of chat[i:], so any candidate costs one lookup.
+        suffix = list(accumulate(len(ids) + overhead for ids in reversed(counted["input_ids"])))
+        suffix.reverse()
+        system = 1 if chat[0]["role"] == "system" else 0
+        system_cost = suffix[0] - suffix[1] if system else 0.0
+        position = {id(m): i for i, m in enumerate(chat)}
+        kept = trim_oldest_first(
+            chat, lambda rest: system_cost + suffix[position[id(rest[system])]] <= budget
+        )
+        ids = self._encode(kept)
+        while len(ids) > budget:  # the estimate was short: drop one more exchange at a time
+            longest = len(kept)
+            shorter = trim_oldest_first(kept, lambda rest: len(rest) < longest)  # noqa: B023
+            if len(shorter) == longest:
+                break  # only the question is left; the caller refuses it as too long
+            kept = shorter
+            ids = self._encode(kept)
+        return ids
 
-        # Normalized first, so the oldest turns go in user/assistant pairs whatever was sent.
-        return self._encode(trim_oldest_first(normalize_conversation(request.messages), fits))
+    def _turn_overhead(self) -> float:
+        """Tokens the chat template adds per turn (its markers), measured once on a sample."""
+        if self._overhead is None:
+            sample: list[Message] = [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ]
+            content = self.tokenizer(["a", "b", "c"], add_special_tokens=False)["input_ids"]
+            markers = len(self._encode(sample)) - sum(map(len, content))
+            self._overhead = max(0.0, markers / len(sample))
+        return self._overhead
 
     def _join(self, admitted: list[_Row]) -> None:
         """Prefill the admitted rows, give each its first token, and add them to the batch."""
@@ -455,16 +575,14 @@ class InferenceWorker:
             if short:
                 for eos in self.stop_conditions.eos_token_ids:
                     logits[short, eos] = float("-inf")
-        tokens = choose_tokens(
-            logits,
-            [r.sampling for r in rows],  # type: ignore[misc]
-            seen=batch.seen,
-            generators=[r.generator for r in rows],
-        )
+        tokens, broken = self._choose_tokens(logits, rows, batch.seen)
         batch.take(tokens)
         now = time.monotonic()
         keep = []
         for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            if index in broken:
+                self._fail(row, broken[index])
+                continue
             reason = self._next_token(row, token, now)
             if reason is None:
                 keep.append(index)
@@ -476,6 +594,45 @@ class InferenceWorker:
                 batch.keep(keep)
             else:
                 batch.rows = []
+
+    def _choose_tokens(
+        self, logits: Any, rows: list[_Row], seen: Any
+    ) -> tuple[Any, dict[int, EngineError]]:
+        """Every row's next token, and the rows whose own sampling settings broke the kernel.
+
+        Sampling is one pass over the batch, so one row's settings (a
+        temperature so small its logits overflow) would fail every row; then
+        each row is sampled alone, and only the rows that fail alone end.
+        """
+        import torch
+
+        settings = [r.sampling for r in rows]
+        generators = [r.generator for r in rows]
+        try:
+            return choose_tokens(logits, settings, seen=seen, generators=generators), {}  # type: ignore[arg-type]
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:
+            pass  # find which rows: each alone
+        tokens = logits.argmax(dim=-1)
+        broken: dict[int, EngineError] = {}
+        for index in range(len(rows)):
+            try:
+                tokens[index] = choose_tokens(
+                    logits[index : index + 1],
+                    settings[index : index + 1],  # type: ignore[arg-type]
+                    seen=None if seen is None else seen[index : index + 1],
+                    generators=generators[index : index + 1],
+                )[0]
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                log.warning("sampling failed for one row (%s): %s", type(exc).__name__, exc)
+                broken[index] = InvalidRequest(
+                    f"sampling with these settings failed ({settings[index]}): "
+                    "use a temperature of 0 (greedy) or a more usual one"
+                )
+        return tokens, broken
 
     def _next_token(self, row: _Row, token: int, now: float) -> str | None:
         """Add ``token`` to the row; why the row ends now, or None if it goes on."""
@@ -617,6 +774,14 @@ class InferenceWorker:
             if request.first_text_at is None:
                 request.first_text_at = time.monotonic()
             request.on_text(delta)
+
+    def _settle_dropped(self) -> None:
+        """Answer the rows ``cancel`` took out of the queue (off the queue count already)."""
+        with self._cond:
+            dropped, self._dropped = self._dropped, []
+        now = time.monotonic()
+        for row in dropped:
+            self._settle(row, "cancelled", now)
 
     def _end(self, row: _Row, reason: str, now: float) -> None:
         if reason == "timeout":

@@ -1,4 +1,7 @@
-"""A per-user sliding-window rate limit, so one user cannot monopolise the GPU."""
+"""A per-client sliding-window rate limit, so one user cannot monopolise the GPU.
+
+Shared by the front ends: Discord counts questions per user, the API per token or address.
+"""
 
 from __future__ import annotations
 
