@@ -34,6 +34,7 @@ from bot.serving.engine import (
     Engine,
     EngineBusy,
     EngineError,
+    EngineRejected,
     EngineTimeout,
     EngineUnavailable,
     Message,
@@ -227,6 +228,8 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return ApiError(503, str(error), type="service_unavailable").response()
     except RequestTooLong as error:  # the asker's to shorten, as OpenAI says of a long context
         return ApiError(400, str(error), code="context_length_exceeded").response()
+    except EngineRejected as error:  # the inference server's 4xx, passed on as one
+        return ApiError(400, str(error), code="rejected_by_backend").response()
     except EngineError as error:
         return ApiError(500, str(error), type="server_error").response()
     except web.HTTPException as error:
@@ -269,7 +272,7 @@ def _error_event(error: Exception) -> dict[str, Any]:
         kind = "timeout"
     elif isinstance(error, EngineUnavailable):
         kind = "service_unavailable"
-    elif isinstance(error, RequestTooLong):
+    elif isinstance(error, RequestTooLong | EngineRejected):
         kind = "invalid_request_error"
     else:
         kind = "server_error"

@@ -108,6 +108,13 @@ class RequestTooLong(EngineError):
     """The prompt with its answer cannot fit: the asker must shorten it (an HTTP 400, not a 500)."""
 
 
+class EngineRejected(EngineError):
+    """The inference server refused the request as sent (an HTTP 4xx): retrying cannot help.
+
+    The API answers it with a 400, as the server did, never a 500.
+    """
+
+
 class EngineTimeout(EngineError):
     """The request was not answered before its deadline."""
 
