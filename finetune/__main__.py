@@ -30,10 +30,11 @@ def train_main(argv: Sequence[str]) -> int:
     config = parse_config(argv)
     config.run_dir  # noqa: B018 - fail on a missing --output-dir before the slow imports
 
-    from finetune.train import train
+    from finetune.train import is_main_process, train
 
     result = train(config)
-    print(f"run written to {result.run_dir}")
+    if is_main_process():  # under accelerate launch, the one that wrote it says so
+        print(f"run written to {result.run_dir}")
     return 0
 
 
@@ -214,9 +215,11 @@ def dpo_main(argv: Sequence[str]) -> int:
     config.adapter_dir  # noqa: B018 - and on a missing SFT adapter
 
     from finetune.dpo import train_dpo
+    from finetune.train import is_main_process
 
     result = train_dpo(config)
-    print(f"DPO run written to {result.run_dir}")
+    if is_main_process():
+        print(f"DPO run written to {result.run_dir}")
     return 0
 
 

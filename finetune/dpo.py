@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.chat import encode_conversation
-from finetune.config import RESOLVED_CONFIG_FILE
 from finetune.dpo_config import DpoConfig
 from finetune.dpo_data import drop_long_pairs, load_preference_dir, to_preference_dataset
 from finetune.errors import UserError
@@ -47,9 +46,11 @@ from finetune.train import (
     FROZEN_ON_RESUME,
     RunResult,
     distinct_questions,
+    launch_record,
     peak_memory,
     pin_dataset,
     prepare_run_dir,
+    save_config,
     train_to_the_end,
     trainer_arguments,
     training_device,
@@ -221,7 +222,7 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
     checkpoint = prepare_run_dir(config, frozen=DPO_FROZEN_ON_RESUME)
     run_dir = config.run_dir
     pin_dataset(run_dir, splits.sha256, resuming=checkpoint is not None)
-    config.save(run_dir / RESOLVED_CONFIG_FILE)
+    save_config(config)
 
     from finetune.modeling import (
         TRAINING_ADAPTER_NAME,
@@ -333,6 +334,7 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         "beta": config.beta,
         "loss_type": config.loss_type,
         "steps": trainer.state.global_step,
+        **launch_record(config, trainer),
         "resumed_from": checkpoint.name if checkpoint else None,
         "final_train_loss": _last(records, "loss"),
         "final_eval_loss": _last(records, "eval_loss"),

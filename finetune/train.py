@@ -10,6 +10,10 @@ Resuming (``--resume``) continues from the run's latest checkpoint with the
 same step count, optimizer state, RNG and data order. With a larger
 ``--max-steps`` the run is *extended*: the learning-rate schedule is rebuilt
 for the new total and the resumed steps follow it (see :class:`ExtendedSchedule`).
+
+Under ``accelerate launch --num_processes N`` every process trains (DDP) and
+checks the run directory, but only the main one writes it (config, dataset
+pin, metrics, adapter, report, manifest), so the run reads as one run.
 """
 
 from __future__ import annotations
@@ -84,6 +88,53 @@ def training_device() -> str:
     return "cpu"
 
 
+def is_main_process() -> bool:
+    """Whether this process writes the run directory: global rank 0 under ``accelerate launch``.
+
+    Read from the launcher's environment (``RANK``), so the run directory is checked
+    before the process group exists, and alone it is always the main process.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started: ``WORLD_SIZE``, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Another process of the launch may be reading ``path``: it sees the old text or the new."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    os.replace(scratch, path)
+
+
+def checkpoint_processes(checkpoint: Path) -> int:
+    """How many processes trained up to ``checkpoint``: the Trainer saves one RNG state per process."""
+    per_process = list(checkpoint.glob("rng_state_*.pth"))
+    return len(per_process) if per_process else 1
+
+
+def check_same_launch(checkpoint: Path) -> None:
+    """A resumed run must keep its process count, or its effective batch and data order change."""
+    trained, now = checkpoint_processes(checkpoint), launched_processes()
+    if trained != now:
+        how = (
+            f"accelerate launch --num_processes {trained} -m finetune …"
+            if trained > 1
+            else "python -m finetune … (one process)"
+        )
+        raise UserError(
+            f"--resume with {now} process(es), but {checkpoint.name} was trained by {trained}: "
+            f"resume it as it was started, with {how}"
+        )
+
+
+def effective_batch(config: FinetuneConfig, processes: int) -> int:
+    """Rows per optimizer step: per-device batch × accumulation × processes."""
+    return config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -122,6 +173,7 @@ def prepare_run_dir(
             f"nothing to resume in {run_dir}: it has no {CHECKPOINTS_DIR}/checkpoint-N "
             "(drop --resume to start a new run there)"
         )
+    check_same_launch(checkpoint)
     if saved.is_file():
         previous = type(config).load(saved)
         for key in frozen:
@@ -140,7 +192,7 @@ def pin_dataset(run_dir: Path, sha256: str, *, resuming: bool) -> None:
     interrupted run can be checked too; the dataset may move, its content may not.
     """
     pinned = run_dir / DATASET_HASH_FILE
-    if resuming and pinned.is_file():
+    if resuming and pinned.is_file():  # every process checks; only the main one writes
         started_on = pinned.read_text(encoding="utf-8").strip()
         if started_on != sha256:
             raise UserError(
@@ -148,7 +200,14 @@ def pin_dataset(run_dir: Path, sha256: str, *, resuming: bool) -> None:
                 f"this run started on {started_on[:12]}…; resume with the original dataset "
                 "or start a new run with another --output-dir"
             )
-    pinned.write_text(sha256 + "\n", encoding="utf-8")
+    if is_main_process():
+        write_atomically(pinned, sha256 + "\n")
+
+
+def save_config(config: FinetuneConfig) -> None:
+    """The run's resolved config.yaml, written by the main process only."""
+    if is_main_process():
+        write_atomically(config.run_dir / RESOLVED_CONFIG_FILE, config.to_yaml())
 
 
 def lora_config(config: FinetuneConfig) -> Any:
@@ -320,7 +379,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
 
     gpu = visible_gpu()
     fit = check_fits(config, gpu)
-    config.save(run_dir / RESOLVED_CONFIG_FILE)
+    save_config(config)
 
     from finetune.modeling import (
         QuantOptions,
@@ -418,6 +477,7 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
         },
         "grounding": asdict(grounding) if grounding else None,
         "steps": trainer.state.global_step,
+        **launch_record(config, trainer),
         "resumed_from": checkpoint.name if checkpoint else None,
         "final_train_loss": _last(records, "loss"),
         "final_eval_loss": _last(records, "eval_loss"),
@@ -433,6 +493,16 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
     if final is not None:
         print(loss_verdict(base_eval_loss, final), flush=True)
     return RunResult(run_dir=run_dir, manifest=manifest)
+
+
+def launch_record(config: FinetuneConfig, trainer: Any) -> dict[str, Any]:
+    """How the run was launched, for the manifest: processes and rows per optimizer step."""
+    processes = int(trainer.args.world_size)
+    return {
+        "processes": processes,
+        "distributed": str(trainer.args.parallel_mode.value),
+        "effective_batch_size": effective_batch(config, processes),
+    }
 
 
 def base_loss(trainer: Any) -> float:

@@ -28,6 +28,7 @@ class Failure:
 
     status: int = 503
     retry_after: str | None = None
+    message: str = "scripted failure"
     hang: bool = False  # accept the request, then never answer
     cut_after_words: int | None = None  # stream this many words, then drop the connection
     error_event_after_words: int | None = None  # stream, then send an error event
@@ -57,6 +58,9 @@ class FakeOpenAIServer:
     headers: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    # Fields outside OpenAI's own that this server refuses, as `transformers serve` does
+    # (422 {"detail": "Unexpected fields in the request: {...}"}); vLLM takes them.
+    refused_fields: frozenset[str] = frozenset()
 
     url: str = ""  # http://127.0.0.1:PORT/v1 once started
 
@@ -78,13 +82,17 @@ class FakeOpenAIServer:
         self.headers.append(dict(request.headers))
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "bad key")
+        unexpected = self.refused_fields & body.keys()
+        if unexpected:
+            detail = f"Unexpected fields in the request: {set(sorted(unexpected))}"
+            return web.json_response({"detail": detail}, status=422)
         failure = self.script.pop(0) if self.script else None
         if failure is not None and failure.hang:
             await self._release.wait()
             return _error(503, "released")
         if failure is not None and failure.refuses:
             headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
-            return _error(failure.status, "scripted failure", headers)
+            return _error(failure.status, failure.message, headers)
         if body.get("model") not in self.models:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         self.in_flight += 1

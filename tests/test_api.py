@@ -25,6 +25,7 @@ from bot.api.settings import ApiSettings
 from bot.serving.engine import (
     EngineBusy,
     EngineError,
+    EngineRejected,
     EngineTimeout,
     EngineUnavailable,
     Message,
@@ -299,6 +300,7 @@ async def test_a_body_over_the_size_cap_is_refused(engine: ScriptedEngine) -> No
         (EngineTimeout("too slow"), 504),
         (EngineUnavailable("model gone"), 503),
         (RequestTooLong("the question is too long for this server"), 400),
+        (EngineRejected("the inference server refused it"), 400),
         (EngineError("it broke"), 500),
     ],
 )

@@ -13,10 +13,11 @@ from prometheus_client import REGISTRY
 from bot.serving.engine import (
     EngineBusy,
     EngineError,
+    EngineRejected,
     EngineTimeout,
     EngineUnavailable,
-    InvalidRequest,
     Message,
+    RequestTooLong,
 )
 from bot.serving.openai_engine import (
     CUT_OFF,
@@ -178,7 +179,7 @@ async def test_a_retry_after_beyond_the_deadline_gives_up_at_once(
 
 
 @pytest.mark.parametrize(
-    ("status", "error"), [(400, InvalidRequest), (504, EngineTimeout), (500, EngineError)]
+    ("status", "error"), [(400, EngineRejected), (504, EngineTimeout), (500, EngineError)]
 )
 async def test_failures_map_to_engine_errors(
     server: FakeOpenAIServer, status: int, error: type[EngineError]
@@ -262,6 +263,46 @@ async def test_repetition_penalty_is_sent_unless_it_is_1(
     async with running(settings_for(server.url, repetition_penalty=penalty)) as engine:
         await engine.generate(QUESTION)
     assert server.requests[-1].get("repetition_penalty") == sent
+
+
+async def test_an_extension_the_server_refuses_is_dropped_after_the_first_422(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with (
+        FakeOpenAIServer(refused_fields=frozenset({"repetition_penalty"})) as server,
+        running(settings_for(server.url, repetition_penalty=1.2)) as engine,
+    ):
+        first = await engine.generate(QUESTION)
+        second = await engine.generate(QUESTION, variant="base")
+    assert first.text == expected_text("finetuned") and second.text == expected_text("base")
+    assert [body.get("repetition_penalty") for body in server.requests] == [1.2, None, None]
+    assert caplog.text.count("refuses the sampling extension repetition_penalty") == 1
+    assert "OPENAI_SAMPLING_EXTENSIONS" in caplog.text
+
+
+async def test_no_extension_is_sent_where_the_setting_lists_none() -> None:
+    async with (
+        FakeOpenAIServer(refused_fields=frozenset({"repetition_penalty"})) as server,
+        running(settings_for(server.url, openai_sampling_extensions=())) as engine,
+    ):
+        await engine.generate(QUESTION)
+    assert len(server.requests) == 1 and "repetition_penalty" not in server.requests[0]
+
+
+async def test_a_4xx_naming_no_extension_is_not_retried(server: FakeOpenAIServer) -> None:
+    server.script = [Failure(422)]
+    async with running(settings_for(server.url)) as engine:
+        with pytest.raises(EngineRejected, match="refused this question"):
+            await engine.generate(QUESTION)
+    assert len(server.requests) == 1
+
+
+async def test_a_context_length_refusal_is_request_too_long() -> None:
+    async with FakeOpenAIServer() as server:
+        server.script = [Failure(400, message="This model's maximum context length is 32 tokens")]
+        async with running(settings_for(server.url)) as engine:
+            with pytest.raises(RequestTooLong, match="too long"):
+                await engine.generate(QUESTION)
 
 
 async def test_compare_sends_both_variants_at_once() -> None:

@@ -31,6 +31,7 @@ ALL_VARS = [
     "LOG_LEVEL",
     "API_PORT",
     "TEMPERATURE",
+    "OPENAI_SAMPLING_EXTENSIONS",
 ]
 
 
@@ -64,6 +65,22 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.parametrize(
+    ("value", "extensions"),
+    [
+        (None, ("repetition_penalty",)),
+        ("none", ()),
+        ("Repetition_Penalty", ("repetition_penalty",)),
+    ],
+)
+def test_sampling_extensions_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, extensions: tuple[str, ...]
+):
+    if value is not None:
+        monkeypatch.setenv("OPENAI_SAMPLING_EXTENSIONS", value)
+    assert EngineSettings.from_env().openai_sampling_extensions == extensions
+
+
+@pytest.mark.parametrize(
     "env,needle",
     [
         ({}, "DISCORD_TOKEN is not set"),
@@ -90,6 +107,10 @@ def test_values_are_parsed(monkeypatch: pytest.MonkeyPatch):
             "ALLOWED_CHANNEL_IDS holds 'general'",
         ),
         ({"DISCORD_TOKEN": TOKEN, "LOG_LEVEL": "loud"}, "LOG_LEVEL='LOUD' is unknown"),
+        (
+            {"DISCORD_TOKEN": TOKEN, "OPENAI_SAMPLING_EXTENSIONS": "top_k"},
+            "OPENAI_SAMPLING_EXTENSIONS names top_k",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, env: dict, needle: str):

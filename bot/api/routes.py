@@ -35,6 +35,7 @@ from bot.serving.engine import (
     Engine,
     EngineBusy,
     EngineError,
+    EngineRejected,
     EngineTimeout,
     EngineUnavailable,
     InvalidRequest,
@@ -257,6 +258,8 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return ApiError(503, str(error), type="service_unavailable").response()
     except RequestTooLong as error:  # the asker's to shorten, as OpenAI says of a long context
         return ApiError(400, str(error), code="context_length_exceeded").response()
+    except EngineRejected as error:  # the inference server's 4xx, passed on as one
+        return ApiError(400, str(error), code="rejected_by_backend").response()
     except InvalidRequest as error:  # the asker's to fix; other requests go on
         return ApiError(400, str(error)).response()
     except EngineError as error:

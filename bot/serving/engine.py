@@ -125,6 +125,13 @@ class InvalidRequest(EngineError):
     are not affected."""
 
 
+class EngineRejected(InvalidRequest):
+    """The inference server refused the request as sent (an HTTP 4xx): retrying cannot help.
+
+    The API answers it with a 400, as the server did, never a 500.
+    """
+
+
 class EngineTimeout(EngineError):
     """The request was not answered before its deadline."""
 

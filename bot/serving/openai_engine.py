@@ -15,6 +15,13 @@ connections, while the deadline allows. Once text has streamed to the user a
 retry would repeat it, so a failure after that point ends the answer. Every
 failure reaches the caller as an :class:`~bot.serving.engine.EngineError` whose
 message can be shown to the user; the details an operator needs go to the log.
+
+Servers differ in what they accept beyond OpenAI's fields: vLLM takes
+``repetition_penalty``, OpenAI and ``transformers serve`` refuse the request
+(422 "Unexpected fields"). The engine sends the extensions
+``OPENAI_SAMPLING_EXTENSIONS`` names, and when a server's 4xx names one it
+sent, it drops that one for good and sends the request again without it, so a
+forgotten setting costs one refused request, never every answer.
 """
 
 from __future__ import annotations
@@ -46,13 +53,14 @@ from bot.serving.engine import (
     Answer,
     EngineBusy,
     EngineError,
+    EngineRejected,
     EngineStatus,
     EngineTimeout,
     EngineUnavailable,
     FinishReason,
-    InvalidRequest,
     Message,
     OnText,
+    RequestTooLong,
     Variant,
     stream_for,
 )
@@ -64,6 +72,13 @@ log = logging.getLogger(__name__)
 
 UNREACHABLE = "The answering server can't be reached right now; please try again in a minute."
 CUT_OFF = "The answering server stopped in the middle of the answer; please try again."
+REJECTED = (
+    "The answering server refused this question as it was sent; "
+    "the bot's operator can see why in the bot's log."
+)
+TOO_LONG = "This conversation is too long for the answering server; please ask a shorter question."
+# What servers say when prompt plus max_tokens exceed the context (vLLM, OpenAI).
+CONTEXT_LENGTH_HINTS = ("maximum context length", "context_length_exceeded", "context length")
 # The client insists on a key; servers started without one (vLLM's default) ignore it.
 NO_KEY = "EMPTY"
 
@@ -114,6 +129,8 @@ class OpenAIEngine:
             "base": settings.base_model_name,
             "finetuned": settings.finetuned_model_name,
         }
+        # Shrinks when the server refuses one of them (see _refused_extension).
+        self._extensions = set(settings.openai_sampling_extensions)
         self._client: AsyncOpenAI | None = None
         self._closed = False
         self._reachable: bool | None = None  # unknown until the first request
@@ -277,10 +294,46 @@ class OpenAIEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if self._settings.repetition_penalty != 1.0:
-            # A vLLM extension; REPETITION_PENALTY=1 leaves it out for strict servers.
-            request["extra_body"] = {"repetition_penalty": self._settings.repetition_penalty}
+        extensions = self._sampling_extensions()
+        if extensions:
+            request["extra_body"] = extensions
         return request
+
+    def _sampling_extensions(self) -> dict[str, Any]:
+        """The non-OpenAI sampling fields this server takes, where they change anything."""
+        wanted = {"repetition_penalty": self._settings.repetition_penalty}
+        neutral = {"repetition_penalty": 1.0}
+        return {
+            name: value
+            for name, value in wanted.items()
+            if name in self._extensions and value != neutral[name]
+        }
+
+    def _refused_extension(self, refused: openai.APIStatusError, request: dict[str, Any]) -> bool:
+        """Drop the extension a 4xx names (e.g. 422 "Unexpected fields: {'repetition_penalty'}").
+
+        True when one was dropped and the request, rebuilt without it, is worth sending again.
+        """
+        sent = request.get("extra_body") or {}
+        if not sent or not 400 <= refused.status_code < 500 or refused.status_code == 429:
+            return False
+        said = f"{refused.message} {refused.body}"
+        named = [name for name in sent if name in said]
+        if not named:
+            return False
+        for name in named:
+            self._extensions.discard(name)
+            log.warning(
+                "%s refuses the sampling extension %s (%s): no longer sending it; set "
+                "OPENAI_SAMPLING_EXTENSIONS to what this server takes ('none' for none)",
+                self._where,
+                name,
+                _describe(refused),
+            )
+        request["extra_body"] = {k: v for k, v in sent.items() if k not in named}
+        if not request["extra_body"]:
+            del request["extra_body"]
+        return True
 
     async def _complete(
         self,
@@ -290,7 +343,12 @@ class OpenAIEngine:
         on_text: OnText | None,
     ) -> _Stream:
         try:
-            chunks = await self._open_with_retries(client, request)
+            try:
+                chunks = await self._open_with_retries(client, request)
+            except openai.APIStatusError as refused:
+                if not self._refused_extension(refused, request):
+                    raise
+                chunks = await self._open_with_retries(client, request)
         except openai.APIStatusError as refused:
             raise self._engine_error(refused, request["model"]) from None
         except openai.APIConnectionError as error:
@@ -421,11 +479,9 @@ class OpenAIEngine:
         log.warning("%s failed the request (HTTP %d): %s", where, status, detail)
         if status >= 500:
             return EngineError("The answering server failed on this question; please try again.")
-        # A 4xx is about this request (too long, text it refuses), not the server: a bad
-        # request for whoever asked (a 400 from this bot's own API), not a 500.
-        return InvalidRequest(
-            "The answering server could not take this question (it may be too long)."
-        )
+        if any(hint in detail.lower() for hint in CONTEXT_LENGTH_HINTS):
+            return RequestTooLong(TOO_LONG)
+        return EngineRejected(REJECTED)
 
 
 def _describe(error: BaseException | None) -> str:

@@ -27,6 +27,27 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 
+# The non-OpenAI sampling fields the OpenAI engine knows how to send (vLLM's names).
+SAMPLING_EXTENSIONS: tuple[str, ...] = ("repetition_penalty",)
+
+
+def sampling_extensions_from_env() -> tuple[str, ...]:
+    """``OPENAI_SAMPLING_EXTENSIONS``: a comma list of :data:`SAMPLING_EXTENSIONS`, or ``none``."""
+    raw = env_str("OPENAI_SAMPLING_EXTENSIONS")
+    if raw is None:
+        return SAMPLING_EXTENSIONS
+    names = tuple(n.strip().lower() for n in raw.split(",") if n.strip())
+    if names in ((), ("none",)):
+        return ()
+    unknown = [n for n in names if n not in SAMPLING_EXTENSIONS]
+    if unknown:
+        raise UserError(
+            f"OPENAI_SAMPLING_EXTENSIONS names {', '.join(unknown)}: use 'none' or any of "
+            f"{', '.join(SAMPLING_EXTENSIONS)}"
+        )
+    return names
+
+
 def metrics_port_from_env() -> int | None:
     """``METRICS_PORT``, shared by the bot and the API process; 0 or unset means off."""
     return env_int("METRICS_PORT", 0, minimum=0) or None
@@ -77,6 +98,9 @@ class EngineSettings:
     # grounded on, and how many; None k takes the adapter's grounding.json, else 3.
     forum_db: Path | None = None
     grounding_k: int | None = None
+    # Sampling fields beyond OpenAI's own that the server takes (vLLM takes these; OpenAI
+    # and `transformers serve` refuse them). The engine also drops one the server refuses.
+    openai_sampling_extensions: tuple[str, ...] = SAMPLING_EXTENSIONS
 
     @classmethod
     def from_env(cls) -> EngineSettings:
@@ -133,6 +157,7 @@ class EngineSettings:
             or cls.finetuned_model_name,
             forum_db=_forum_db_from_env(),
             grounding_k=_grounding_k_from_env(),
+            openai_sampling_extensions=sampling_extensions_from_env(),
         )
 
 
