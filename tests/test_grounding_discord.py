@@ -94,6 +94,21 @@ async def last_part(fake: FakeDiscord, message_id: str) -> list[dict]:
         parent = parts[-1]["id"]
 
 
+async def recorded(world: World, question: str, timeout_s: float = 10.0) -> list:
+    """The feedback store's answers to ``question``, once the bot has recorded one.
+
+    The record is written beside the reply, not before it: on a busy machine the
+    reply can reach Discord first.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        with FeedbackStore(world.settings.feedback_db) as store:  # type: ignore[arg-type]
+            found = [a for a in store.answers() if a.conversation[-1]["content"] == question]
+        if found or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
 def sources_of(content: str) -> list[str]:
     """The links of a sources block, in order."""
     _, mark, block = content.partition(SOURCES_MARK)
@@ -109,8 +124,7 @@ async def test_a_mention_shows_up_to_three_sources_as_unembedded_links(world: Wo
     assert f"[{world.passages[0].title.split(' - ')[0]}" in reply["content"]
     assert world.passages[0].excerpt.split()[0] in reply["content"]  # the quoted excerpt
     assert reply["sent_allowed_mentions"] == {"parse": []}
-    with FeedbackStore(world.settings.feedback_db) as store:  # type: ignore[arg-type]
-        (answer,) = [a for a in store.answers() if a.conversation[-1]["content"] == QUESTION]
+    (answer,) = await recorded(world, QUESTION)
     assert [s["post_id"] for s in answer.sources] == [p.post_id for p in world.passages]
 
 
