@@ -70,10 +70,14 @@ class Passage:
 
 
 def query_terms(text: str) -> list[str]:
-    """The distinct words of ``text`` worth searching for, in order, at most ``MAX_TERMS``."""
+    """The distinct words of ``text`` worth searching for, in order, at most ``MAX_TERMS``.
+
+    Stopwords and single characters are left out: a height written 5'6 would
+    otherwise rank a thread about 5-year-olds above the one about ski length.
+    """
     terms: list[str] = []
     for word in WORD.findall(text.casefold()):
-        if word in STOPWORDS or (len(word) < 2 and not word.isdigit()) or word in terms:
+        if word in STOPWORDS or len(word) < 2 or word in terms:
             continue
         terms.append(word)
     return terms[:MAX_TERMS]

@@ -20,7 +20,7 @@ from crawl.layout import CONTEXT_HEADING, LAYOUT, render_question
 from crawl.newschoolers import NewschoolersSite
 from crawl.rules import text_key
 from crawl.sample_site import SAMPLE_FORUM_DIR, serve_forum
-from crawl.search import IndexUnavailable, Passage, Retriever
+from crawl.search import IndexUnavailable, Passage, Retriever, query_terms
 from crawl.store import Store
 from tests.forum_store import make_store
 
@@ -262,3 +262,14 @@ def test_words_in_too_many_passages_are_left_out_but_one_is_always_kept(tmp_path
     with Retriever.open(db) as retriever:
         assert [p.thread_id for p in retriever.search("powder zorbex", 3)] == ["9"]
         assert len(retriever.search("powder", 3)) == 3  # the rarest word is kept even over it
+
+
+def test_single_characters_are_no_search_terms():
+    """A height like 5'6 must not pull in every thread that mentions a 5 or a 6."""
+    assert query_terms("I'm 5'6 and 130 lbs, what length for park skis?") == [
+        "130",
+        "lbs",
+        "length",
+        "park",
+        "skis",
+    ]
