@@ -222,7 +222,14 @@ class LocalPathsEngine(ScriptedEngine):
 
     def status(self) -> EngineStatus:
         model, adapter = self._paths
-        return dataclasses.replace(super().status(), backend="local", model=model, adapter=adapter)
+        return dataclasses.replace(
+            super().status(),
+            backend="local",
+            model=model,
+            adapter=adapter,
+            grounding="off: no forum store at /home/alice/forum.sqlite: crawl one with "
+            "`python -m crawl fetch --db /home/alice/forum.sqlite`",
+        )
 
 
 @pytest.mark.parametrize(
@@ -244,6 +251,7 @@ async def test_healthz_names_no_file_paths(
         status, body = await server.send("GET", "/healthz")
     assert status == 200
     assert (body["engine"]["model"], body["engine"]["adapter"]) == shown
+    assert body["engine"]["grounding"].startswith("off: no forum store at forum.sqlite: ")
     assert "alice" not in json.dumps(body)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -170,7 +171,12 @@ def public_status(status: EngineStatus) -> EngineStatus:
         status,
         model=_last_part(status.model) if model_is_path else status.model,
         adapter=_last_part(status.adapter) if local and status.adapter else status.adapter,
+        # "off: no forum store at /srv/bot/forum.sqlite: …" names the store by its file name
+        grounding=_ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name, status.grounding),
     )
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/[^\s:`'\"]+")
 
 
 def _last_part(path_name: str) -> str:
