@@ -28,6 +28,15 @@ from freeski_common.cli import OneLineErrors
 
 RESOLVED_CONFIG_FILE = "config.yaml"
 
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a path, after checking it holds a finetune run (its resolved config)."""
+    run = Path(run_dir).expanduser()
+    if not (run / RESOLVED_CONFIG_FILE).is_file():
+        raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
+    return run
+
+
 Optimizer = Literal[
     "auto",
     "paged_adamw_8bit",

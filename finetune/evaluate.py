@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.answer_quality import AnswerStats, answer_stats, stats_table
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
 from finetune.errors import UserError
 from finetune.knowledge import ContextLoss, KnowledgeAnswer, KnowledgeQuestion, KnowledgeReport
 
@@ -541,9 +541,7 @@ def evaluate_run(
     from finetune.modeling import load_for_inference
     from finetune.train import ADAPTER_DIR, distinct_questions
 
-    run = Path(run_dir).expanduser()
-    if not (run / RESOLVED_CONFIG_FILE).is_file():
-        raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
+    run = require_run_dir(run_dir)
     if max_rows < 0 or max_new_tokens < 1 or questions < 0 or (k is not None and k < 1):
         raise UserError(
             "--max-rows and --questions must be 0 or more, --max-new-tokens and --k at least 1"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
 from finetune.errors import UserError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -21,12 +21,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
     """Write the merged model and the run's tokenizer (with its chat template) to ``out_dir``."""
     from finetune.train import ADAPTER_DIR
 
-    run = Path(run_dir).expanduser()
     out = Path(out_dir).expanduser()
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not (run / RESOLVED_CONFIG_FILE).is_file():
-        raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
+    run = require_run_dir(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} is not empty or not a directory: choose a new --out directory")
     config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)

@@ -162,16 +162,14 @@ def export_run(
     system: str | None = None,
     progress: bool = True,
 ) -> ExportResult:
-    from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+    from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
     from finetune.train import ADAPTER_DIR
 
     start = time.monotonic()
-    run = Path(run_dir).expanduser()
     out = Path(out_dir).expanduser()
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not (run / RESOLVED_CONFIG_FILE).is_file():
-        raise UserError(f"{run} is not a run directory (no {RESOLVED_CONFIG_FILE})")
+    run = require_run_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: choose a directory for --out")
     config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
