@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,17 @@ class ApiError(Exception):
         self.status = status
         self.body = error_body(message, type=type, param=param, code=code)
         self.headers = dict(headers or {})
+
+    @classmethod
+    def too_many(cls, message: str, *, code: str, wait_s: float) -> ApiError:
+        """A 429 whose ``Retry-After`` is ``wait_s`` rounded up to whole seconds (at least 1)."""
+        return cls(
+            429,
+            message,
+            type="rate_limit_error",
+            code=code,
+            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+        )
 
     def response(self) -> web.Response:
         return web.json_response(self.body, status=self.status, headers=self.headers)

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -80,13 +79,11 @@ class ChatApi:
         client = request.headers.get("Authorization") if self._settings.token else request.remote
         wait_s = self._rate_limit.acquire(client or "unknown")
         if wait_s is not None:
-            raise ApiError(
-                429,
+            raise ApiError.too_many(
                 f"Too many requests from this client: at most "
                 f"{self._settings.rate_limit_per_minute} a minute (API_RATE_LIMIT_PER_MINUTE).",
-                type="rate_limit_error",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+                wait_s=wait_s,
             )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -244,14 +241,7 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except ApiError as error:
         return error.response()
     except EngineBusy as error:
-        retry_after = str(max(1, math.ceil(error.retry_after_s)))
-        return ApiError(
-            429,
-            str(error),
-            type="rate_limit_error",
-            code="busy",
-            headers={"Retry-After": retry_after},
-        ).response()
+        return ApiError.too_many(str(error), code="busy", wait_s=error.retry_after_s).response()
     except EngineTimeout as error:
         return ApiError(504, str(error), type="timeout", code="timeout").response()
     except EngineUnavailable as error:

@@ -83,13 +83,11 @@ class WebVoters:
         for key in (voter, ("address", request.remote)):
             wait_s = self._votes.acquire(key)
             if wait_s is not None:
-                raise ApiError(
-                    429,
+                raise ApiError.too_many(
                     f"Too many votes: at most {self._votes.per_window} a minute. "
                     f"Try again in {math.ceil(wait_s)} s.",
-                    type="rate_limit_error",
                     code="too_many_votes",
-                    headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+                    wait_s=wait_s,
                 )
 
     def issue(self) -> str:
