@@ -81,7 +81,7 @@ def tiny_api(
         "INFERENCE_BACKEND": "local",
         "BASE_MODEL": str(tiny_model_dir),
         "ADAPTER_PATH": str(tiny_adapter_dir),
-        "MAX_NEW_TOKENS": "16",
+        "MAX_NEW_TOKENS": "64",  # long enough to stream over several frames on a fast machine
         "TEMPERATURE": "0",
         "API_TOKEN": TOKEN,
         "METRICS_PORT": "",
