@@ -71,7 +71,6 @@ def test_the_penalty_applies_per_row_in_one_choice():
     assert chosen.tolist() == [0, 1]
 
 
-
 def test_a_request_takes_at_most_four_non_empty_stop_strings():
     assert Sampling(stop=("a", "b", "c", "d")).stop == ("a", "b", "c", "d")
     with pytest.raises(ValueError, match="at most 4"):

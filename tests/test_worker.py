@@ -30,10 +30,11 @@ from bot.serving.engine import (
     Sampling,
 )
 from bot.serving.local_engine import LocalEngine
+from bot.serving.model_runner import ModelRunner, RowState
 from bot.serving.settings import EngineSettings
 from bot.serving.worker import GenerationRequest, InferenceWorker
 from finetune.generation import GenerationSettings, encode_chats
-from finetune.modeling import load_for_inference, load_tokenizer
+from finetune.modeling import BASE_ADAPTER_NAME, load_for_inference, load_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -786,3 +787,56 @@ def test_a_worker_whose_every_step_raises_reports_failing(tokenizer: Any):
     worker.stop(cancel=False, timeout=10)
     assert all(isinstance(r, EngineError) for r in results) and len(results) == 3
     assert state == "failing"
+
+
+class RoutedModel(ScriptedModel):
+    """A stand-in for a PeftModel with several adapters that records how each pass was routed:
+    "off", the active adapter's name, or peft's per-row names."""
+
+    def __init__(self, token_id: int) -> None:
+        super().__init__(token_id)
+        self.active_adapter = "a"
+        self.off = False
+        self.names: list[str] | None = None
+        self.routes: list[str | list[str]] = []
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Any:
+        self.off = True
+        yield
+        self.off = False
+
+    def set_adapter(self, name: str) -> None:
+        self.active_adapter = name
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, adapter_names: list[str]) -> Any:
+        self.names = adapter_names
+        yield
+        self.names = None
+
+    def forward(self, *, cache: Any, **kwargs: Any) -> Any:
+        self.routes.append("off" if self.off else self.names or self.active_adapter)
+        return super().forward(cache=cache, **kwargs)
+
+    __call__ = forward
+
+
+def test_the_runner_routes_each_row_to_its_named_adapter(tokenizer: Any):
+    """Rows carry an adapter name, and the runner assumes no fixed set of them: one name
+    activates that adapter, the base name turns adapters off, a mix routes per row."""
+    model = RoutedModel(word_token(tokenizer))
+    runner = ModelRunner(model, tokenizer, generation=GenerationSettings(), adapter_name="a")
+
+    def rows(*names: str) -> list[RowState]:
+        return [
+            RowState(adapter=name, max_new_tokens=4, text=runner.row_text(None), prompt_ids=[1, 2])
+            for name in names
+        ]
+
+    mixed = ["a", "b", BASE_ADAPTER_NAME]
+    for names in (["a", "a"], ["b"], [BASE_ADAPTER_NAME] * 2, mixed, ["b"]):
+        runner.prefill(rows(*names))
+    runner.restore()
+    assert model.routes == ["a", "b", "off", mixed, "b"]
+    assert (model.off, model.names) == (False, None), "the model is left as it was given"
