@@ -213,10 +213,10 @@ class ModelRunner:
 
     # ---- forward passes -----------------------------------------------------------------
 
-    def prefill(self, rows: list[RowState]) -> tuple[DecodeBatch, torch.Tensor]:
+    def prefill(self, rows: Sequence[RowState]) -> tuple[DecodeBatch, torch.Tensor]:
         """Read the rows' prompts into a batch of their own; each row's logits for its next token."""
         return DecodeBatch.prefill(
-            rows,
+            list(rows),
             [row.input_ids for row in rows],
             pad_id=self.stop_conditions.pad_token_id,
             device=self.model.device,

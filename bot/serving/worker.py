@@ -431,7 +431,7 @@ class InferenceWorker:
 
     def _join(self, admitted: list[_Row]) -> None:
         """Prefill the admitted rows, give each its first token, and add them to the batch."""
-        new, logits = self.runner.prefill(list(admitted))
+        new, logits = self.runner.prefill(admitted)
         self.batches_served += 1
         self._advance(new, logits)
         if len(new):
