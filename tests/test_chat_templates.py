@@ -286,7 +286,7 @@ def test_the_worker_ends_an_answer_at_each_stop_token(template_model: tuple[str,
     model, tokenizer = load_for_inference(model_dir, load_in_4bit=True)
     settings = GenerationSettings()
     worker = InferenceWorker(model, tokenizer, generation=settings, adapter_name=None)
-    stops = worker.stop_conditions
+    stops = worker.runner.stop_conditions
     assert set(chat_format(tokenizer).stop_token_ids) <= stops.eos_token_ids
     assert stops.stop_strings == settings.stops(tokenizer)
     word = tokenizer(" snow", add_special_tokens=False)["input_ids"][-1]

@@ -329,7 +329,7 @@ async def test_the_local_engine_gets_fewer_passages_until_the_prompt_fits(
 ):
     """The real worker's RequestTooLong (the tiny model, a small token budget) drops passages."""
     from bot.serving.local_engine import LocalEngine
-    from bot.serving.worker import encode_chats
+    from finetune.generation import encode_chats
     from finetune.modeling import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_model_dir, load_in_4bit=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from bot.serving.engine import Sampling
 from bot.serving.sampling import (
     RowSampling,
     apply_repetition_penalty,
@@ -67,3 +69,11 @@ def test_the_penalty_applies_per_row_in_one_choice():
     settings = [GREEDY, RowSampling(0.0, 1.0, 1.5)]
     chosen = choose_tokens(logits, settings, seen=seen, generators=[None, None])
     assert chosen.tolist() == [0, 1]
+
+
+def test_a_request_takes_at_most_four_non_empty_stop_strings():
+    assert Sampling(stop=("a", "b", "c", "d")).stop == ("a", "b", "c", "d")
+    with pytest.raises(ValueError, match="at most 4"):
+        Sampling(stop=("a", "b", "c", "d", "e"))
+    with pytest.raises(ValueError, match="non-empty"):
+        Sampling(stop=("a", ""))

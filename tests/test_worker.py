@@ -30,10 +30,11 @@ from bot.serving.engine import (
     Sampling,
 )
 from bot.serving.local_engine import LocalEngine
+from bot.serving.model_runner import ModelRunner, RowState
 from bot.serving.settings import EngineSettings
 from bot.serving.worker import GenerationRequest, InferenceWorker
 from finetune.generation import GenerationSettings, encode_chats
-from finetune.modeling import load_for_inference, load_tokenizer
+from finetune.modeling import BASE_ADAPTER_NAME, load_for_inference, load_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -274,6 +275,39 @@ async def test_per_row_sampling_settings_do_not_leak_between_rows(loaded: tuple[
     assert same(together[3], penalised_alone)
 
 
+async def test_a_requests_stop_string_ends_its_answer_before_it_alone_and_in_a_busy_batch(
+    loaded: tuple[Any, Any],
+):
+    """The answer ends right before the request's own stop string, which is never streamed;
+    the rows beside it keep their full answers."""
+    engine = real_engine(loaded, max_new_tokens=24, batch_wait_ms=50)
+    await engine.start()
+    try:
+        full = await engine.generate(QUESTION, variant="base")
+        middle = len(full.text) // 2
+        stop = full.text[middle - 3 : middle + 3]
+        assert stop.strip(), f"pick a stop from text, not spaces: {full.text!r}"
+        expected = full.text[: full.text.find(stop)].strip()
+        stopping = Sampling(stop=(stop,))
+        streamed: list[list[str]] = [[], []]
+        alone = await engine.generate(
+            QUESTION, variant="base", sampling=stopping, on_text=streamed[0].append
+        )
+        together = await asyncio.gather(
+            engine.generate(LONG_QUESTION, variant="finetuned"),
+            engine.generate(
+                QUESTION, variant="base", sampling=stopping, on_text=streamed[1].append
+            ),
+            engine.generate(QUESTION, variant="base"),
+        )
+    finally:
+        await engine.close()
+    for answer, deltas in ((alone, streamed[0]), (together[1], streamed[1])):
+        assert (answer.text, answer.finish_reason) == (expected, "stop")
+        assert "".join(deltas) == expected and stop not in "".join(deltas)
+    assert same(together[2], full), "a stop string must not leak into another row"
+
+
 async def test_a_question_longer_than_the_token_budget_is_refused_clearly(
     loaded: tuple[Any, Any],
 ):
@@ -417,6 +451,23 @@ def request(on_done, *, deadline_s: float = 30.0, max_new_tokens: int = 4) -> Ge
     )
 
 
+class Results(dict[str, Any]):
+    """Each named request's result (an Answer or the error), and ``done`` once all are in."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.done = threading.Event()
+
+    def keep(self, name: str) -> Any:
+        def on_done(result: Any) -> None:
+            self[name] = result
+            if len(self) == self.expected:
+                self.done.set()
+
+        return on_done
+
+
 def test_a_full_queue_answers_busy_at_once(tokenizer: Any):
     worker = InferenceWorker(
         ScriptedModel(1),
@@ -460,30 +511,28 @@ async def test_a_request_past_its_deadline_mid_answer_is_stopped(tokenizer: Any)
 
 
 def test_a_row_past_its_deadline_leaves_and_its_batch_goes_on(tokenizer: Any):
-    model = ScriptedModel(word_token(tokenizer), step_s=0.01)
-    worker = InferenceWorker(
-        model, tokenizer, generation=GenerationSettings(), adapter_name=None, batch_wait_s=0.05
-    )
-    results: dict[str, Any] = {}
-    done = threading.Event()
+    """The late row's deadline passes after its third piece of text, whatever the pace."""
+    model = ScriptedModel(word_token(tokenizer))
+    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings(), adapter_name=None)
+    results = Results(expected=2)
+    late = request(results.keep("late"), max_new_tokens=200)
+    deltas: list[str] = []
 
-    def keep(name: str):
-        def on_done(result: Any) -> None:
-            results[name] = result
-            if len(results) == 2:
-                done.set()
+    def expire_after_three(delta: str) -> None:
+        deltas.append(delta)
+        if len(deltas) == 3:
+            late.deadline = time.monotonic() - 1
 
-        return on_done
-
-    worker.submit(request(keep("late"), deadline_s=0.15, max_new_tokens=200))
-    worker.submit(request(keep("kept"), max_new_tokens=40))
+    late.on_text = expire_after_three
+    worker.submit(late)
+    worker.submit(request(results.keep("kept"), max_new_tokens=40))
     worker.start()
-    assert done.wait(10)
+    assert results.done.wait(10)
     worker.stop(cancel=False, timeout=10)
     assert isinstance(results["late"], EngineTimeout)
     assert results["kept"].completion_tokens == 40
     decode_rows = [rows for kind, rows in model.calls if kind == "decode"]
-    assert decode_rows[0] == 2 and decode_rows[-1] == 1
+    assert decode_rows[:2] == [2, 2] and decode_rows[-1] == 1
     assert model.bad_positions == 0
 
 
@@ -595,28 +644,18 @@ def test_a_request_that_cannot_be_prepared_fails_alone_and_the_queue_goes_on(
     worker = InferenceWorker(
         model, tokenizer, generation=GenerationSettings(), adapter_name=None, max_batch_tokens=128
     )
-    results: dict[str, Any] = {}
+    results = Results(expected=3)
     streaming = threading.Event()
-    done = threading.Event()
-
-    def keep(name: str):
-        def on_done(result: Any) -> None:
-            results[name] = result
-            if len(results) == 3:
-                done.set()
-
-        return on_done
-
-    running = request(keep("running"), max_new_tokens=60)
+    running = request(results.keep("running"), max_new_tokens=60)
     running.on_text = lambda _: streaming.set()
     worker.submit(running)
     worker.start()
     assert streaming.wait(10)
-    bad = request(keep("bad"))
+    bad = request(results.keep("bad"))
     bad.messages = POISONED[poison]
     worker.submit(bad)
-    worker.submit(request(keep("behind"), max_new_tokens=5))
-    assert done.wait(10), f"stuck: only {sorted(results)} answered"
+    worker.submit(request(results.keep("behind"), max_new_tokens=5))
+    assert results.done.wait(10), f"stuck: only {sorted(results)} answered"
     worker.stop(cancel=False, timeout=10)
     assert isinstance(results["bad"], InvalidRequest)
     assert "\n" not in str(results["bad"])
@@ -633,26 +672,16 @@ def test_a_sampling_setting_that_breaks_the_kernel_ends_its_row_alone(tokenizer:
     worker = InferenceWorker(
         model, tokenizer, generation=GenerationSettings(), adapter_name=None, batch_wait_s=0.5
     )
-    results: dict[str, Any] = {}
-    done = threading.Event()
-
-    def keep(name: str):
-        def on_done(result: Any) -> None:
-            results[name] = result
-            if len(results) == 2:
-                done.set()
-
-        return on_done
-
+    results = Results(expected=2)
     broken, fine = (
-        request(keep("broken"), max_new_tokens=6),
-        request(keep("fine"), max_new_tokens=6),
+        request(results.keep("broken"), max_new_tokens=6),
+        request(results.keep("fine"), max_new_tokens=6),
     )
     broken.sampling = Sampling(temperature=1e-300, top_p=1.0, repetition_penalty=1.0)
     fine.sampling = Sampling(temperature=0.7, top_p=1.0, repetition_penalty=1.0)
     worker.submit(broken, fine)
     worker.start()
-    assert done.wait(10)
+    assert results.done.wait(10)
     worker.stop(cancel=False, timeout=10)
     assert model.prefills == [2], "both rows shared the batch"
     assert isinstance(results["broken"], InvalidRequest)
@@ -691,9 +720,11 @@ def test_trimming_a_long_conversation_costs_a_few_encodes_not_one_per_turn(
         model, tokenizer, generation=GenerationSettings(), adapter_name=None, max_batch_tokens=200
     )
     encodes: list[int] = []
-    real_encode = worker._encode
+    real_encode = worker.runner.encode
     monkeypatch.setattr(
-        worker, "_encode", lambda messages: encodes.append(len(messages)) or real_encode(messages)
+        worker.runner,
+        "encode",
+        lambda messages: encodes.append(len(messages)) or real_encode(messages),
     )
     chat = []
     for i in range(500):
@@ -764,3 +795,56 @@ def test_a_worker_whose_every_step_raises_reports_failing(tokenizer: Any):
     worker.stop(cancel=False, timeout=10)
     assert all(isinstance(r, EngineError) for r in results) and len(results) == 3
     assert state == "failing"
+
+
+class RoutedModel(ScriptedModel):
+    """A stand-in for a PeftModel with several adapters that records how each pass was routed:
+    "off", the active adapter's name, or peft's per-row names."""
+
+    def __init__(self, token_id: int) -> None:
+        super().__init__(token_id)
+        self.active_adapter = "a"
+        self.off = False
+        self.names: list[str] | None = None
+        self.routes: list[str | list[str]] = []
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Any:
+        self.off = True
+        yield
+        self.off = False
+
+    def set_adapter(self, name: str) -> None:
+        self.active_adapter = name
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, adapter_names: list[str]) -> Any:
+        self.names = adapter_names
+        yield
+        self.names = None
+
+    def forward(self, *, cache: Any, **kwargs: Any) -> Any:
+        self.routes.append("off" if self.off else self.names or self.active_adapter)
+        return super().forward(cache=cache, **kwargs)
+
+    __call__ = forward
+
+
+def test_the_runner_routes_each_row_to_its_named_adapter(tokenizer: Any):
+    """Rows carry an adapter name, and the runner assumes no fixed set of them: one name
+    activates that adapter, the base name turns adapters off, a mix routes per row."""
+    model = RoutedModel(word_token(tokenizer))
+    runner = ModelRunner(model, tokenizer, generation=GenerationSettings(), adapter_name="a")
+
+    def rows(*names: str) -> list[RowState]:
+        return [
+            RowState(adapter=name, max_new_tokens=4, text=runner.row_text(None), prompt_ids=[1, 2])
+            for name in names
+        ]
+
+    mixed = ["a", "b", BASE_ADAPTER_NAME]
+    for names in (["a", "a"], ["b"], [BASE_ADAPTER_NAME] * 2, mixed, ["b"]):
+        runner.prefill(rows(*names))
+    runner.restore()
+    assert model.routes == ["a", "b", "off", mixed, "b"]
+    assert (model.off, model.names) == (False, None), "the model is left as it was given"

@@ -5,7 +5,8 @@ Front ends (the Discord bot, the HTTP API, the console) talk to an
 
 - :class:`~bot.serving.local_engine.LocalEngine` over the
   :mod:`~bot.serving.worker` — one thread owns one quantized model, base and
-  finetuned rows batched together;
+  finetuned rows batched together; the worker schedules, its
+  :mod:`~bot.serving.model_runner` runs each step;
 - :class:`~bot.serving.openai_engine.OpenAIEngine` — any OpenAI-compatible
   server (vLLM with the adapter as a LoRA module, or another Freeski bot).
 

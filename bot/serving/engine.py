@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 Variant = Literal["base", "finetuned"]
 VARIANTS: tuple[Variant, ...] = ("base", "finetuned")
+MAX_STOP_STRINGS = 4  # per request, as the OpenAI API allows
 # How an answer ended: by itself, at its token budget, or stopped (shutdown, caller gone).
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -52,6 +53,8 @@ class Sampling:
     top_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    # Text that ends the answer and is never shown (OpenAI's `stop`), beside the template's.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.temperature is not None and not self.temperature >= 0:
@@ -60,6 +63,10 @@ class Sampling:
             raise ValueError(f"top_p {self.top_p} must be above 0 and at most 1")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty {self.repetition_penalty} must be above 0")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(self.stop)} stop strings: at most {MAX_STOP_STRINGS} are taken")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("a stop string must be non-empty text")
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,10 @@ class LocalEngine:
         async with self._start_lock:
             if self._worker is not None:
                 return
-            model, tokenizer = self._preloaded or await asyncio.to_thread(self._load)
+            if self._preloaded is not None:
+                model, tokenizer = self._preloaded
+            else:
+                model, tokenizer = await asyncio.to_thread(self._load)
             self._device_name = str(model.device)
             has_adapter = hasattr(model, "peft_config")
             self._worker = InferenceWorker(

@@ -1,4 +1,4 @@
-"""The inference worker: one thread, one model, continuous batching of base and finetuned rows.
+"""The inference worker: one thread, one model, continuous batching of rows with their own adapters.
 
 A GPU serves many users best by decoding their answers together: one step
 over a batch costs little more than over one row while decoding is
@@ -10,11 +10,13 @@ leaves it at once, freeing its cache (:mod:`bot.serving.batch`). The LoRA
 adapter stays unmerged, so a base row and a finetuned row share every step
 and ``/compare`` costs one pass, not two.
 
-Admission is by a budget of cache slots (``max_batch_tokens``), not by rows
-alone: a row reserves its prompt plus its whole answer, counted as the
-padded rectangle the cache holds. Each row samples with its own settings
-(:mod:`bot.serving.sampling`) and streams its own text
-(:mod:`bot.serving.row_text`).
+This module is the scheduler, as text-generation-inference's router is: the
+queue, admission by a budget of cache slots (``max_batch_tokens``: a row
+reserves its prompt plus its whole answer, counted as the padded rectangle
+the cache holds), cancellation and deadlines, out-of-memory recovery and the
+heartbeat. What happens inside a step — encoding, forward passes, adapter
+routing, token choice and where an answer ends — is the
+:class:`~bot.serving.model_runner.ModelRunner`'s.
 
 The thread owns the model and the tokenizer: nothing else calls torch or
 tokenizes (a fast tokenizer used from two threads at once can fail), so the
@@ -27,35 +29,33 @@ passes them to its event loop).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from bot.serving import metrics
 from bot.serving.batch import DecodeBatch
-from bot.serving.context import ConversationError, lone_surrogate_at, trim_oldest_first
 from bot.serving.engine import (
     Answer,
     EngineBusy,
     EngineError,
     EngineTimeout,
     EngineUnavailable,
-    InvalidRequest,
+    FinishReason,
     Message,
     RequestTooLong,
     Sampling,
     Variant,
 )
-from bot.serving.row_text import RowText
-from bot.serving.sampling import RowSampling, choose_tokens
-from finetune.chat import normalize_conversation
-from finetune.generation import GenerationSettings, adapter_names_for, encode_chats
+from bot.serving.model_runner import ModelRunner, RowState
+from finetune.generation import GenerationSettings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,22 @@ class GenerationRequest:
     done: bool = False
 
 
-@dataclass(frozen=True)
-class StopConditions:
-    """How an answer ends and how prompts are padded, as ``finetune.generation`` says."""
-
-    eos_token_ids: frozenset[int]
-    stop_strings: tuple[str, ...]
-    pad_token_id: int
+# Why a row leaves the batch before its answer ended by itself.
+Ended = Literal["cancelled", "timeout"]
 
 
-@dataclass(eq=False)
-class _Row:
+def _ended(request: GenerationRequest, now: float) -> Ended | None:
+    """Whether the asker gave up on ``request`` or its deadline passed: the one check, made
+    in the queue, before each step and after it."""
+    if request.cancelled:
+        return "cancelled"
+    if now > request.deadline:
+        return "timeout"
+    return None
+
+
+@dataclass(eq=False, kw_only=True)
+class _Row(RowState):
     """A request as the scheduler holds it, from the queue through the batch to its answer.
 
     It outlives a place in the batch: a row evicted after running out of
@@ -107,21 +112,12 @@ class _Row:
     """
 
     request: GenerationRequest
-    text: RowText
-    prompt_ids: list[int] | None = None  # set on admission (tokenising is the worker's job)
-    sampling: RowSampling | None = None
-    generator: Any = None  # a seeded torch.Generator, or None
 
     @property
     def reserve(self) -> int:
         """Cache slots the row may come to need: its prompt and its whole answer."""
         assert self.prompt_ids is not None
-        return len(self.prompt_ids) + self.request.max_new_tokens
-
-    @property
-    def input_ids(self) -> list[int]:
-        assert self.prompt_ids is not None
-        return self.prompt_ids + self.text.tokens
+        return len(self.prompt_ids) + self.max_new_tokens
 
 
 class InferenceWorker:
@@ -141,22 +137,18 @@ class InferenceWorker:
         max_prefill_tokens: int = 2048,
         max_context_tokens: int | None = None,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.generation = generation
-        self.adapter_name = adapter_name
+        self.runner = ModelRunner(
+            model,
+            tokenizer,
+            generation=generation,
+            adapter_name=adapter_name,
+            max_context_tokens=max_context_tokens,
+        )
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.batch_wait_s = batch_wait_s
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
-        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.max_context_tokens = max_context_tokens or window or 4096
-        # generate honours the model's own minimum answer length; so does this loop.
-        config = getattr(model, "generation_config", None)
-        self.min_new_tokens = int(getattr(config, "min_new_tokens", None) or 0)
-        self.stop_conditions = self._stop_conditions(tokenizer)
-        self._cache_arg, self._forward_extra = _forward_arguments(model)
         self.started_at = time.monotonic()
         self.batches_served = 0  # prefills: groups of questions that joined the running batch
         self.requests_served = 0
@@ -169,16 +161,12 @@ class InferenceWorker:
         self._running: list[_Row] = []  # the batch's rows plus those being prefilled
         self._batch: DecodeBatch | None = None  # the worker thread's alone
         self._steps = 0
-        self._adapter_off: contextlib.AbstractContextManager[Any] | None = None  # held while off
-        self._names_hooks: contextlib.AbstractContextManager[Any] | None = None
-        self._held_names: list[str] | None = None
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._beat = time.monotonic()  # the loop's heartbeat: when it last went round
         self._failed_steps = 0  # scheduling steps in a row that raised
-        self._overhead: float | None = None  # the template's tokens per turn, once measured
 
     # ---- the caller's side (any thread) -------------------------------------------------
 
@@ -193,12 +181,14 @@ class InferenceWorker:
         Returns how many rows are ahead of them. A full queue raises
         :class:`EngineBusy` at once rather than growing a backlog nobody waits for.
         """
-        if self.adapter_name is None and any(r.variant == "finetuned" for r in requests):
-            raise EngineError(
-                "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
-            )
         group = [
-            _Row(r, RowText(self.tokenizer, self.stop_conditions.stop_strings)) for r in requests
+            _Row(
+                request=r,
+                adapter=self.runner.adapter_for(r.variant),
+                max_new_tokens=r.max_new_tokens,
+                text=self.runner.row_text(r.sampling),
+            )
+            for r in requests
         ]
         with self._cond:
             if not self._accepting:
@@ -290,22 +280,8 @@ class InferenceWorker:
         rate = self._throughput.per_second()
         if rate <= 0:
             return 10.0
-        tokens_ahead = self._pending_rows * self.generation.max_new_tokens
+        tokens_ahead = self._pending_rows * self.runner.generation.max_new_tokens
         return max(1.0, min(120.0, tokens_ahead / rate))
-
-    # ---- how prompts are encoded and answers end: finetune.generation's, in one place -----
-
-    def _stop_conditions(self, tokenizer: Any) -> StopConditions:
-        kwargs = self.generation.generate_kwargs(tokenizer)
-        eos = kwargs.get("eos_token_id")
-        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
-        pad = kwargs.get("pad_token_id")
-        if pad is None:
-            pad = min(eos_ids, default=0)
-        return StopConditions(eos_ids, tuple(kwargs.get("stop_strings") or ()), int(pad))
-
-    def _encode(self, messages: Sequence[Message]) -> list[int]:
-        return encode_chats(self.tokenizer, [list(messages)])["input_ids"][0].tolist()
 
     # ---- the worker thread: the scheduling loop -----------------------------------------
 
@@ -313,8 +289,7 @@ class InferenceWorker:
         import torch
 
         with torch.inference_mode(), contextlib.ExitStack() as cleanup:
-            cleanup.callback(self._enable_adapter, True)  # leave the model as it was given
-            cleanup.callback(self._hold_adapter_names, None, {})
+            cleanup.callback(self.runner.restore)  # leave the model as it was given
             while self._wait_for_work():
                 self._beat = time.monotonic()
                 try:
@@ -387,12 +362,12 @@ class InferenceWorker:
                     self._prepare_alone(row, now)
             live = [r for r in rows if not r.request.done]
             if live and (running or admitted):
-                rows = len(running) + len(admitted) + len(live)
+                count = len(running) + len(admitted) + len(live)
                 group_reserve = max(reserve, *(r.reserve for r in live))
                 longest = max(len(r.input_ids) for r in admitted + live)
                 if (
-                    rows > self.max_batch
-                    or rows * group_reserve > self._token_cap
+                    count > self.max_batch
+                    or count * group_reserve > self._token_cap
                     or (
                         admitted and (len(admitted) + len(live)) * longest > self.max_prefill_tokens
                     )
@@ -434,16 +409,14 @@ class InferenceWorker:
     def _prepare(self, row: _Row, now: float) -> None:
         """Settle a queued row that is cancelled, late or too long; tokenise it the first time."""
         request = row.request
-        if request.cancelled:
-            self._settle(row, "cancelled", now)
-            return
-        if now > request.deadline:
-            self._fail(row, EngineTimeout("no answer in time: the queue was too long"))
+        ended = _ended(request, now)
+        if ended is not None:
+            self._end(row, ended, now)
             return
         if row.prompt_ids is not None:  # back in the queue after running out of memory
             return
-        limit = min(self.max_context_tokens, self.max_batch_tokens)
-        prompt_ids = self._fit_context(request, limit - request.max_new_tokens)
+        limit = min(self.runner.max_context_tokens, self.max_batch_tokens)
+        prompt_ids = self.runner.fit_context(request.messages, limit - request.max_new_tokens)
         if len(prompt_ids) + request.max_new_tokens > limit:
             self._fail(
                 row,
@@ -454,97 +427,11 @@ class InferenceWorker:
                 ),
             )
             return
-        row.prompt_ids = prompt_ids
-        row.sampling = self._row_sampling(request.sampling)
-        if row.sampling.seed is not None and not row.sampling.greedy:
-            import torch
-
-            row.generator = torch.Generator(device=self.model.device).manual_seed(row.sampling.seed)
-
-    def _row_sampling(self, sampling: Sampling | None) -> RowSampling:
-        asked = sampling or Sampling()
-        defaults = self.generation
-        return RowSampling(
-            temperature=defaults.temperature if asked.temperature is None else asked.temperature,
-            top_p=defaults.top_p if asked.top_p is None else asked.top_p,
-            repetition_penalty=(
-                defaults.repetition_penalty
-                if asked.repetition_penalty is None
-                else asked.repetition_penalty
-            ),
-            seed=asked.seed,
-        )
-
-    def _fit_context(self, request: GenerationRequest, budget: int) -> list[int]:
-        """The prompt's token ids, oldest turns dropped until it fits ``budget``.
-
-        This runs on the worker thread between decoding steps, so its cost is
-        every running answer's stall. Encoding one candidate after another
-        (one encode per dropped turn) once stalled other answers for seconds
-        on a 1,000-turn chat; now the turns are tokenized once, in one batched
-        call, their lengths plus the template's markers estimate what fits,
-        and only what is kept is encoded (again, one exchange shorter, in the
-        rare case the estimate fell short).
-        """
-        for message in request.messages:
-            at = lone_surrogate_at(message["content"])
-            if at is not None:
-                raise InvalidRequest(
-                    f"the question holds a lone UTF-16 surrogate at character {at}, which is "
-                    "not text: send valid Unicode"
-                )
-        try:  # normalized first, so the oldest turns go in user/assistant pairs whatever was sent
-            chat = normalize_conversation(request.messages)
-        except ConversationError as error:
-            raise InvalidRequest(f"{error}: end the conversation with a user's question") from None
-        if chat[-1]["role"] != "user":
-            raise InvalidRequest(
-                "the conversation ends with an answer, not a question: "
-                "end it with the user's message to answer"
-            )
-        counted = self.tokenizer([m["content"] for m in chat], add_special_tokens=False)
-        overhead = self._turn_overhead()
-        # suffix[i]: the estimated tokens of chat[i:], so any candidate costs one lookup.
-        suffix = list(accumulate(len(ids) + overhead for ids in reversed(counted["input_ids"])))
-        suffix.reverse()
-        system = 1 if chat[0]["role"] == "system" else 0
-        system_cost = suffix[0] - suffix[1] if system else 0.0
-        position = {id(m): i for i, m in enumerate(chat)}
-        kept = trim_oldest_first(
-            chat, lambda rest: system_cost + suffix[position[id(rest[system])]] <= budget
-        )
-        ids = self._encode(kept)
-        while len(ids) > budget:  # the estimate was short: drop one more exchange at a time
-            longest = len(kept)
-            shorter = trim_oldest_first(kept, lambda rest: len(rest) < longest)  # noqa: B023
-            if len(shorter) == longest:
-                break  # only the question is left; the caller refuses it as too long
-            kept = shorter
-            ids = self._encode(kept)
-        return ids
-
-    def _turn_overhead(self) -> float:
-        """Tokens the chat template adds per turn (its markers), measured once on a sample."""
-        if self._overhead is None:
-            sample: list[Message] = [
-                {"role": "user", "content": "a"},
-                {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"},
-            ]
-            content = self.tokenizer(["a", "b", "c"], add_special_tokens=False)["input_ids"]
-            markers = len(self._encode(sample)) - sum(map(len, content))
-            self._overhead = max(0.0, markers / len(sample))
-        return self._overhead
+        self.runner.prepare(row, prompt_ids, request.sampling)
 
     def _join(self, admitted: list[_Row]) -> None:
         """Prefill the admitted rows, give each its first token, and add them to the batch."""
-        new, logits = DecodeBatch.prefill(
-            admitted,
-            [row.input_ids for row in admitted],
-            pad_id=self.stop_conditions.pad_token_id,
-            device=self.model.device,
-            forward=self._forward,
-        )
+        new, logits = self.runner.prefill(admitted)
         self.batches_served += 1
         self._advance(new, logits)
         if len(new):
@@ -557,7 +444,7 @@ class InferenceWorker:
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.RUNNING_ROWS.set(len(batch))
         metrics.BATCH_TOKENS.set(batch.tokens_held)
-        logits = batch.step(self._forward)
+        logits = self.runner.step(batch)
         self._advance(batch, logits)
         if not len(batch):
             self._batch = None
@@ -567,24 +454,19 @@ class InferenceWorker:
         if self._steps % 64 == 0:
             self._gauge_memory()
 
-    def _advance(self, batch: DecodeBatch, logits: Any) -> None:
-        """Choose each row's next token, stream it, and let the rows that ended leave."""
-        rows = batch.rows
-        if self.min_new_tokens and self.stop_conditions.eos_token_ids:
-            short = [i for i, r in enumerate(rows) if len(r.text.tokens) < self.min_new_tokens]
-            if short:
-                for eos in self.stop_conditions.eos_token_ids:
-                    logits[short, eos] = float("-inf")
-        tokens, broken = self._choose_tokens(logits, rows, batch.seen)
-        batch.take(tokens)
+    def _advance(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
+        """Give each row its next token, stream it, and let the rows that ended leave."""
+        rows: list[_Row] = batch.rows
+        tokens, broken = self.runner.choose(batch, logits)
         now = time.monotonic()
         keep = []
-        for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+        for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if index in broken:
                 self._fail(row, broken[index])
                 continue
-            reason = self._next_token(row, token, now)
+            reason = _ended(row.request, now) or self.runner.add_token(row, token)
             if reason is None:
+                self._stream(row, final=False)
                 keep.append(index)
             else:
                 self._end(row, reason, now)
@@ -595,61 +477,6 @@ class InferenceWorker:
             else:
                 batch.rows = []
 
-    def _choose_tokens(
-        self, logits: Any, rows: list[_Row], seen: Any
-    ) -> tuple[Any, dict[int, EngineError]]:
-        """Every row's next token, and the rows whose own sampling settings broke the kernel.
-
-        Sampling is one pass over the batch, so one row's settings (a
-        temperature so small its logits overflow) would fail every row; then
-        each row is sampled alone, and only the rows that fail alone end.
-        """
-        import torch
-
-        settings = [r.sampling for r in rows]
-        generators = [r.generator for r in rows]
-        try:
-            return choose_tokens(logits, settings, seen=seen, generators=generators), {}  # type: ignore[arg-type]
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception:
-            pass  # find which rows: each alone
-        tokens = logits.argmax(dim=-1)
-        broken: dict[int, EngineError] = {}
-        for index in range(len(rows)):
-            try:
-                tokens[index] = choose_tokens(
-                    logits[index : index + 1],
-                    settings[index : index + 1],  # type: ignore[arg-type]
-                    seen=None if seen is None else seen[index : index + 1],
-                    generators=generators[index : index + 1],
-                )[0]
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                log.warning("sampling failed for one row (%s): %s", type(exc).__name__, exc)
-                broken[index] = InvalidRequest(
-                    f"sampling with these settings failed ({settings[index]}): "
-                    "use a temperature of 0 (greedy) or a more usual one"
-                )
-        return tokens, broken
-
-    def _next_token(self, row: _Row, token: int, now: float) -> str | None:
-        """Add ``token`` to the row; why the row ends now, or None if it goes on."""
-        request = row.request
-        if request.cancelled:
-            return "cancelled"
-        if now > request.deadline:
-            return "timeout"
-        if token in self.stop_conditions.eos_token_ids:
-            return "stop"
-        if row.text.add(token):
-            return "stop"
-        self._stream(row, final=False)
-        if len(row.text.tokens) >= request.max_new_tokens:
-            return "length"
-        return None
-
     def _drop_ended(self) -> None:
         """Rows cancelled or past their deadline leave before the step, not after it."""
         batch = self._batch
@@ -658,10 +485,7 @@ class InferenceWorker:
         now = time.monotonic()
         keep = []
         for index, row in enumerate(batch.rows):
-            request = row.request
-            reason = (
-                "cancelled" if request.cancelled else "timeout" if now > request.deadline else None
-            )
+            reason = _ended(row.request, now)
             if reason is None:
                 keep.append(index)
             else:
@@ -670,63 +494,6 @@ class InferenceWorker:
             self._batch = None
         elif len(keep) < len(batch):
             batch.keep(keep)
-
-    def _forward(
-        self, rows: Sequence[_Row], input_ids: Any, mask: Any, position_ids: Any, cache: Any
-    ) -> Any:
-        """One forward pass over ``rows``: each row's logits for its next token."""
-        kwargs = {self._cache_arg: cache, **self._forward_extra}
-        self._route_adapters([r.request.variant for r in rows], kwargs)
-        output = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs
-        )
-        return output.logits[:, -1, :]
-
-    def _route_adapters(self, variants: list[Variant], kwargs: dict[str, Any]) -> None:
-        """Route each row to its adapter, paying for per-row routing only in mixed batches.
-
-        A pass of one variant runs with the adapter simply on, or off; a mixed
-        pass gives peft one adapter name per row. Both cost a walk over every
-        module of the model to set up (14 ms for the tiny bench model on 2 CPU
-        cores; a GPU decoding step's worth for a 7B model), so both are held
-        across steps and changed only when the batch's rows change. Both are
-        global to the model, which is safe only because this thread alone runs it.
-        """
-        if self.adapter_name is None:
-            return
-        kinds = set(variants)
-        self._enable_adapter(kinds != {"base"})
-        names = adapter_names_for(variants, self.adapter_name) if len(kinds) > 1 else None
-        self._hold_adapter_names(names, kwargs)
-
-    def _hold_adapter_names(self, names: list[str] | None, kwargs: dict[str, Any]) -> None:
-        """Keep peft's per-row routing hooks for ``names`` on the LoRA layers until the rows change.
-
-        This is peft's own mechanism (``PeftModel.generate`` holds it for a
-        whole call); a peft without it gets the names on every call instead.
-        """
-        if names == self._held_names:
-            return
-        if self._names_hooks is not None:
-            self._names_hooks.__exit__(None, None, None)
-            self._names_hooks, self._held_names = None, None
-        if names is None:
-            return
-        hooks = getattr(self.model, "_enable_peft_forward_hooks", None)
-        if hooks is None:
-            kwargs["adapter_names"] = names
-            return
-        self._names_hooks = hooks(adapter_names=names)
-        self._names_hooks.__enter__()
-        self._held_names = names
-
-    def _enable_adapter(self, enabled: bool) -> None:
-        if enabled and self._adapter_off is not None:
-            self._adapter_off.__exit__(None, None, None)
-            self._adapter_off = None
-        elif not enabled and self._adapter_off is None:
-            self._adapter_off = self.model.disable_adapter()
-            self._adapter_off.__enter__()
 
     # ---- running out of memory ----------------------------------------------------------
 
@@ -783,16 +550,19 @@ class InferenceWorker:
         for row in dropped:
             self._settle(row, "cancelled", now)
 
-    def _end(self, row: _Row, reason: str, now: float) -> None:
+    def _end(self, row: _Row, reason: FinishReason | Ended, now: float) -> None:
         if reason == "timeout":
-            self._fail(row, EngineTimeout("the answer took too long and was stopped"))
+            late = "the answer took too long and was stopped"
+            if row.request.started_at is None:
+                late = "no answer in time: the queue was too long"
+            self._fail(row, EngineTimeout(late))
             return
         if reason != "cancelled":  # flush what was held back (a stop string that never completed)
             row.text.finish()
             self._stream(row, final=True)
         self._settle(row, reason, now)
 
-    def _settle(self, row: _Row, reason: str, now: float) -> None:
+    def _settle(self, row: _Row, reason: FinishReason, now: float) -> None:
         request = row.request
         if request.done:
             return
@@ -802,7 +572,7 @@ class InferenceWorker:
         answer = Answer(
             text=row.text.answer(),
             variant=request.variant,
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             prompt_tokens=len(row.prompt_ids or ()),
             completion_tokens=completion_tokens,
             queue_s=started - request.enqueued_at,
@@ -847,15 +617,3 @@ class InferenceWorker:
             request.on_done(result)
         except Exception:  # a caller's broken callback must not stop the worker
             log.exception("the callback of a finished request failed")
-
-
-def _forward_arguments(model: Any) -> tuple[str, dict[str, Any]]:
-    """The name the model's forward takes its cache by (transformers renamed
-    ``past_key_values`` to ``cache``) and the other arguments every call passes:
-    logits for the last position only, where the model can cut them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    extra: dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in parameters:
-        extra["logits_to_keep"] = 1
-    return ("cache" if "cache" in parameters else "past_key_values"), extra
