@@ -140,12 +140,17 @@ def test_temperature_zero_and_a_seed_are_honoured(client: OpenAI) -> None:
     """Against an operator who samples: greedy and seeded answers repeat; unseeded ones
     may or may not, so they are not compared."""
 
-    def answer(**sampling: float) -> str | None:
+    def answer(
+        temperature: float | None = None, top_p: float | None = None, seed: int | None = None
+    ) -> str | None:
+        # None goes as null, which leaves the field to the operator, as omitting it does.
         completion = client.chat.completions.create(
             model="finetuned",
             messages=QUESTION,
             max_tokens=8,
-            **sampling,  # type: ignore[arg-type]
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
         )
         return completion.choices[0].message.content
 

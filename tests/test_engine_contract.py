@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -311,8 +312,8 @@ async def test_the_local_worker_and_an_openai_server_are_sent_the_same_conversat
         {"role": "assistant", "content": "An iron and wax."},
         {"role": "user", "content": "and a scraper?"},
     ]
-    boundary = {"system_prompt": "Answer briefly.", "forum_db": forum_store, **GREEDY}
-    local_settings = EngineSettings(base_model=str(tiny_model_dir), **boundary)
+    boundary = EngineSettings(system_prompt="Answer briefly.", forum_db=forum_store, **GREEDY)
+    local_settings = dataclasses.replace(boundary, base_model=str(tiny_model_dir))
     local_backend = LocalEngine(local_settings, model_and_tokenizer=tiny_loaded)
     local = around(local_backend, local_settings)
     submitted: list[GenerationRequest] = []
@@ -330,11 +331,8 @@ async def test_the_local_worker_and_an_openai_server_are_sent_the_same_conversat
     finally:
         await local.close()
     async with FakeOpenAIServer() as server:
-        remote_settings = EngineSettings(
-            backend="openai",
-            openai_base_url=server.url,
-            base_model_name="base-model-id",
-            **boundary,
+        remote_settings = dataclasses.replace(
+            boundary, backend="openai", openai_base_url=server.url, base_model_name="base-model-id"
         )
         remote = around(OpenAIEngine(remote_settings, retry=FAST_RETRY), remote_settings)
         await remote.start()
@@ -344,7 +342,7 @@ async def test_the_local_worker_and_an_openai_server_are_sent_the_same_conversat
             await remote.close()
 
     (request,) = submitted
-    sent = normalize_conversation(list(request.messages))
+    sent = normalize_conversation([{**m} for m in request.messages])
     assert sent == server.requests[-1]["messages"]
     assert sent[0] == {"role": "system", "content": "Answer briefly."}
     assert "Forum posts that may help:" in sent[-1]["content"]
