@@ -230,8 +230,8 @@ class ChatCompletionRequest(_Model):
         if value:
             raise PydanticCustomError(
                 "unsupported",
-                "{value} is not supported: only 0 is; use 'repetition_penalty' (above 1 "
-                "penalises repeats) instead",
+                "{value} is not supported (only 0 is): use 'repetition_penalty' instead, "
+                "above 1 to make repeats less likely",
                 {"value": value},
             )
         return value
