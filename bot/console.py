@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from bot.serving.context import with_system_prompt
 from bot.serving.engine import Engine, EngineError, Message, Variant
 from bot.serving.settings import EngineSettings
 
@@ -28,9 +27,8 @@ HELP = "Ask a question, or: /compare QUESTION, /base QUESTION, /status, /reset, 
 class ConsoleChat:
     """A conversation held in memory, answered by ``engine``; output goes to ``out``."""
 
-    def __init__(self, engine: Engine, *, system_prompt: str = "", out: TextIO = sys.stdout):
+    def __init__(self, engine: Engine, *, out: TextIO = sys.stdout):
         self.engine = engine
-        self.system_prompt = system_prompt
         self.out = out
         self.history: list[Message] = []
 
@@ -39,8 +37,7 @@ class ConsoleChat:
         self.out.flush()
 
     def _messages(self, question: str) -> list[Message]:
-        chat: list[Message] = [*self.history, {"role": "user", "content": question}]
-        return with_system_prompt(chat, self.system_prompt)
+        return [*self.history, {"role": "user", "content": question}]
 
     async def handle(self, line: str) -> bool:
         """Answer one input line; False when the user asked to leave."""
@@ -121,7 +118,7 @@ async def run_console(
     out.write("loading the model…\n")
     await engine.start()
     out.write(f"grounding {engine.status().grounding}\n")
-    chat = ConsoleChat(engine, system_prompt=settings.system_prompt, out=out)
+    chat = ConsoleChat(engine, out=out)
     out.write(HELP + "\n")
     try:
         while True:

@@ -4,6 +4,8 @@ It streams like vLLM: a role chunk, one chunk per word, a chunk with the
 finish reason, a usage chunk when asked, then ``data: [DONE]``. Tests queue
 what the next requests get instead (an error status with ``Retry-After``, a
 connection that hangs, a stream that breaks) and read back what was asked.
+With ``sampling`` on, it samples like the scripted engine: a request's
+``temperature`` above 0 draws the words' order, from its ``seed`` when it has one.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class FakeOpenAIServer:
     # Fields outside OpenAI's own that this server refuses, as `transformers serve` does
     # (422 {"detail": "Unexpected fields in the request: {...}"}); vLLM takes them.
     refused_fields: frozenset[str] = frozenset()
+    sampling: bool = False  # off: every answer is the greedy one, whatever was asked
 
     url: str = ""  # http://127.0.0.1:PORT/v1 once started
 
@@ -106,7 +109,12 @@ class FakeOpenAIServer:
         self, request: web.Request, body: dict[str, Any], failure: Failure | None
     ) -> web.StreamResponse:
         variant = self.models[body["model"]]
-        words = scripted_words(body["messages"], variant)  # type: ignore[arg-type]
+        words = scripted_words(
+            body["messages"],
+            variant,  # type: ignore[arg-type]
+            temperature=(body.get("temperature") or 0.0) if self.sampling else 0.0,
+            seed=body.get("seed"),
+        )
         limit = body.get("max_tokens") or 16
         pieces = [w if i == 0 else f" {w}" for i, w in enumerate(words[:limit])]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -3,11 +3,16 @@
 Its answers are words derived from the question, streamed one per step, so a
 test can tell which question and which variant an answer belongs to without
 a model. Failures are queued up front and raised by the next requests.
+
+It samples as an engine must: at temperature 0 the words keep their order; above
+it their order is drawn, from the request's ``seed`` when it has one, so a test
+sees whether a request's sampling reached the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,25 +23,42 @@ from bot.serving.engine import (
     EngineUnavailable,
     Message,
     OnText,
+    Sampling,
     Variant,
 )
 
 
-def scripted_words(messages: Sequence[Message], variant: Variant) -> list[str]:
-    """The full answer, word by word: the variant's name, then the last question's words."""
+def scripted_words(
+    messages: Sequence[Message],
+    variant: Variant,
+    *,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[str]:
+    """The full answer, word by word: the variant's name, then the last question's words.
+
+    Sampled (``temperature`` above 0), the question's words come in an order drawn
+    from ``seed``, or from fresh randomness without one.
+    """
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     words = question.split() or ["nothing"]
     if variant == "finetuned":
         words = list(reversed(words))
+    if temperature > 0:
+        random.Random(seed).shuffle(words)
     return [f"{variant}:", *words, "end."]
 
 
 class ScriptedEngine:
     backend = "scripted"
 
-    def __init__(self, *, step_s: float = 0.0, max_new_tokens: int = 64) -> None:
+    def __init__(
+        self, *, step_s: float = 0.0, max_new_tokens: int = 64, temperature: float = 0.0
+    ) -> None:
         self.step_s = step_s
         self.max_new_tokens = max_new_tokens
+        self.temperature = temperature  # the operator's, for requests that name none
+        self.samplings: list[Sampling | None] = []  # each request's, beside self.requests
         self.failures: list[BaseException] = []  # raised by the next requests, first first
         self.fail_after_words: tuple[int, BaseException] | None = None
         self.requests: list[tuple[Variant, list[Message], int | None]] = []
@@ -61,16 +83,20 @@ class ScriptedEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> Answer:
         if not self.ready:
             raise EngineUnavailable("The scripted engine is stopped.")
         self.requests.append((variant, list(messages), max_new_tokens))
+        self.samplings.append(sampling)
         if self.failures:
             raise self.failures.pop(0)
         started = time.monotonic()
         limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        words = scripted_words(messages, variant)
+        asked = sampling or Sampling()
+        temperature = self.temperature if asked.temperature is None else asked.temperature
+        words = scripted_words(messages, variant, temperature=temperature, seed=asked.seed)
         pieces = [word if i == 0 else f" {word}" for i, word in enumerate(words[:limit])]
         first_token_s = None
         self.in_flight += 1
@@ -107,6 +133,7 @@ class ScriptedEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         base, finetuned = await asyncio.gather(
@@ -116,6 +143,7 @@ class ScriptedEngine:
                     variant=variant,
                     max_new_tokens=max_new_tokens,
                     on_text=None if on_text is None else (lambda t, v=variant: on_text(v, t)),
+                    sampling=sampling,
                 )
                 for variant in VARIANTS
             )

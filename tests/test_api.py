@@ -30,6 +30,7 @@ from bot.serving.engine import (
     EngineUnavailable,
     Message,
     RequestTooLong,
+    Sampling,
 )
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
@@ -169,12 +170,16 @@ async def test_healthz_reports_the_engine(engine: ScriptedEngine) -> None:
         (json.dumps(chat(max_tokens=100_000)).encode(), 400, "max_tokens"),
         (json.dumps(chat(n=2)).encode(), 400, "n"),
         (json.dumps(chat(stream="yes")).encode(), 400, "stream"),
-        # The ranges OpenAI documents for the sampling fields (checked, then ignored).
+        # The ranges OpenAI documents for the sampling fields.
         (json.dumps(chat(temperature=5)).encode(), 400, "temperature"),
         (json.dumps(chat(temperature=-0.1)).encode(), 400, "temperature"),
         (json.dumps(chat(temperature="0.7")).encode(), 400, "temperature"),
         (json.dumps(chat(top_p=1.5)).encode(), 400, "top_p"),
-        (json.dumps(chat(presence_penalty=2.5)).encode(), 400, "presence_penalty"),
+        (json.dumps(chat(top_p=0)).encode(), 400, "top_p"),
+        (json.dumps(chat(seed=2**64)).encode(), 400, "seed"),
+        (json.dumps(chat(repetition_penalty=0)).encode(), 400, "repetition_penalty"),
+        # No engine has these: only OpenAI's default, 0, is taken.
+        (json.dumps(chat(presence_penalty=0.5)).encode(), 400, "presence_penalty"),
         (json.dumps(chat(frequency_penalty=-3)).encode(), 400, "frequency_penalty"),
         (json.dumps(chat(stop=["a", "b", "c", "d", "e"])).encode(), 400, "stop"),
         (json.dumps(chat(max_completion_tokens=0)).encode(), 400, "max_completion_tokens"),
@@ -202,24 +207,44 @@ async def test_bad_requests_get_an_openai_error_and_reach_no_engine(
     assert engine.requests == []
 
 
-async def test_sampling_fields_inside_openais_ranges_are_accepted_and_ignored(
+async def test_the_requests_sampling_reaches_the_engine_and_what_it_omits_is_left_to_it(
     engine: ScriptedEngine,
 ) -> None:
     sampling = {
         "temperature": 2,
-        "top_p": 0,
-        "presence_penalty": -2,
-        "frequency_penalty": 1.5,
+        "top_p": 0.5,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
         "stop": ["\n\n", "[INST]"],
         "seed": 7,
+        "repetition_penalty": 1.2,  # vLLM's extension
         "logprobs": False,  # an OpenAI field this API does not use: ignored
     }
     async with api_over(engine) as (_, client):
         response = await client.post("/v1/chat/completions", json=chat("base", **sampling))
         body = await response.json()
+        for extra in ({"stop": "\n\n"}, {}):
+            assert (await client.post("/v1/chat/completions", json=chat(**extra))).status == 200
     assert response.status == 200
-    assert body["choices"][0]["message"]["content"] == expected("base")
-    assert engine.requests == [("base", QUESTION, None)]
+    sampled = " ".join(scripted_words(QUESTION, "base", temperature=2.0, seed=7))
+    assert body["choices"][0]["message"]["content"] == sampled
+    assert engine.samplings == [
+        Sampling(
+            temperature=2.0, top_p=0.5, repetition_penalty=1.2, seed=7, stop=("\n\n", "[INST]")
+        ),
+        Sampling(stop=("\n\n",)),
+        Sampling(),  # every field the operator's
+    ]
+
+
+async def test_a_penalty_the_engines_lack_is_refused_in_one_line_naming_the_way_out(
+    engine: ScriptedEngine,
+) -> None:
+    async with api_over(engine) as (_, client):
+        response = await client.post("/v1/chat/completions", json=chat(presence_penalty=1))
+        error = (await response.json())["error"]
+    assert (response.status, error["param"]) == (400, "presence_penalty")
+    assert "repetition_penalty" in error["message"] and "\n" not in error["message"]
 
 
 async def test_text_parts_and_the_developer_role_reach_the_engine_as_plain_messages(
@@ -253,23 +278,17 @@ async def test_text_parts_and_the_developer_role_reach_the_engine_as_plain_messa
     ]
 
 
-async def test_the_operators_system_prompt_leads_unless_the_client_sends_its_own(
+async def test_the_clients_conversation_reaches_the_engine_as_sent(
     engine: ScriptedEngine,
 ) -> None:
+    """SYSTEM_PROMPT is the engine's boundary's to add (bot.serving.context.SystemPrompted)."""
     await engine.start()
     settings = dataclasses.replace(ALIASES, system_prompt="Answer briefly.")
-    own = [{"role": "system", "content": "Talk like a pirate."}, *QUESTION]
     app = create_app(engine, ApiSettings(), engine_settings=settings)
     async with serve_app(app) as url, aiohttp.ClientSession(url) as client:
-        for messages in (QUESTION, own):
-            response = await client.post(
-                "/v1/chat/completions", json={"model": "base", "messages": messages}
-            )
-            assert response.status == 200
-    assert [messages for _, messages, _ in engine.requests] == [
-        [{"role": "system", "content": "Answer briefly."}, *QUESTION],
-        own,
-    ]
+        response = await client.post("/v1/chat/completions", json=chat("base"))
+        assert response.status == 200
+    assert engine.requests == [("base", QUESTION, None)]
 
 
 async def test_max_tokens_cap_is_named_in_the_error(engine: ScriptedEngine) -> None:
@@ -416,7 +435,7 @@ def test_main_reports_a_port_in_use_in_one_line(
 async def test_openai_engine_talks_to_the_api_and_maps_its_errors(engine: ScriptedEngine) -> None:
     """The API works as an OpenAI-compatible server: errors cross the wire as the same errors."""
     async with api_over(engine) as (url, _):
-        settings = EngineSettings(backend="openai", openai_base_url=f"{url}/v1")
+        settings = EngineSettings(backend="openai", openai_base_url=f"{url}/v1", temperature=0.0)
         client = OpenAIEngine(settings, retry=RetryPolicy(attempts=2, initial_backoff_s=0.01))
         await client.start()
         try:

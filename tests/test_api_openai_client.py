@@ -45,7 +45,11 @@ VARIANTS = ("base", "finetuned")
 
 @pytest.fixture(scope="module")
 def api_url(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory) -> Iterator[str]:
-    """``python -m bot api`` with a token, greedy, one row at a time and a queue of one."""
+    """``python -m bot api`` with a token, one row at a time and a queue of one.
+
+    The operator samples (``TEMPERATURE=1``), so a test that needs one answer
+    twice asks for ``temperature=0``, and would fail were it not honoured.
+    """
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -53,7 +57,7 @@ def api_url(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory) -> I
         "BASE_MODEL": str(tiny_model_dir),
         "ADAPTER_PATH": str(tiny_adapter_dir),
         "MAX_NEW_TOKENS": "200",
-        "TEMPERATURE": "0",
+        "TEMPERATURE": "1",
         "MAX_BATCH": "1",
         "QUEUE_SIZE": "1",
         "API_TOKEN": TOKEN,
@@ -90,7 +94,9 @@ def client(api_url: str) -> Iterator[OpenAI]:
 def test_an_answer_streamed_or_not_is_the_same_for_both_models(
     client: OpenAI, variant: str
 ) -> None:
-    whole = client.chat.completions.create(model=variant, messages=QUESTION, max_tokens=12)
+    whole = client.chat.completions.create(
+        model=variant, messages=QUESTION, max_tokens=12, temperature=0
+    )
     (choice,) = whole.choices
     assert whole.object == "chat.completion" and whole.model == variant
     assert choice.message.role == "assistant" and choice.message.content
@@ -102,6 +108,7 @@ def test_an_answer_streamed_or_not_is_the_same_for_both_models(
         model=variant,
         messages=QUESTION,
         max_tokens=12,
+        temperature=0,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -119,12 +126,39 @@ def test_an_answer_streamed_or_not_is_the_same_for_both_models(
 
 def test_the_two_models_answer_differently(client: OpenAI) -> None:
     answers = {
-        variant: client.chat.completions.create(model=variant, messages=QUESTION, max_tokens=12)
+        variant: client.chat.completions.create(
+            model=variant, messages=QUESTION, max_tokens=12, temperature=0
+        )
         .choices[0]
         .message.content
         for variant in VARIANTS
     }
     assert answers["base"] != answers["finetuned"]
+
+
+def test_temperature_zero_and_a_seed_are_honoured(client: OpenAI) -> None:
+    """Against an operator who samples: greedy and seeded answers repeat; unseeded ones
+    may or may not, so they are not compared."""
+
+    def answer(
+        temperature: float | None = None, top_p: float | None = None, seed: int | None = None
+    ) -> str | None:
+        # None goes as null, which leaves the field to the operator, as omitting it does.
+        completion = client.chat.completions.create(
+            model="finetuned",
+            messages=QUESTION,
+            max_tokens=8,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        return completion.choices[0].message.content
+
+    assert answer(temperature=0) == answer(temperature=0)
+    assert answer(seed=11) == answer(seed=11)  # at the operator's temperature
+    assert answer(temperature=1.5, top_p=0.95, seed=3) == answer(
+        temperature=1.5, top_p=0.95, seed=3
+    )
 
 
 def test_models_lists_both_variants(client: OpenAI) -> None:

@@ -126,8 +126,7 @@ def test_chain_joins_consecutive_messages_and_drops_a_leading_bot_message():
         ChainMessage(True, "answer part 2"),
         ChainMessage(False, "follow-up"),
     ]
-    assert chain_to_messages(chain, max_chars=10_000, system_prompt="sys") == [
-        {"role": "system", "content": "sys"},
+    assert chain_to_messages(chain, max_chars=10_000) == [
         {"role": "user", "content": "first\n\nsecond"},
         {"role": "assistant", "content": "answer part 1\n\nanswer part 2"},
         {"role": "user", "content": "follow-up"},

@@ -19,6 +19,7 @@ from bot.serving.engine import (
     EngineTimeout,
     EngineUnavailable,
     Message,
+    Sampling,
 )
 from bot.serving.metrics import CountedEngine
 from tests.scripted_engine import ScriptedEngine
@@ -115,6 +116,19 @@ async def test_a_caller_that_gives_up_is_counted_as_cancelled() -> None:
         await task
     assert backend.cancelled == 1
     assert answers("finetuned", "cancelled") == before + 1
+
+
+async def test_sampling_and_every_other_argument_reach_the_backend() -> None:
+    engine, backend = await counted_scripted()
+    asked = Sampling(temperature=0.0, top_p=0.5, seed=7, stop=("\n\n",))
+    await engine.generate(QUESTION, variant="base", max_new_tokens=3, sampling=asked)
+    await engine.compare(QUESTION, max_new_tokens=2, sampling=asked)
+    assert backend.samplings == [asked, asked, asked]
+    assert [(variant, limit) for variant, _, limit in backend.requests] == [
+        ("base", 3),
+        ("base", 2),
+        ("finetuned", 2),
+    ]
 
 
 async def test_status_start_and_close_are_the_backends() -> None:

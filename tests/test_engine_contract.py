@@ -4,7 +4,9 @@ The Discord bot, the HTTP API and the demo only know the protocol, so each
 engine is held to the same behaviour: streamed text is the answer, both
 variants answer and differ, ``compare`` equals two single answers, concurrent
 questions never mix, status and metrics count what was served, a closed
-engine refuses work. Each is wrapped in the :class:`CountedEngine` boundary, as
+engine refuses work, and each request samples as it asked whatever the
+operator set (temperature 0 is greedy, a seed repeats a sampled answer alone
+or in a busy batch). Each is wrapped in the :class:`CountedEngine` boundary, as
 ``build_engine`` wraps it, so the metrics are checked the way they are counted. The engines:
 
 - ``scripted``: the test double the API tests stand on (it must honour the contract too);
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,10 @@ from prometheus_client import REGISTRY
 
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
-from bot.serving.engine import VARIANTS, Engine, EngineError, Message
-from bot.serving.factory import build_engine
+from bot.serving.context import SystemPrompted, normalize_conversation
+from bot.serving.engine import VARIANTS, Engine, EngineError, Message, Sampling
+from bot.serving.factory import around, build_engine
+from bot.serving.grounding import GroundedEngine
 from bot.serving.metrics import CountedEngine
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
@@ -40,14 +45,25 @@ pytestmark = pytest.mark.timeout(120)
 
 QUESTION: list[Message] = [{"role": "user", "content": "How do I stop catching edges on rails?"}]
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0, "max_new_tokens": 8}
+# An operator who samples: a request's own temperature 0 or seed must win over it.
+SAMPLED = {**GREEDY, "temperature": 1.0}
 FAST_RETRY = RetryPolicy(attempts=2, initial_backoff_s=0.01)
 
 EngineFactory = Callable[[pytest.FixtureRequest], contextlib.AbstractAsyncContextManager[Engine]]
 
 
+def operator_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The operator's sampling settings the engines are built with (the ``operator`` fixture)."""
+    settings: dict[str, Any] = request.getfixturevalue("operator")
+    return settings
+
+
 @contextlib.asynccontextmanager
 async def scripted(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    yield ScriptedEngine(max_new_tokens=GREEDY["max_new_tokens"])
+    operator = operator_settings(request)
+    yield ScriptedEngine(
+        max_new_tokens=operator["max_new_tokens"], temperature=operator["temperature"]
+    )
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +72,9 @@ async def openai_over_api(request: pytest.FixtureRequest) -> AsyncIterator[Engin
     await backend.start()
     async with serve_app(create_app(backend, ApiSettings())) as url:
         yield OpenAIEngine(
-            EngineSettings(backend="openai", openai_base_url=f"{url}/v1", **GREEDY),
+            EngineSettings(
+                backend="openai", openai_base_url=f"{url}/v1", **operator_settings(request)
+            ),
             retry=FAST_RETRY,
         )
     await backend.close()
@@ -64,14 +82,14 @@ async def openai_over_api(request: pytest.FixtureRequest) -> AsyncIterator[Engin
 
 @contextlib.asynccontextmanager
 async def openai_over_fake(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    async with FakeOpenAIServer() as server:
+    async with FakeOpenAIServer(sampling=True) as server:
         yield OpenAIEngine(
             EngineSettings(
                 backend="openai",
                 openai_base_url=server.url,
                 base_model_name="base-model-id",
                 finetuned_model_name="freeski-lora",
-                **GREEDY,
+                **operator_settings(request),
             ),
             retry=FAST_RETRY,
         )
@@ -85,7 +103,10 @@ async def local(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     model_dir: Path = request.getfixturevalue("tiny_model_dir")
     adapter_dir: Path = request.getfixturevalue("tiny_adapter_dir")
     settings = EngineSettings(
-        base_model=str(model_dir), adapter_path=adapter_dir, max_batch=8, **GREEDY
+        base_model=str(model_dir),
+        adapter_path=adapter_dir,
+        max_batch=8,
+        **operator_settings(request),
     )
     yield local_engine.LocalEngine(
         settings, model_and_tokenizer=request.getfixturevalue("tiny_loaded")
@@ -95,8 +116,6 @@ async def local(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
 @contextlib.asynccontextmanager
 async def grounded_openai_over_fake(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     """The grounding wrapper keeps the contract: a vLLM-like server, the sample forum's store."""
-    from bot.serving.grounding import GroundedEngine
-
     store: Path = request.getfixturevalue("forum_store")
     async with openai_over_fake(request) as inner:
         yield GroundedEngine(inner, store, 3)
@@ -109,6 +128,12 @@ ENGINES: dict[str, EngineFactory] = {
     "grounded-openai-over-fake": grounded_openai_over_fake,
     "local": local,
 }
+
+
+@pytest.fixture
+def operator() -> dict[str, Any]:
+    """Greedy, so every engine's answers can be compared; the sampling tests override it."""
+    return GREEDY
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +261,102 @@ def test_the_factory_builds_the_configured_backend() -> None:
     local = build_engine(EngineSettings(backend="local"))
     assert isinstance(local, CountedEngine)
     assert isinstance(local.inner, local_engine.LocalEngine)
+
+
+class TestEachRequestSamplesAsItAsks:
+    """An operator who samples, and requests that ask for their own sampling."""
+
+    @pytest.fixture
+    def operator(self) -> dict[str, Any]:
+        return SAMPLED
+
+    async def test_temperature_zero_gives_the_same_answer_twice(self, engine: Engine) -> None:
+        greedy = Sampling(temperature=0.0)
+        first, second = [
+            (await engine.generate(QUESTION, max_new_tokens=6, sampling=greedy)).text
+            for _ in range(2)
+        ]
+        assert first == second
+
+    async def test_a_seed_gives_the_same_answer_alone_and_in_a_busy_batch(
+        self, engine: Engine
+    ) -> None:
+        seeded = Sampling(seed=1234)  # sampled at the operator's temperature
+        alone = await engine.generate(QUESTION, max_new_tokens=6, sampling=seeded)
+        others: list[list[Message]] = [
+            [{"role": "user", "content": f"Best {topic}?"}] for topic in ("skis", "boots", "wax")
+        ]
+        busy = await asyncio.gather(
+            engine.generate(QUESTION, max_new_tokens=6, sampling=seeded),
+            *(engine.generate(q, max_new_tokens=6) for q in others),
+            engine.generate(QUESTION, max_new_tokens=6, sampling=Sampling(seed=99)),
+        )
+        assert busy[0].text == alone.text
+        _, finetuned = await engine.compare(QUESTION, max_new_tokens=6, sampling=seeded)
+        assert finetuned.text == alone.text, "compare samples each row with the same seed"
+
+
+async def test_the_local_worker_and_an_openai_server_are_sent_the_same_conversation(
+    forum_store: Path,
+    tiny_model_dir: Path,
+    tiny_loaded: tuple[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The factory's boundary applies SYSTEM_PROMPT and the forum's passages once, for every
+    backend: what a front end sends is the user's conversation only."""
+    from bot.serving.local_engine import LocalEngine
+    from bot.serving.worker import GenerationRequest
+
+    conversation: list[Message] = [
+        {"role": "user", "content": "What do I need for waxing my skis at home?"},
+        {"role": "assistant", "content": "An iron and wax."},
+        {"role": "user", "content": "and a scraper?"},
+    ]
+    boundary = EngineSettings(system_prompt="Answer briefly.", forum_db=forum_store, **GREEDY)
+    local_settings = dataclasses.replace(boundary, base_model=str(tiny_model_dir))
+    local_backend = LocalEngine(local_settings, model_and_tokenizer=tiny_loaded)
+    local = around(local_backend, local_settings)
+    submitted: list[GenerationRequest] = []
+    await local.start()
+    try:
+        worker = local_backend.worker
+        submit = worker.submit
+
+        def spy(*requests: GenerationRequest) -> int:
+            submitted.extend(requests)
+            return submit(*requests)
+
+        monkeypatch.setattr(worker, "submit", spy)
+        answered_locally = await local.generate(conversation, variant="base", max_new_tokens=2)
+    finally:
+        await local.close()
+    async with FakeOpenAIServer() as server:
+        remote_settings = dataclasses.replace(
+            boundary, backend="openai", openai_base_url=server.url, base_model_name="base-model-id"
+        )
+        remote = around(OpenAIEngine(remote_settings, retry=FAST_RETRY), remote_settings)
+        await remote.start()
+        try:
+            answered_remotely = await remote.generate(conversation, variant="base")
+        finally:
+            await remote.close()
+
+    (request,) = submitted
+    sent = normalize_conversation([{**m} for m in request.messages])
+    assert sent == server.requests[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Answer briefly."}
+    assert "Forum posts that may help:" in sent[-1]["content"]
+    assert sent[1:3] == conversation[:2], "only the question is rewritten"
+    assert answered_locally.sources == answered_remotely.sources != ()
+
+
+def test_the_boundary_puts_each_stage_around_the_backend_once(forum_store: Path) -> None:
+    settings = EngineSettings(
+        backend="openai", system_prompt="Answer briefly.", forum_db=forum_store
+    )
+    counted = build_engine(settings)
+    assert isinstance(counted.inner, SystemPrompted)
+    assert isinstance(counted.inner.inner, GroundedEngine)
+    assert isinstance(counted.inner.inner.inner, OpenAIEngine)
+    plain = build_engine(EngineSettings(backend="openai"))
+    assert isinstance(plain.inner, OpenAIEngine), "no stage without its setting"

@@ -18,6 +18,7 @@ from bot.serving.engine import (
     EngineUnavailable,
     Message,
     RequestTooLong,
+    Sampling,
 )
 from bot.serving.openai_engine import (
     CUT_OFF,
@@ -26,6 +27,7 @@ from bot.serving.openai_engine import (
     RetryPolicy,
 )
 from bot.serving.settings import EngineSettings
+from finetune.chat import FALLBACK_STOP_STRINGS
 from tests.fake_openai import Failure, FakeOpenAIServer
 from tests.loopback import free_port
 from tests.scripted_engine import scripted_words
@@ -105,7 +107,8 @@ async def test_max_new_tokens_is_sent_and_a_cut_answer_says_length(
     assert (answer.finish_reason, answer.completion_tokens) == ("length", 2)
 
 
-async def test_system_prompt_goes_first_and_api_key_as_bearer() -> None:
+async def test_the_conversation_goes_as_given_and_the_api_key_as_bearer() -> None:
+    """SYSTEM_PROMPT is the factory's boundary's to add (SystemPrompted), not the backend's."""
     async with (
         FakeOpenAIServer(api_key="sk-local-test") as server,
         running(
@@ -116,8 +119,40 @@ async def test_system_prompt_goes_first_and_api_key_as_bearer() -> None:
     ):
         await engine.generate(QUESTION)
     assert server.headers[-1]["Authorization"] == "Bearer sk-local-test"
-    assert server.requests[-1]["messages"][0] == {"role": "system", "content": "Answer briefly."}
-    assert server.requests[-1]["messages"][1:] == QUESTION
+    assert server.requests[-1]["messages"] == QUESTION
+
+
+def sampling_sent(body: dict[str, object]) -> dict[str, object]:
+    names = ("temperature", "top_p", "seed", "stop", "repetition_penalty")
+    return {name: body[name] for name in names if name in body}
+
+
+async def test_a_requests_sampling_goes_to_the_server_and_the_operators_fills_the_rest(
+    server: FakeOpenAIServer,
+) -> None:
+    operator = settings_for(server.url, temperature=0.7, top_p=0.9, repetition_penalty=1.15)
+    asked = Sampling(temperature=0.0, top_p=0.5, seed=42, stop=("\n\n",), repetition_penalty=1.3)
+    async with running(operator) as engine:
+        await engine.generate(QUESTION, sampling=asked)
+        await engine.generate(QUESTION, sampling=Sampling(seed=7))
+        await engine.generate(QUESTION)
+        await engine.compare(QUESTION, sampling=asked)
+    fallbacks = list(FALLBACK_STOP_STRINGS)
+    own = {
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "seed": 42,
+        "stop": ["\n\n", *fallbacks][:4],  # OpenAI takes four: the request's come first
+        "repetition_penalty": 1.3,
+    }
+    operators = {"temperature": 0.7, "top_p": 0.9, "stop": fallbacks, "repetition_penalty": 1.15}
+    assert [sampling_sent(body) for body in server.requests] == [
+        own,
+        {**operators, "seed": 7},
+        operators,
+        own,
+        own,
+    ]
 
 
 async def test_a_wrong_api_key_is_not_retried_and_tells_the_user_to_ask_the_operator(

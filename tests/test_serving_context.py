@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from bot.serving.context import with_system_prompt
-from bot.serving.engine import Message
+from bot.serving.context import SystemPrompted, with_system_prompt
+from bot.serving.engine import Message, Sampling
+from tests.scripted_engine import ScriptedEngine
 
 QUESTION: list[Message] = [{"role": "user", "content": "wax for spring slush?"}]
 
@@ -27,3 +28,25 @@ def test_a_conversation_with_its_own_system_message_keeps_it_and_twice_is_once()
     assert with_system_prompt(own, "Answer briefly.") == own
     once = with_system_prompt(QUESTION, "Answer briefly.")
     assert with_system_prompt(once, "Answer briefly.") == once
+
+
+async def test_the_system_prompt_stage_leads_every_request_and_passes_the_rest_on() -> None:
+    backend = ScriptedEngine()
+    engine = SystemPrompted(backend, "Answer briefly.")
+    await engine.start()
+    own: list[Message] = [{"role": "system", "content": "Talk like a pirate."}, *QUESTION]
+    seeded = Sampling(seed=3)
+    await engine.generate(QUESTION, variant="base", max_new_tokens=2, sampling=seeded)
+    await engine.generate(own, variant="base")
+    await engine.compare(QUESTION, sampling=seeded)
+    led = [{"role": "system", "content": "Answer briefly."}, *QUESTION]
+    assert backend.requests == [
+        ("base", led, 2),
+        ("base", own, None),
+        ("base", led, None),
+        ("finetuned", led, None),
+    ]
+    assert backend.samplings == [seeded, None, seeded, seeded]
+    assert engine.status().backend == "scripted"
+    await engine.close()
+    assert not backend.ready

@@ -3,10 +3,17 @@
 Kept apart from the routes so the wire format can be read (and tested) on its
 own, as vLLM keeps its protocol models apart from its serving code. Requests
 are validated by pydantic models with the ranges OpenAI documents
-(``temperature`` 0–2, ``top_p`` 0–1, penalties −2–2, at most four ``stop``
+(``temperature`` 0–2, ``top_p`` above 0 up to 1, at most four ``stop``
 strings); every problem becomes one 400 whose ``param`` names the field, as
-OpenAI's own errors do. Fields this API does not use are accepted and ignored,
-so clients written for OpenAI or vLLM work unchanged.
+OpenAI's own errors do. Fields this API does not use (``user``, ``logprobs``…)
+are accepted and ignored, so clients written for OpenAI or vLLM work unchanged.
+
+Sampling is the request's: ``temperature``, ``top_p``, ``seed``, ``stop`` and
+vLLM's ``repetition_penalty`` extension become the engine's
+:class:`~bot.serving.engine.Sampling`, and what a request leaves out takes the
+operator's settings. ``presence_penalty`` and ``frequency_penalty`` have no
+equivalent in the engines: 0 (OpenAI's default) is accepted, any other value
+is refused rather than silently ignored.
 
 Whatever a client sends is answered with a 4xx, never a 500: a body nested
 too deep or holding a number too long to read is refused by
@@ -44,7 +51,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from bot.serving.context import ConversationError, lone_surrogate_at, normalize_conversation
-from bot.serving.engine import Answer, FinishReason, Message, Variant
+from bot.serving.engine import (
+    MAX_STOP_STRINGS,
+    Answer,
+    FinishReason,
+    Message,
+    Sampling,
+    Variant,
+)
 from bot.serving.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -145,8 +159,10 @@ Content = Annotated[
     WrapValidator(_as_one_error("must be a string or a list of {'type': 'text', 'text': …} parts")),
 ]
 Stop = Annotated[
-    StrictStr | Annotated[list[StrictStr], Field(max_length=4)],
-    WrapValidator(_as_one_error("must be a string or a list of at most 4 strings")),
+    StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)],
+    WrapValidator(
+        _as_one_error(f"must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+    ),
 ]
 Number = Annotated[float, Field(strict=True)]  # a JSON number; "0.7" (a string) is refused
 
@@ -181,14 +197,17 @@ class ChatCompletionRequest(_Model):
     n: Literal[1] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    # Sampling is the operator's (the engine settings decide it, as for Discord); these
-    # are checked so a client learns of a mistake, then ignored.
+    # This request's sampling; what it leaves out (None) takes the operator's settings.
     temperature: Number | None = Field(None, ge=0, le=2)
-    top_p: Number | None = Field(None, ge=0, le=1)
-    presence_penalty: Number | None = Field(None, ge=-2, le=2)
-    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
     stop: Stop | None = None
-    seed: StrictInt | None = None
+    # The range torch's generators take, so no seed fails only once it reaches the model.
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
+    # Extension (vLLM's): above 1 makes tokens already in the conversation less likely.
+    repetition_penalty: Number | None = Field(None, gt=0)
+    # No engine has these: 0, OpenAI's default, is all this API takes (see the validator).
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
     user: StrictStr | None = None
     # Extension: false answers without the forum's passages (FORUM_DB), e.g. to evaluate.
     grounding: StrictBool = True
@@ -204,6 +223,29 @@ class ChatCompletionRequest(_Model):
                 {"model": model, "names": ", ".join(sorted(models))},
             )
         return model
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
+            raise PydanticCustomError(
+                "unsupported",
+                "{value} is not supported (only 0 is): use 'repetition_penalty' instead, "
+                "above 1 to make repeats less likely",
+                {"value": value},
+            )
+        return value
+
+    def sampling(self) -> Sampling:
+        """The engine's form of this request's sampling fields."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=stop,
+        )
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -229,6 +271,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     grounding: bool = True
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 def model_names(engine_settings: EngineSettings | None = None) -> dict[str, Variant]:
@@ -302,6 +345,7 @@ def parse_chat_request(
         stream=request.stream,
         include_usage=options.include_usage,
         grounding=request.grounding,
+        sampling=request.sampling(),
     )
 
 

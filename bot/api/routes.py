@@ -28,7 +28,6 @@ from bot.api.protocol import (
 )
 from bot.api.settings import ApiSettings
 from bot.api.webchat import add_webchat_routes
-from bot.serving.context import with_system_prompt
 from bot.serving.engine import (
     Answer,
     Engine,
@@ -61,14 +60,12 @@ class ChatApi:
         engine: Engine,
         settings: ApiSettings,
         models: Mapping[str, Variant],
-        system_prompt: str = "",
         on_answer: OnAnswer | None = None,
     ) -> None:
         self._engine = engine
         self._on_answer = on_answer
         self._settings = settings
         self._models = dict(models)
-        self._system_prompt = system_prompt
         self._created = int(time.time())
         self._rate_limit = RateLimiter(settings.rate_limit_per_minute)
 
@@ -102,10 +99,6 @@ class ChatApi:
             max_tokens_cap=self._settings.max_tokens_cap,
             max_messages=self._settings.max_messages,
         )
-        # SYSTEM_PROMPT leads here as on Discord, whichever engine answers.
-        chat = dataclasses.replace(
-            chat, messages=with_system_prompt(chat.messages, self._system_prompt)
-        )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             return await self._stream(request, chat, completion_id)
@@ -113,6 +106,7 @@ class ChatApi:
             chat.messages,
             variant=chat.variant,
             max_new_tokens=chat.max_tokens,
+            sampling=chat.sampling,
             grounding=chat.grounding,
         )
         self._answered(completion_id, chat, answer)
@@ -134,6 +128,7 @@ class ChatApi:
                 variant=chat.variant,
                 max_new_tokens=chat.max_tokens,
                 on_text=pieces.put_nowait,
+                sampling=chat.sampling,
                 grounding=chat.grounding,
             )
         )
@@ -209,13 +204,8 @@ def create_app(
 
     With ``feedback``, answers are recorded and ``POST /v1/feedback`` takes votes on them.
     """
-    system_prompt = engine_settings.system_prompt if engine_settings is not None else ""
     api = ChatApi(
-        engine,
-        settings,
-        model_names(engine_settings),
-        system_prompt,
-        feedback.record if feedback else None,
+        engine, settings, model_names(engine_settings), feedback.record if feedback else None
     )
     app = web.Application(
         client_max_size=settings.max_request_bytes,

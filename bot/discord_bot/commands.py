@@ -35,7 +35,6 @@ from bot.discord_bot.replies import (
     ReplyTarget,
 )
 from bot.discord_bot.settings import BotSettings
-from bot.serving.context import with_system_prompt
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
 from bot.serving.ratelimit import RateLimiter
 
@@ -99,9 +98,7 @@ class AnswerCog(commands.Cog):
             return
         await message.channel.typing()
         chain = await self.chains.chain(message)
-        messages = chain_to_messages(
-            chain, max_chars=CONTEXT_CHARS, system_prompt=self.settings.engine.system_prompt
-        )
+        messages = chain_to_messages(chain, max_chars=CONTEXT_CHARS)
         target = MessageReply(message)
         waiting = self.engine.status().queue_depth
         if waiting:
@@ -180,8 +177,7 @@ class AnswerCog(commands.Cog):
     # ---- shared parts ------------------------------------------------------------------
 
     def _question(self, question: str) -> list[Message]:
-        question_only: list[Message] = [{"role": "user", "content": question.strip()}]
-        return with_system_prompt(question_only, self.settings.engine.system_prompt)
+        return [{"role": "user", "content": question.strip()}]
 
     def _default_variant(self) -> Variant:
         return "finetuned" if self.engine.status().adapter else "base"

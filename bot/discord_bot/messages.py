@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bot.serving.context import trim_oldest_first, with_system_prompt
+from bot.serving.context import trim_oldest_first
 from bot.serving.engine import Message
 
 if TYPE_CHECKING:
@@ -85,9 +85,7 @@ class ChainMessage:
     content: str
 
 
-def chain_to_messages(
-    chain: Iterable[ChainMessage], *, max_chars: int, system_prompt: str = ""
-) -> list[Message]:
+def chain_to_messages(chain: Iterable[ChainMessage], *, max_chars: int) -> list[Message]:
     """Turn a reply chain (oldest first) into a chat the Mistral template accepts.
 
     The template wants user/assistant turns alternating and starting with the
@@ -109,8 +107,7 @@ def chain_to_messages(
         turns.pop(0)
     while turns and turns[-1]["role"] != "user":  # the newest turn is the question
         turns.pop()
-    kept = trim_oldest_first(turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars)
-    return with_system_prompt(kept, system_prompt)
+    return trim_oldest_first(turns, lambda kept: sum(len(m["content"]) for m in kept) <= max_chars)
 
 
 def sources_block(passages: Sequence[Passage], limit: int = DISCORD_MESSAGE_LIMIT) -> str:

@@ -1,15 +1,18 @@
 """Shaping a conversation for the model: the operator's system prompt, and trimming to fit.
 
-Every front end, the worker and the OpenAI-compatible engine use these, so
-what the model sees of a long reply chain, and whether ``SYSTEM_PROMPT`` leads
-it, does not depend on where the question came from or which backend answers.
+``SYSTEM_PROMPT`` is applied in one place, :class:`SystemPrompted`, the stage
+:func:`~bot.serving.factory.build_engine` puts around every backend: front
+ends pass the user's conversation only, so the local worker and an
+OpenAI-compatible server are sent the same conversation whichever front end
+asked. Trimming is shared by the worker and the Discord front end, so what the
+model sees of a long reply chain does not depend on where the question came from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from bot.serving.engine import Message
+from bot.serving.engine import Answer, Engine, EngineStatus, Message, OnText, Sampling, Variant
 
 # The one normalization of a conversation (roles merged, one system message first), shared
 # with training and the templates; front ends reach it through here.
@@ -17,6 +20,7 @@ from finetune.chat import ConversationError, normalize_conversation
 
 __all__ = [
     "ConversationError",
+    "SystemPrompted",
     "lone_surrogate_at",
     "normalize_conversation",
     "trim_oldest_first",
@@ -28,13 +32,69 @@ def with_system_prompt(messages: Sequence[Message], system_prompt: str) -> list[
     """``messages`` led by the operator's ``SYSTEM_PROMPT``, unless it is empty or one leads already.
 
     A conversation that brings its own system message (an API client's) keeps
-    it; applying this twice changes nothing, so a front end and an engine may
-    both call it.
+    it; applying this twice changes nothing.
     """
     chat = list(messages)
     if system_prompt and (not chat or chat[0]["role"] != "system"):
         chat.insert(0, {"role": "system", "content": system_prompt})
     return chat
+
+
+class SystemPrompted:
+    """An :class:`~bot.serving.engine.Engine` whose every conversation ``SYSTEM_PROMPT`` leads.
+
+    The one owner of the operator's system prompt (see this module's
+    docstring); everything else is passed through unchanged.
+    """
+
+    def __init__(self, inner: Engine, system_prompt: str) -> None:
+        self.inner = inner
+        self.system_prompt = system_prompt
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        variant: Variant = "finetuned",
+        max_new_tokens: int | None = None,
+        on_text: OnText | None = None,
+        sampling: Sampling | None = None,
+        grounding: bool = True,
+    ) -> Answer:
+        return await self.inner.generate(
+            with_system_prompt(messages, self.system_prompt),
+            variant=variant,
+            max_new_tokens=max_new_tokens,
+            on_text=on_text,
+            sampling=sampling,
+            grounding=grounding,
+        )
+
+    async def compare(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[Variant, str], None] | None = None,
+        sampling: Sampling | None = None,
+        grounding: bool = True,
+    ) -> tuple[Answer, Answer]:
+        return await self.inner.compare(
+            with_system_prompt(messages, self.system_prompt),
+            max_new_tokens=max_new_tokens,
+            on_text=on_text,
+            sampling=sampling,
+            grounding=grounding,
+        )
+
+    def status(self) -> EngineStatus:
+        return self.inner.status()
 
 
 def trim_oldest_first(

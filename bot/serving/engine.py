@@ -39,6 +39,11 @@ def stream_for(on_text: Callable[[Variant, str], None] | None, variant: Variant)
     return lambda delta: on_text(variant, delta)
 
 
+# The most stop strings one request may carry: OpenAI's limit, so a request this API takes
+# can be passed on to any OpenAI-compatible server.
+MAX_STOP_STRINGS = 4
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one request samples; a field left ``None`` takes the engine's configured value.
@@ -47,6 +52,8 @@ class Sampling:
     worker applies them per row of a shared batch, so two users' settings
     never mix. ``temperature=0`` is greedy. A ``seed`` makes a sampled answer
     repeatable: the same seed gives the same answer alone or in any batch.
+    ``stop`` ends the answer before the first of these strings (the operator
+    sets none, so it is the request's alone).
     """
 
     temperature: float | None = None

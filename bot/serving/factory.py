@@ -1,17 +1,25 @@
 """Build the configured :class:`~bot.serving.engine.Engine`; the one place that knows the backends.
 
 The local engine is imported only when it is chosen: a bot that answers
-through a vLLM server never imports torch. Whichever it is, it comes wrapped
-in :class:`~bot.serving.metrics.CountedEngine`, so every backend's answers are
-counted once and the same way; with ``FORUM_DB`` set, inside that, in
-:class:`~bot.serving.grounding.GroundedEngine`, so every backend is grounded
-the same way and the counts see the grounded answer.
+through a vLLM server never imports torch. Whichever it is, it gets the same
+boundary (:func:`around`), outermost first:
+
+- :class:`~bot.serving.metrics.CountedEngine`, so every backend's answers are
+  counted once and the same way;
+- :class:`~bot.serving.context.SystemPrompted` when ``SYSTEM_PROMPT`` is set,
+  the one place the operator's system prompt is applied;
+- :class:`~bot.serving.grounding.GroundedEngine` when ``FORUM_DB`` is set, the
+  one place the forum's passages are laid into the question.
+
+So the local worker and an OpenAI-compatible server are sent the same final
+conversation, and the counts see the grounded answer.
 """
 
 from __future__ import annotations
 
 import logging
 
+from bot.serving.context import SystemPrompted
 from bot.serving.engine import Engine
 from bot.serving.metrics import CountedEngine
 from bot.serving.settings import EngineSettings
@@ -21,17 +29,24 @@ log = logging.getLogger(__name__)
 
 def build_engine(settings: EngineSettings) -> CountedEngine:
     """The engine ``INFERENCE_BACKEND`` names, not yet started."""
-    backend = _backend(settings)
+    return around(_backend(settings), settings)
+
+
+def around(backend: Engine, settings: EngineSettings) -> CountedEngine:
+    """``backend`` inside the boundary every engine answers through (this module's docstring)."""
+    engine = backend
     if settings.forum_db is not None:
         from bot.serving.grounding import GroundedEngine
 
-        backend = GroundedEngine.from_settings(backend, settings)
+        engine = GroundedEngine.from_settings(engine, settings)
     else:
         log.warning(
             "grounding off: FORUM_DB is not set, answers come without forum sources "
             "(set FORUM_DB to a crawled store to ground them)"
         )
-    return CountedEngine(backend)
+    if settings.system_prompt:
+        engine = SystemPrompted(engine, settings.system_prompt)
+    return CountedEngine(engine)
 
 
 def _backend(settings: EngineSettings) -> Engine:

@@ -3,7 +3,8 @@
 One wrapper around whichever backend answers (the local worker or an
 OpenAI-compatible server), applied by :func:`~bot.serving.factory.build_engine`
 when ``FORUM_DB`` is set, so every front end (Discord, console, HTTP API, web
-chat) is grounded the same way, as every one gets the same system prompt.
+chat) is grounded the same way, as the system prompt beside it
+(:class:`~bot.serving.context.SystemPrompted`) is applied the same way.
 
 For each request the conversation's question is searched in the forum store
 (:class:`crawl.search.Retriever`, read-only, beside a crawl that may be
@@ -168,11 +169,13 @@ class GroundedEngine:
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> Answer:
-        extra = {"sampling": sampling} if sampling is not None else {}
-
         async def ask(prompt: list[Message]) -> Answer:
             return await self.inner.generate(
-                prompt, variant=variant, max_new_tokens=max_new_tokens, on_text=on_text, **extra
+                prompt,
+                variant=variant,
+                max_new_tokens=max_new_tokens,
+                on_text=on_text,
+                sampling=sampling,
             )
 
         passages = await self._passages(messages) if grounding else []
@@ -188,11 +191,9 @@ class GroundedEngine:
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
-        extra = {"sampling": sampling} if sampling is not None else {}
-
         async def ask(prompt: list[Message]) -> tuple[Answer, Answer]:
             return await self.inner.compare(
-                prompt, max_new_tokens=max_new_tokens, on_text=on_text, **extra
+                prompt, max_new_tokens=max_new_tokens, on_text=on_text, sampling=sampling
             )
 
         passages = await self._passages(messages) if grounding else []

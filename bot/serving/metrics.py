@@ -36,6 +36,7 @@ from bot.serving.engine import (
     EngineUnavailable,
     Message,
     OnText,
+    Sampling,
     Variant,
 )
 
@@ -139,6 +140,7 @@ class CountedEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> Answer:
         try:
@@ -147,6 +149,7 @@ class CountedEngine:
                 variant=variant,
                 max_new_tokens=max_new_tokens,
                 on_text=on_text,
+                sampling=sampling,
                 grounding=grounding,
             )
         except (Exception, asyncio.CancelledError) as error:
@@ -161,11 +164,16 @@ class CountedEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         try:
             base, finetuned = await self.inner.compare(
-                messages, max_new_tokens=max_new_tokens, on_text=on_text, grounding=grounding
+                messages,
+                max_new_tokens=max_new_tokens,
+                on_text=on_text,
+                sampling=sampling,
+                grounding=grounding,
             )
         except (Exception, asyncio.CancelledError) as error:
             for variant in VARIANTS:

@@ -16,6 +16,12 @@ retry would repeat it, so a failure after that point ends the answer. Every
 failure reaches the caller as an :class:`~bot.serving.engine.EngineError` whose
 message can be shown to the user; the details an operator needs go to the log.
 
+Each request samples as its caller asked (:class:`~bot.serving.engine.Sampling`):
+``temperature``, ``top_p``, ``seed`` and ``stop`` are OpenAI's own fields and
+go to the server as sent, the operator's settings filling what was left out.
+A request's ``stop`` strings come first; the template markers of
+:data:`~finetune.chat.FALLBACK_STOP_STRINGS` fill the rest of OpenAI's four.
+
 Servers differ in what they accept beyond OpenAI's fields: vLLM takes
 ``repetition_penalty``, OpenAI and ``transformers serve`` refuse the request
 (422 "Unexpected fields"). The engine sends the extensions
@@ -47,8 +53,8 @@ from tenacity import (
 )
 
 from bot.serving import metrics
-from bot.serving.context import with_system_prompt
 from bot.serving.engine import (
+    MAX_STOP_STRINGS,
     VARIANTS,
     Answer,
     EngineBusy,
@@ -61,6 +67,7 @@ from bot.serving.engine import (
     Message,
     OnText,
     RequestTooLong,
+    Sampling,
     Variant,
     stream_for,
 )
@@ -171,11 +178,12 @@ class OpenAIEngine:
         variant: Variant = "finetuned",
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
+        sampling: Sampling | None = None,
         grounding: bool = True,  # grounding happens above the backend (GroundedEngine)
     ) -> Answer:
         if variant not in self._model_names:
             raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
-        return await self._generate(messages, variant, max_new_tokens, on_text)
+        return await self._generate(messages, variant, max_new_tokens, on_text, sampling)
 
     async def compare(
         self,
@@ -183,6 +191,7 @@ class OpenAIEngine:
         *,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
+        sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         # Both requests go out at once so the server can batch them together.
@@ -193,6 +202,7 @@ class OpenAIEngine:
                     variant=variant,
                     max_new_tokens=max_new_tokens,
                     on_text=stream_for(on_text, variant),
+                    sampling=sampling,
                 )
             )
             for variant in VARIANTS
@@ -231,6 +241,7 @@ class OpenAIEngine:
         variant: Variant,
         max_new_tokens: int | None,
         on_text: OnText | None,
+        sampling: Sampling | None,
     ) -> Answer:
         if self._client is None or self._closed:
             raise EngineUnavailable("The bot is not answering right now (its engine is stopped).")
@@ -239,7 +250,7 @@ class OpenAIEngine:
             raise EngineBusy(retry_after_s=max(1.0, self._recent_latency_s))
         limit = self._settings.max_new_tokens  # MAX_NEW_TOKENS caps every answer, as locally
         max_tokens = min(max_new_tokens or limit, limit)
-        request = self._request(messages, variant, max_tokens)
+        request = self._request(messages, variant, max_tokens, sampling or Sampling())
         timeout_s = self._settings.request_timeout_s
         started = time.monotonic()
         self._in_flight += 1
@@ -277,31 +288,38 @@ class OpenAIEngine:
         )
 
     def _request(
-        self, messages: Sequence[Message], variant: Variant, max_tokens: int
+        self, messages: Sequence[Message], variant: Variant, max_tokens: int, sampling: Sampling
     ) -> dict[str, Any]:
         """The keyword arguments of ``chat.completions.create`` for one answer."""
         # Normalized as the local engine does: a peer's template may refuse two user turns.
         chat = normalize_conversation(
             [{"role": m["role"], "content": m["content"]} for m in messages]
         )
+        operator = self._settings
         request: dict[str, Any] = {
             "model": self._model_names[variant],
-            "messages": with_system_prompt(chat, self._settings.system_prompt),  # type: ignore[arg-type]
+            "messages": chat,
             "max_tokens": max_tokens,
-            "temperature": self._settings.temperature,
-            "top_p": self._settings.top_p,
-            "stop": list(FALLBACK_STOP_STRINGS),
+            "temperature": _or(sampling.temperature, operator.temperature),
+            "top_p": _or(sampling.top_p, operator.top_p),
+            "stop": _stop_strings(sampling.stop),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        extensions = self._sampling_extensions()
+        if sampling.seed is not None:
+            request["seed"] = sampling.seed
+        extensions = self._sampling_extensions(sampling)
         if extensions:
             request["extra_body"] = extensions
         return request
 
-    def _sampling_extensions(self) -> dict[str, Any]:
+    def _sampling_extensions(self, sampling: Sampling) -> dict[str, Any]:
         """The non-OpenAI sampling fields this server takes, where they change anything."""
-        wanted = {"repetition_penalty": self._settings.repetition_penalty}
+        wanted = {
+            "repetition_penalty": _or(
+                sampling.repetition_penalty, self._settings.repetition_penalty
+            )
+        }
         neutral = {"repetition_penalty": 1.0}
         return {
             name: value
@@ -501,6 +519,17 @@ def _without_credentials(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _or(asked: float | None, operator: float) -> float:
+    """The request's own value, else the operator's."""
+    return operator if asked is None else asked
+
+
+def _stop_strings(asked: Sequence[str]) -> list[str]:
+    """The request's stop strings, then the template markers, at most OpenAI's four."""
+    stop = list(dict.fromkeys([*asked, *FALLBACK_STOP_STRINGS]))
+    return stop[:MAX_STOP_STRINGS]
 
 
 def _finish_reason(reported: str | None, completion_tokens: int, max_tokens: int) -> FinishReason:
