@@ -97,7 +97,7 @@ def default_user_agent() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from crawl.newschoolers import DEFAULT_FORUM_URL
-    from crawl.site import SITES
+    from crawl.site_loader import SITES
 
     parser = ArgumentParser(
         prog="python -m crawl",
@@ -330,7 +330,7 @@ def fetch_main(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from crawl.crawler import CrawlOptions, crawl
-    from crawl.site import get_site
+    from crawl.site_loader import get_site
     from crawl.store import Store
 
     fetch_options = FetchOptions(
@@ -403,7 +403,7 @@ def index_main(args: argparse.Namespace) -> int:
 
 def check_main(args: argparse.Namespace) -> int:
     from crawl.check import check_page, fetch_page, is_url, read_saved
-    from crawl.site import get_site
+    from crawl.site_loader import get_site
 
     if is_url(args.target):
         options = FetchOptions(
