@@ -33,7 +33,7 @@ from bot.serving.engine import (
 )
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 from tests.loopback import api_url_from_log, serve_app
 from tests.scripted_engine import ScriptedEngine, scripted_words
 

@@ -320,7 +320,7 @@ async def test_export_turns_those_clicks_into_both_files(world: World, tmp_path:
 
 
 async def test_an_unusable_feedback_db_is_one_line(tmp_path: Path) -> None:
-    from finetune.errors import UserError
+    from freeski_common.errors import UserError
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
