@@ -88,7 +88,7 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=VOTE_TEMPLA
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: Any, /
+        cls, interaction: discord.Interaction, _item: discord.ui.Item[Any], match: Any, /
     ) -> VoteButton:
         return cls(match[0])
 
