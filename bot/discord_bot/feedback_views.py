@@ -17,9 +17,9 @@ import asyncio
 import logging
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import discord
 
@@ -76,15 +76,16 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=VOTE_TEMPLA
     def __init__(self, custom_id: str) -> None:
         match = re.fullmatch(VOTE_TEMPLATE, custom_id)
         assert match is not None, custom_id
-        look = (
-            {"emoji": RATING_EMOJI[match["rating"]]}
-            if match["answer"]
-            else {"label": CHOICE_LABELS[match["choice"]]}
-        )
-        super().__init__(
-            discord.ui.Button(style=discord.ButtonStyle.secondary, custom_id=custom_id, **look)
-        )
         self.vote = match
+        rating, choice = match["rating"], match["choice"]
+        super().__init__(
+            discord.ui.Button(
+                style=discord.ButtonStyle.secondary,
+                custom_id=custom_id,
+                emoji=RATING_EMOJI[rating] if rating else None,
+                label=CHOICE_LABELS[choice] if choice else None,
+            )
+        )
 
     @classmethod
     async def from_custom_id(
@@ -92,18 +93,20 @@ class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=VOTE_TEMPLA
     ) -> VoteButton:
         return cls(match[0])
 
+    def _count(self, feedback: DiscordFeedback, voter: str) -> Awaitable[str]:
+        vote = self.vote
+        # cast: VOTE_TEMPLATE admits only the values of Rating and Choice.
+        if vote["answer"]:
+            return feedback.vote_answer(vote["answer"], voter, cast(Rating, vote["rating"]))
+        return feedback.vote_pair(vote["pair"], voter, cast(Choice, vote["choice"]))
+
     async def callback(self, interaction: discord.Interaction) -> None:
         """Count the click and tell the clicker, privately, within Discord's deadline."""
         feedback = self.feedback
         if feedback is None or feedback.closed:
             await _tell(interaction, OFF)
             return
-        voter = f"discord:{interaction.user.id}"
-        task = asyncio.ensure_future(
-            feedback.vote_answer(self.vote["answer"], voter, self.vote["rating"])
-            if self.vote["answer"]
-            else feedback.vote_pair(self.vote["pair"], voter, self.vote["choice"])
-        )
+        task = asyncio.ensure_future(self._count(feedback, f"discord:{interaction.user.id}"))
         done, _ = await asyncio.wait({task}, timeout=ACK_BUDGET_S)
         if not done:  # the store is slow (a long write elsewhere): ack now, answer when it lands
             await interaction.response.defer(ephemeral=True, thinking=True)
@@ -136,10 +139,13 @@ class DiscordFeedback:
         self.store = store
         self.provenance = provenance
         self.closed = False
+        owner = self
+
+        class BoundVoteButton(VoteButton, template=VOTE_TEMPLATE):
+            feedback = owner
+
         # The button class whose clicks count here: the client registers it in setup_hook.
-        self.button: type[VoteButton] = type(
-            "BoundVoteButton", (VoteButton,), {"feedback": self}, template=VOTE_TEMPLATE
-        )
+        self.button: type[VoteButton] = BoundVoteButton
 
     @classmethod
     async def open(cls, path: Path, engine: EngineSettings) -> DiscordFeedback:
