@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from crawl.layout import question_of
-from finetune.errors import UserError, cli_entry
+from freeski_common.errors import UserError, cli_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "smollm2-135m-instruct"

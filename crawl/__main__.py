@@ -96,8 +96,7 @@ def default_user_agent() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from crawl.newschoolers import DEFAULT_FORUM_URL
-    from crawl.site import SITES
+    from crawl.site_loader import SITES, get_site
 
     parser = ArgumentParser(
         prog="python -m crawl",
@@ -109,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--forum-url",
         metavar="URL",
-        default=DEFAULT_FORUM_URL,
-        help="the forum's first listing page (default: %(default)s)",
+        help="the forum's first listing page (default: the --site's own, "
+        + ", ".join(f"{name}: {get_site(name).default_forum_url}" for name in sorted(SITES))
+        + ")",
     )
     fetch.add_argument(
         "--db",
@@ -330,7 +330,7 @@ def fetch_main(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from crawl.crawler import CrawlOptions, crawl
-    from crawl.site import get_site
+    from crawl.site_loader import get_site
     from crawl.store import Store
 
     fetch_options = FetchOptions(
@@ -341,14 +341,15 @@ def fetch_main(args: argparse.Namespace) -> int:
         max_tries=args.max_tries,
         max_page_bytes=args.max_page_bytes,
     )
+    site = get_site(args.site)
     options = CrawlOptions(
-        forum_url=args.forum_url,
+        forum_url=args.forum_url or site.default_forum_url,
         max_threads=args.max_threads,
         pages_per_thread=args.pages_per_thread,
         refresh=args.refresh,
     )
     with Store.open(args.db) as store, logging_redirect_tqdm():
-        summary = asyncio.run(crawl(get_site(args.site), store, options, fetch_options))
+        summary = asyncio.run(crawl(site, store, options, fetch_options))
         counts = store.counts()
     print(summary.describe())
     print(
@@ -403,7 +404,7 @@ def index_main(args: argparse.Namespace) -> int:
 
 def check_main(args: argparse.Namespace) -> int:
     from crawl.check import check_page, fetch_page, is_url, read_saved
-    from crawl.site import get_site
+    from crawl.site_loader import get_site
 
     if is_url(args.target):
         options = FetchOptions(

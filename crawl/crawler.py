@@ -23,6 +23,7 @@ from crawl.errors import CrawlError
 from crawl.fetcher import Clock, Fetcher, FetchOptions, FetchResult
 from crawl.index import index_pending, index_thread
 from crawl.site import ForumSite, Markup, ParseError
+from crawl.states import ThreadState
 from crawl.store import PageRecord, Store, ThreadRow
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CrawlSummary:
     """What one run did; ``describe()`` is the end-of-crawl report."""
 
     threads: int = 0
-    thread_states: dict[str, int] = field(default_factory=dict)
+    thread_states: dict[ThreadState, int] = field(default_factory=dict)
     pages_fetched: int = 0
     pages_from_store: int = 0
     errors: int = 0
@@ -251,7 +252,7 @@ class Crawler:
                 refresh=False,
             )
 
-    async def _crawl_thread(self, thread: ThreadRow) -> str:
+    async def _crawl_thread(self, thread: ThreadRow) -> ThreadState:
         """Walk one thread's pages; returns its crawl state."""
         first_url = thread.url
         for number in range(1, self.options.pages_per_thread + 1):

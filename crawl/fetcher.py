@@ -39,6 +39,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_base
 
 from crawl.errors import CrawlError
+from crawl.states import FetchState
 from freeski_common.http import parse_retry_after
 
 DEFAULT_USER_AGENT = (
@@ -72,12 +73,11 @@ class FetchOptions:
 
 @dataclass(frozen=True)
 class FetchResult:
-    """The outcome for one URL. ``state`` is one of ok, not_modified, not_found, http_error,
-    fetch_error (retries exhausted) or disallowed (robots.txt)."""
+    """The outcome for one URL."""
 
     url: str
     final_url: str
-    state: str
+    state: FetchState
     status: int | None = None
     text: str = ""
     etag: str | None = None
@@ -398,7 +398,7 @@ def _charset(declared: str | None) -> str:
     return "utf-8"
 
 
-def _state_of(status: int) -> str:
+def _state_of(status: int) -> FetchState:
     if status == 200:
         return "ok"
     if status == 304:

@@ -3,7 +3,8 @@
 The crawler walks listings and thread pages through this interface only; every
 URL rule and selector of a real site lives in that site's module (see
 :mod:`crawl.newschoolers`). Adding a forum is one new module registered in
-:data:`SITES`, with no change to the crawler, the store or the dataset builder.
+:mod:`crawl.site_loader`, with no change to the crawler, the store or the
+dataset builder. Site modules import this interface; nothing here imports them.
 """
 
 from __future__ import annotations
@@ -34,11 +35,6 @@ class Markup:
     fallbacks: tuple[str, ...] = ()
     # Posts read out of another post whose unclosed tags had swallowed them.
     recovered: int = 0
-
-    @property
-    def unmatched(self) -> list[str]:
-        """The assumed selectors that matched nothing on this page."""
-        return [selector for selector, count in self.assumed.items() if count == 0]
 
 
 @dataclass(frozen=True)
@@ -137,19 +133,3 @@ class ForumSite(Protocol):
     def page_kind(self, html: str, url: str) -> str | None:
         """``"listing"`` or ``"thread"`` for a page (by its URL, else its content), or None."""
         ...
-
-
-def get_site(name: str) -> ForumSite:
-    """The site module registered under ``name``."""
-    if name not in SITES:
-        raise KeyError(name)
-    return SITES[name]()
-
-
-def _newschoolers() -> ForumSite:
-    from crawl.newschoolers import NewschoolersSite
-
-    return NewschoolersSite()
-
-
-SITES = {"newschoolers": _newschoolers}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from crawl.errors import CrawlError
 from crawl.site import Markup, Post, ThreadLink, ThreadPage
+from crawl.states import PageState, ThreadState
 
 SCHEMA_VERSION = "3"
 
@@ -132,7 +133,7 @@ MIGRATIONS = {
 
 # Pages in these states are kept on a rerun: the answer would not change by asking again.
 # fetch_error (retries exhausted) and disallowed (robots.txt may change) are looked at again.
-SETTLED_STATES = frozenset({"ok", "not_found", "http_error", "parse_error"})
+SETTLED_STATES: frozenset[PageState] = frozenset({"ok", "not_found", "http_error", "parse_error"})
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class PageRecord:
     url: str
     kind: str
     number: int
-    state: str
+    state: PageState
     thread_id: str | None = None
     status: int | None = None
     has_next: bool = False
@@ -183,7 +184,7 @@ class ThreadRow:
     author: str | None
     created: str | None
     page_count: int | None
-    state: str
+    state: ThreadState
 
 
 @dataclass(frozen=True)
@@ -413,7 +414,7 @@ class Store:
             ),
         )
 
-    def set_thread_state(self, thread_id: str, state: str) -> None:
+    def set_thread_state(self, thread_id: str, state: ThreadState) -> None:
         with self._db:
             self._db.execute("UPDATE threads SET state = ? WHERE id = ?", (state, thread_id))
 

@@ -6,11 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,13 +30,12 @@ from bot.serving.engine import (
 )
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
-from finetune.errors import UserError
-from tests.loopback import api_url_from_log, serve_app
+from freeski_common.errors import UserError
+from tests.loopback import bot_api, serve_app
 from tests.scripted_engine import ScriptedEngine, scripted_words
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTION: list[Message] = [{"role": "user", "content": "are twin tips good for park"}]
 ALIASES = EngineSettings(
     backend="openai", base_model_name="base-model-id", finetuned_model_name="freeski-lora"
@@ -459,31 +454,15 @@ async def test_openai_engine_talks_to_the_api_and_maps_its_errors(engine: Script
 
 def test_python_m_bot_api_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     env = {
-        **os.environ,
         "INFERENCE_BACKEND": "openai",
         "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",  # never reached: no question is asked
-        "API_TOKEN": "",
-        "METRICS_PORT": "",
         "LOG_LEVEL": "INFO",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "api", "--port", "0"],
-        cwd=tmp_path,  # no .env from the checkout
-        env={**env, "PYTHONPATH": str(REPO)},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = api_url_from_log(process, timeout_s=20)
-        body = json.loads(_get(f"{url}/models"))
+    with bot_api(env, tmp_path, stop_timeout_s=10) as api:
+        body = json.loads(_get(f"{api.url}/models"))
         assert {m["id"] for m in body["data"]} >= {"base", "finetuned"}
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-        assert "stopping" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert api.stop(timeout_s=10) == 0
+        assert "stopping" in "".join(api.log)
 
 
 def _get(url: str) -> str:

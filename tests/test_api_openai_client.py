@@ -12,10 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,12 +25,11 @@ from openai import AsyncOpenAI, OpenAI
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
 from bot.serving.engine import EngineBusy, EngineTimeout, Message
-from tests.loopback import api_url_from_log, serve_app
+from tests.loopback import bot_api, serve_app
 from tests.scripted_engine import ScriptedEngine, scripted_words
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-api-token"
 QUESTION: list[Message] = [{"role": "user", "content": "What skis should I get for park?"}]
 VARIANTS = ("base", "finetuned")
@@ -51,8 +46,6 @@ def api_url(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory) -> I
     twice asks for ``temperature=0``, and would fail were it not honoured.
     """
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "INFERENCE_BACKEND": "local",
         "BASE_MODEL": str(tiny_model_dir),
         "ADAPTER_PATH": str(tiny_adapter_dir),
@@ -61,27 +54,10 @@ def api_url(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory) -> I
         "MAX_BATCH": "1",
         "QUEUE_SIZE": "1",
         "API_TOKEN": TOKEN,
-        "METRICS_PORT": "",
         "LOG_LEVEL": "INFO",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "api", "--port", "0"],
-        cwd=tmp_path_factory.mktemp("api"),  # no .env from the checkout
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = api_url_from_log(process, timeout_s=60)
-        drain = threading.Thread(target=process.stderr.read, daemon=True)  # type: ignore[union-attr]
-        drain.start()  # a full pipe must never block the server
-        yield url
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with bot_api(env, tmp_path_factory.mktemp("api")) as api:
+        yield api.url
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from bot.__main__ import serve
 from bot.console import run_console
 from bot.discord_bot.settings import BotSettings
 from bot.serving.settings import EngineSettings
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 from tests.fake_discord import GUILD_ID, FakeDiscord
 from tests.scripted_engine import ScriptedEngine
 

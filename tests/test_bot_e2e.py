@@ -12,17 +12,14 @@ import asyncio
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.commands import SORRY
 from bot.discord_bot.replies import STREAMING_MARK
-from bot.discord_bot.settings import BotSettings
-from bot.serving.settings import EngineSettings
+from tests.discord_world import World, bot_settings, discord_world
 from tests.fake_discord import (
     GUILD_ID,
     OTHER_CHANNEL_ID,
@@ -38,36 +35,12 @@ RATE_LIMIT = 3
 _user_ids = itertools.count(930000000000000000)
 
 
-@dataclass
-class World:
-    fake: FakeDiscord
-    bot: FreeskiBot
-    engine: ScriptedEngine
-    connection: asyncio.Task[None]
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world() -> AsyncIterator[World]:
-    fake = FakeDiscord()
-    await fake.start()
+async def world() -> AsyncIterator[World[ScriptedEngine]]:
     engine = ScriptedEngine(step_s=0.002, max_new_tokens=1000)
-    await engine.start()
-    settings = BotSettings(
-        discord_token="fake-token-" + "x" * 40,
-        engine=EngineSettings(),
-        guild_id=GUILD_ID,
-        rate_limit_per_minute=RATE_LIMIT,
-        max_question_chars=5000,
-    )
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fake.patch_discord(monkeypatch)
-        bot = FreeskiBot(settings, engine, edit_interval_s=0.05, shutdown_grace_s=5)
-        connection = asyncio.create_task(bot.start(settings.discord_token))
-        await asyncio.wait_for(bot.wait_until_ready(), 15)
-        yield World(fake, bot, engine, connection)
-        await bot.close()
-        await asyncio.wait({connection}, timeout=10)
-    await fake.close()
+    settings = bot_settings(rate_limit_per_minute=RATE_LIMIT, max_question_chars=5000)
+    async with discord_world(engine, settings) as world:
+        yield world
 
 
 def new_user() -> dict[str, Any]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
-from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.commands import NOTES
 from bot.discord_bot.replies import STREAMING_MARK
-from bot.discord_bot.settings import BotSettings
 from bot.serving.local_engine import LocalEngine
 from bot.serving.settings import EngineSettings
 from finetune.modeling import load_for_inference
-from tests.fake_discord import GUILD_ID, FakeDiscord
+from tests.discord_world import bot_settings, discord_world
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,7 +19,7 @@ EMPTY = "_(the model gave an empty answer)_"
 
 
 async def test_mention_and_compare_through_the_tiny_model(
-    tiny_model_dir: Path, tiny_adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tiny_adapter_dir: Path
 ):
     engine_settings = EngineSettings(
         base_model=str(tiny_model_dir),
@@ -33,17 +30,9 @@ async def test_mention_and_compare_through_the_tiny_model(
     )
     loaded = load_for_inference(tiny_model_dir, tiny_adapter_dir, load_in_4bit=True)
     engine = LocalEngine(engine_settings, model_and_tokenizer=loaded)
-    await engine.start()
-    fake = FakeDiscord()
-    await fake.start()
-    fake.patch_discord(monkeypatch)
-    settings = BotSettings(
-        discord_token="fake-token-" + "x" * 40, engine=engine_settings, guild_id=GUILD_ID
-    )
-    bot = FreeskiBot(settings, engine, edit_interval_s=0.05)
-    connection = asyncio.create_task(bot.start(settings.discord_token))
-    try:
-        await asyncio.wait_for(bot.wait_until_ready(), 15)
+    settings = bot_settings(engine=engine_settings)
+    async with discord_world(engine, settings) as world:
+        fake = world.fake
         question = "What skis should I get for park?"
         asked = await fake.user_says(question)
         reply = await fake.wait_for(
@@ -87,8 +76,3 @@ async def test_mention_and_compare_through_the_tiny_model(
             "finetuned": finetuned.text or "_(empty answer)_",
         }
         assert engine.status().batches_served >= 3
-    finally:
-        await bot.close()
-        await asyncio.wait({connection}, timeout=10)
-        await engine.close()
-        await fake.close()

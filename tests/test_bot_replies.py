@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
+import discord
 import pytest
 
-from bot.discord_bot.replies import STREAMING_MARK, LiveText
+from bot.discord_bot.replies import STREAMING_MARK, LiveText, ThrottledEdits
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -49,3 +51,29 @@ async def test_text_arriving_after_the_end_shows_no_preview() -> None:
     assert target.finished == [["Wax\n\n_(stopped)_"]]
     leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not leftovers, f"a preview task outlived the answer: {leftovers}"
+
+
+async def test_changes_during_an_edit_are_shown_together_and_a_failed_edit_is_skipped() -> None:
+    state = {"text": "a"}
+    shown: list[str] = []
+    release = asyncio.Event()
+    second_shown = asyncio.Event()
+
+    async def show() -> None:
+        shown.append(state["text"])
+        if len(shown) == 1:
+            await release.wait()
+            raise discord.HTTPException(SimpleNamespace(status=429, reason="rate limited"), "")
+        second_shown.set()
+
+    edits = ThrottledEdits(show, interval_s=0.01)
+    edits.changed()
+    await asyncio.sleep(0)  # the first edit starts and waits
+    for text in ("ab", "abc"):
+        state["text"] = text
+        edits.changed()
+    release.set()
+    await asyncio.wait_for(second_shown.wait(), timeout=5)
+    await edits.stop()
+    edits.changed()
+    assert shown == ["a", "abc"]

@@ -11,40 +11,23 @@ from typing import Any
 
 import pytest
 
-from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.commands import NOTES
-from bot.discord_bot.settings import BotSettings
-from bot.serving.settings import EngineSettings
-from tests.fake_discord import GUILD_ID, FakeDiscord
+from tests.discord_world import discord_world
 from tests.scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.timeout(30)
 
 
 async def test_answers_stopped_by_shutdown_before_any_text_say_so() -> None:
-    fake = FakeDiscord()
-    await fake.start()
     engine = ScriptedEngine(step_s=30)  # no word arrives before the grace period ends
-    await engine.start()
-    settings = BotSettings(
-        discord_token="fake-token-" + "x" * 40, engine=EngineSettings(), guild_id=GUILD_ID
-    )
-    try:
-        with pytest.MonkeyPatch.context() as monkeypatch:
-            fake.patch_discord(monkeypatch)
-            bot = FreeskiBot(settings, engine, edit_interval_s=0.05, shutdown_grace_s=0.2)
-            connection = asyncio.create_task(bot.start(settings.discord_token))
-            await asyncio.wait_for(bot.wait_until_ready(), 15)
-
-            asked = await fake.user_says("Which bindings for park?")
-            compare = await fake.slash_command("compare", {"question": "Twin tips?"})
-            # The mention, and /compare's two variants; the scripted engine has no event for it.
-            while len(engine.requests) < 3:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            await asyncio.wait_for(bot.close(), 10)
-            await asyncio.wait({connection}, timeout=10)
-    finally:
-        await fake.close()
+    async with discord_world(engine, shutdown_grace_s=0.2) as world:
+        fake = world.fake
+        asked = await fake.user_says("Which bindings for park?")
+        compare = await fake.slash_command("compare", {"question": "Twin tips?"})
+        # The mention, and /compare's two variants; the scripted engine has no event for it.
+        while len(engine.requests) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await world.stop_bot()
 
     def reply_to_mention() -> dict[str, Any] | None:
         return next(

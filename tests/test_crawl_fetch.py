@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from aiohttp import web
@@ -19,6 +20,7 @@ from crawl.errors import CrawlError
 from crawl.fetcher import Fetcher, FetchOptions, Pacer, parse_retry_after
 from crawl.newschoolers import NewschoolersSite
 from crawl.sample_site import serve_forum
+from crawl.states import PageState, ThreadState
 from crawl.store import Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -220,6 +222,11 @@ def test_no_more_than_concurrency_requests_are_in_flight(faulty_crawl):
 
 def test_a_page_the_parser_cannot_read_is_a_parse_error(faulty_crawl):
     assert faulty_crawl.states[T2.lstrip("/") + "?page=2"] == "parse_error"
+
+
+def test_the_store_holds_only_the_states_the_types_name(faulty_crawl):
+    assert set(faulty_crawl.states.values()) <= set(get_args(PageState))
+    assert {t.state for t in faulty_crawl.threads.values()} <= set(get_args(ThreadState))
 
 
 def test_every_thread_ends_in_the_state_its_faults_give_it(faulty_crawl):

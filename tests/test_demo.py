@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from bot.demo import MODEL_CACHE, QUESTIONS_SHOWN, STEPS
-from tests.loopback import api_url_from_log
+from tests.loopback import bot_api
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What skis should I get for park and powder?"
@@ -143,25 +142,11 @@ def api_answer(url: str, model: str) -> dict[str, Any]:
 
 def test_the_api_answers_with_the_adapter(demo: tuple[str, Path], tmp_path: Path):
     _, work = demo
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "api", "--port", "0"],
-        cwd=tmp_path,
-        env=serving_env(work),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = api_url_from_log(process, timeout_s=240)
+    with bot_api(serving_env(work), tmp_path, start_timeout_s=240, stop_timeout_s=60) as api:
         texts = []
         for model in ("base", "finetuned"):
-            reply = api_answer(url, model)
+            reply = api_answer(api.url, model)
             assert reply["usage"]["completion_tokens"] > 0
             texts.append(reply["choices"][0]["message"]["content"])
         assert texts[0] != texts[1], "the adapter should change the answer"
         assert english_share(texts) > 0.8, texts
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

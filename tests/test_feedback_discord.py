@@ -6,12 +6,10 @@ buttons must keep working) and closed by the tests in order.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,12 @@ import pytest
 import pytest_asyncio
 
 from bot.discord_bot import feedback_views
-from bot.discord_bot.client import FreeskiBot
-from bot.discord_bot.settings import BotSettings
 from bot.feedback.ids import adapter_weights_hash
 from bot.feedback.records import AdapterRef, AnswerCounts, PairCounts
 from bot.feedback.store import FeedbackStore
 from bot.serving.settings import EngineSettings
-from tests.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, custom_ids, user_payload
+from tests.discord_world import World, bot_settings, discord_world
+from tests.fake_discord import BOT_ID, FakeDiscord, custom_ids, user_payload
 from tests.scripted_engine import ScriptedEngine
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
@@ -34,58 +31,27 @@ DISCORD_ACK_DEADLINE_S = 3.0
 _user_ids = itertools.count(940000000000000000)
 
 
-@dataclass
-class World:
-    fake: FakeDiscord
-    engine: ScriptedEngine
-    settings: BotSettings
-    bot: FreeskiBot | None = None
-    connection: asyncio.Task[None] | None = None
-
-    async def start_bot(self) -> FreeskiBot:
-        self.bot = FreeskiBot(self.settings, self.engine, edit_interval_s=0.05, shutdown_grace_s=5)
-        self.connection = asyncio.create_task(self.bot.start(self.settings.discord_token))
-        await asyncio.wait_for(self.bot.wait_until_ready(), 15)
-        return self.bot
-
-    async def stop_bot(self) -> None:
-        assert self.bot is not None and self.connection is not None
-        await self.bot.close()
-        await asyncio.wait({self.connection}, timeout=10)
-
-    def store(self) -> FeedbackStore:
-        """A second, independent connection: what another process would read."""
-        assert self.settings.feedback_db is not None
-        return FeedbackStore(self.settings.feedback_db)
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World[ScriptedEngine]]:
     root = tmp_path_factory.mktemp("feedback-bot")
     adapter = root / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"the SFT adapter's weights")
-    fake = FakeDiscord()
-    await fake.start()
-    engine = ScriptedEngine(step_s=0.002, max_new_tokens=1000)
-    await engine.start()
-    settings = BotSettings(
-        discord_token="fake-token-" + "x" * 40,
+    settings = bot_settings(
         engine=EngineSettings(base_model="tiny-base", adapter_path=adapter),
-        guild_id=GUILD_ID,
         rate_limit_per_minute=0,
         max_question_chars=5000,
         feedback_db=root / "votes" / "feedback.sqlite",
     )
-    world = World(fake, engine, settings)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fake.patch_discord(monkeypatch)
-        await world.start_bot()
+    async with discord_world(ScriptedEngine(step_s=0.002, max_new_tokens=1000), settings) as world:
         yield world
-        if world.bot is not None and not world.bot.is_closed():
-            await world.stop_bot()
-    await fake.close()
+
+
+def votes(world: World) -> FeedbackStore:
+    """A second, independent connection to the bot's store: what another process would read."""
+    assert world.settings.feedback_db is not None
+    return FeedbackStore(world.settings.feedback_db)
 
 
 def new_user() -> dict[str, Any]:
@@ -185,7 +151,7 @@ async def test_a_click_is_acknowledged_privately_in_time_and_stored_hashed(world
     assert "1 👍 and 1 👎" in text
 
     answer_id = buttons["up"].split(":")[2]
-    with world.store() as store:
+    with votes(world) as store:
         stored = store.get_answer(answer_id)
         assert stored.counts == AnswerCounts(up=1, down=1)
         assert stored.text == reply["content"]
@@ -229,7 +195,7 @@ async def test_compare_carries_preference_buttons_and_status_shows_the_win_rate(
     assert "base 1, finetuned 2, both bad 1" in text
 
     pair_id = ids[0].split(":")[2]
-    with world.store() as store:
+    with votes(world) as store:
         pair = store.get_pair(pair_id)
         assert pair.counts == PairCounts(base=1, finetuned=2, both_bad=1)
         assert pair.base.text.startswith("base:") and pair.finetuned.text.startswith("finetuned:")
@@ -294,7 +260,7 @@ async def test_votes_survive_a_restart_and_stay_one_per_user(world: World):
     assert text.startswith("Already counted 👍") and "1 👍 and 0 👎" in text
     _, text = await click(world.fake, reply, buttons["down"], voter)
     assert text.startswith("Changed your vote to 👎") and "0 👍 and 1 👎" in text
-    with world.store() as store:
+    with votes(world) as store:
         summary = store.summary(AdapterRef.from_path(world.settings.engine.adapter_path))
     assert (summary.base, summary.finetuned, summary.both_bad) == (1, 2, 1)
     assert summary.down >= 2
@@ -320,7 +286,7 @@ async def test_export_turns_those_clicks_into_both_files(world: World, tmp_path:
 
 
 async def test_an_unusable_feedback_db_is_one_line(tmp_path: Path) -> None:
-    from finetune.errors import UserError
+    from freeski_common.errors import UserError
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -331,12 +297,8 @@ async def test_an_unusable_feedback_db_is_one_line(tmp_path: Path) -> None:
 async def test_feedback_off_means_no_buttons(world: World):
     """Runs last: it replaces the shared bot by one without a feedback store."""
     await world.stop_bot()
-    world.settings = BotSettings(
-        discord_token=world.settings.discord_token,
-        engine=world.settings.engine,
-        guild_id=GUILD_ID,
-        rate_limit_per_minute=0,
-        feedback_db=None,
+    world.settings = bot_settings(
+        engine=world.settings.engine, rate_limit_per_minute=0, feedback_db=None
     )
     await world.start_bot()
     asked = await world.fake.user_says("Park or pipe?", author=new_user())

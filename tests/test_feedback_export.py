@@ -173,3 +173,12 @@ def test_cli_writes_the_files_and_refuses_in_one_line(db: Path, tmp_path: Path):
     nothing = run_cli("export", "--db", str(empty), "--out", str(out))
     assert nothing.returncode == 2 and "no usable votes" in nothing.stderr
     assert nothing.stderr.strip().count("\n") == 0
+
+
+def test_a_usage_mistake_is_one_line(capsys: pytest.CaptureFixture[str]):
+    from bot.feedback.cli import main
+
+    assert main(["export", "--min-votes", "many"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: argument --min-votes") and "\n" not in error
+    assert error.endswith("(see python -m bot feedback export --help)")

@@ -10,21 +10,19 @@ import asyncio
 import itertools
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.messages import SOURCES_MARK
-from bot.discord_bot.settings import BotSettings
 from bot.feedback.store import FeedbackStore
 from bot.serving.grounding import GroundedEngine
 from bot.serving.metrics import CountedEngine
 from bot.serving.settings import EngineSettings
-from crawl.search import Retriever
-from tests.fake_discord import GUILD_ID, FakeDiscord, custom_ids, final_comparison, user_payload
+from crawl.search import Passage, Retriever
+from tests.discord_world import World, bot_settings, discord_world
+from tests.fake_discord import FakeDiscord, custom_ids, final_comparison, user_payload
 from tests.scripted_engine import ScriptedEngine
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
@@ -33,41 +31,32 @@ QUESTION = "What do I need for waxing my skis at home?"
 _user_ids = itertools.count(950000000000000000)
 
 
-@dataclass
-class World:
-    fake: FakeDiscord
-    inner: ScriptedEngine
-    settings: BotSettings
-    passages: list[Any]
+@pytest.fixture(scope="module")
+def passages(forum_store) -> list[Passage]:
+    """What the engine's retriever finds for :data:`QUESTION`: the sources an answer must show."""
+    with Retriever.open(forum_store) as retriever:
+        return retriever.search(QUESTION, 3)
+
+
+@pytest.fixture(scope="module")
+def inner() -> ScriptedEngine:
+    """The engine under the grounding: it sees the passages in the conversation it is given."""
+    return ScriptedEngine(step_s=0.001, max_new_tokens=1000)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(forum_store, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    with Retriever.open(forum_store) as retriever:
-        passages = retriever.search(QUESTION, 3)
-    fake = FakeDiscord()
-    await fake.start()
-    inner = ScriptedEngine(step_s=0.001, max_new_tokens=1000)
-    engine = CountedEngine(GroundedEngine(inner, forum_store, 3))
-    await engine.start()
-    settings = BotSettings(
-        discord_token="fake-token-" + "x" * 40,
+async def world(
+    forum_store, inner: ScriptedEngine, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[World]:
+    settings = bot_settings(
         engine=EngineSettings(base_model="tiny-base"),
-        guild_id=GUILD_ID,
         rate_limit_per_minute=0,
         max_question_chars=5000,
         feedback_db=tmp_path_factory.mktemp("grounded-bot") / "feedback.sqlite",
     )
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fake.patch_discord(monkeypatch)
-        bot = FreeskiBot(settings, engine, edit_interval_s=0.05, shutdown_grace_s=5)
-        connection = asyncio.create_task(bot.start(settings.discord_token))
-        await asyncio.wait_for(bot.wait_until_ready(), 15)
-        yield World(fake, inner, settings, passages)
-        await bot.close()
-        await asyncio.wait({connection}, timeout=10)
-    await engine.close()
-    await fake.close()
+    engine = CountedEngine(GroundedEngine(inner, forum_store, 3))
+    async with discord_world(engine, settings) as world:
+        yield world
 
 
 def new_user() -> dict[str, Any]:
@@ -116,19 +105,23 @@ def sources_of(content: str) -> list[str]:
     return re.findall(r"\]\(<([^>]+)>\)", block)
 
 
-async def test_a_mention_shows_up_to_three_sources_as_unembedded_links(world: World):
+async def test_a_mention_shows_up_to_three_sources_as_unembedded_links(
+    world: World, passages: list[Passage]
+):
     asked = await world.fake.user_says(QUESTION, author=new_user())
     (reply,) = await last_part(world.fake, asked["id"])
     assert len(reply["content"]) <= 2000
-    assert sources_of(reply["content"]) == [p.url for p in world.passages]
-    assert f"[{world.passages[0].title.split(' - ')[0]}" in reply["content"]
-    assert world.passages[0].excerpt.split()[0] in reply["content"]  # the quoted excerpt
+    assert sources_of(reply["content"]) == [p.url for p in passages]
+    assert f"[{passages[0].title.split(' - ')[0]}" in reply["content"]
+    assert passages[0].excerpt.split()[0] in reply["content"]  # the quoted excerpt
     assert reply["sent_allowed_mentions"] == {"parse": []}
     (answer,) = await recorded(world, QUESTION)
-    assert [s["post_id"] for s in answer.sources] == [p.post_id for p in world.passages]
+    assert [s["post_id"] for s in answer.sources] == [p.post_id for p in passages]
 
 
-async def test_a_reply_continues_without_the_sources_in_the_conversation(world: World):
+async def test_a_reply_continues_without_the_sources_in_the_conversation(
+    world: World, inner: ScriptedEngine
+):
     user = new_user()
     asked = await world.fake.user_says(QUESTION, author=user)
     (answer,) = await last_part(world.fake, asked["id"])
@@ -136,7 +129,7 @@ async def test_a_reply_continues_without_the_sources_in_the_conversation(world: 
         "and how long to cool?", mention_bot=False, reply_to=int(answer["id"]), author=user
     )
     await last_part(world.fake, follow_up["id"])
-    _, messages, _ = world.inner.requests[-1]
+    _, messages, _ = inner.requests[-1]
     assert messages[1]["role"] == "assistant" and SOURCES_MARK not in messages[1]["content"]
     assert messages[1]["content"] == answer["content"].partition(SOURCES_MARK)[0].strip()
     assert "Forum posts that may help:" in messages[-1]["content"]  # the follow-up found them
@@ -151,11 +144,11 @@ async def test_a_long_answer_keeps_its_sources_in_the_last_part(world: World):
     assert sources_of(parts[-1]["content"])
 
 
-async def test_compare_shows_the_sources_once(world: World):
+async def test_compare_shows_the_sources_once(world: World, passages: list[Passage]):
     interaction = await world.fake.slash_command("compare", {"question": QUESTION})
     shown = await world.fake.wait_for(lambda: final_comparison(world.fake, interaction["token"]))
     assert shown["content"].count(SOURCES_MARK) == 1
-    assert sources_of(shown["content"]) == [p.url for p in world.passages]
+    assert sources_of(shown["content"]) == [p.url for p in passages]
     assert all(SOURCES_MARK not in f["value"] for f in shown["embeds"][0]["fields"])
 
 

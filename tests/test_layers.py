@@ -1,7 +1,8 @@
 """The import direction the tree promises, checked on the source: front ends → serving core → model loading.
 
-Read from each module's AST (imports inside functions included), so a lazy
-import cannot hide a dependency the wrong way round. See docs/architecture.md.
+No import cycle either, anywhere in the project's packages. Read from each
+module's AST (imports inside functions included), so a lazy import cannot
+hide a dependency the wrong way round. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -120,3 +121,136 @@ def test_the_readme_map_names_only_what_exists_and_every_package() -> None:
     bot_packages = {f"bot/{p.parent.name}/" for p in (REPO / "bot").glob("*/__init__.py")}
     bot_modules = {f"bot/{p.name}" for p in (REPO / "bot").glob("*.py") if p.stem[0] != "_"}
     assert top_level | bot_packages | bot_modules <= set(entries)
+
+
+PACKAGES = ("bot", "crawl", "finetune", "freeski_common")
+
+
+def module_name(path: Path, base: Path = REPO) -> str:
+    parts = list(path.relative_to(base).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def runtime_imports(path: Path, base: Path = REPO) -> set[str]:
+    """What ``path`` imports when it runs: every import but those under ``if TYPE_CHECKING:``.
+
+    Relative imports are resolved against the module's package, so ``from . import x``
+    is an edge like any other.
+    """
+    package = module_name(path, base).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for statement in child.orelse:
+                    visit_node(statement)
+            else:
+                visit_node(child)
+
+    def visit_node(node: ast.AST) -> None:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        visit(node)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return names
+
+
+def import_graph(roots: tuple[str, ...], base: Path = REPO) -> dict[str, set[str]]:
+    """Each project module → the project modules it imports.
+
+    A name imported from a module counts as that module; a submodule does not
+    count its package's ``__init__`` (Python runs it first, but it is the
+    package's table of contents, not a dependency of the submodule's code).
+    """
+    paths = {module_name(p, base): p for root in roots for p in sorted((base / root).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        edges = set()
+        for imported in runtime_imports(path, base):
+            while imported and imported not in paths:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                edges.add(imported)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, …, a]``, or None: a depth-first search for a back edge."""
+    done: set[str] = set()
+    stack: list[str] = []
+    on_stack: set[str] = set()
+
+    def visit(module: str) -> list[str] | None:
+        stack.append(module)
+        on_stack.add(module)
+        for imported in sorted(graph[module]):
+            if imported in on_stack:
+                return [*stack[stack.index(imported) :], imported]
+            if imported not in done:
+                cycle = visit(imported)
+                if cycle is not None:
+                    return cycle
+        stack.pop()
+        on_stack.discard(module)
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        if module not in done:
+            cycle = visit(module)
+            if cycle is not None:
+                return cycle
+    return None
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import cycle among the project's modules.
+
+    Imports inside functions count: a lazy import postpones a cycle to the
+    first call but leaves the two modules owning each other's concerns, which
+    is what this test is for (the site registry once hid one that way).
+    Imports under ``if TYPE_CHECKING:`` do not: they never run, and an
+    annotation naming a type is not a dependency on its module's behaviour.
+    """
+    graph = import_graph(PACKAGES)
+    assert {"crawl.site", "bot.serving.worker", "finetune.train", "freeski_common.cli"} <= set(
+        graph
+    )
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+def test_the_cycle_finder_sees_lazy_relative_imports_and_skips_type_checking(
+    tmp_path: Path,
+) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from pkg import b\n")
+    (package / "b.py").write_text("from .c import x\n")
+    (package / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.b import y\n"
+        "else:\n    import pkg.a\n"
+    )
+    assert find_cycle(import_graph(("pkg",), tmp_path)) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+    (package / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\n"
+    )
+    assert find_cycle(import_graph(("pkg",), tmp_path)) is None

@@ -19,7 +19,7 @@ from bot.serving.metrics import CountedEngine
 from bot.serving.metrics_server import start_metrics_server
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings, metrics_host_from_env
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 from tests.loopback import serve_app
 from tests.scripted_engine import ScriptedEngine
 

@@ -20,8 +20,8 @@ docs/serving.md lists how this server's dialect differs from vLLM's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,15 +34,14 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from bot.discord_bot.client import FreeskiBot
 from bot.discord_bot.replies import STREAMING_MARK
-from bot.discord_bot.settings import BotSettings
 from bot.serving.factory import build_engine
 from bot.serving.openai_engine import CUT_OFF, UNREACHABLE
 from bot.serving.settings import EngineSettings
 from finetune.__main__ import main as finetune_main
-from tests.fake_discord import GUILD_ID, FakeDiscord, final_comparison, user_payload
-from tests.loopback import api_url_from_log, free_port
+from tests.discord_world import discord_world
+from tests.fake_discord import final_comparison, user_payload
+from tests.loopback import bot_api, free_port
 from tests.passthrough import Passthrough
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -135,28 +134,19 @@ def peer(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         log.close()
 
 
-def start_api(openai_url: str, base: Path, merged: Path, cwd: Path) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
+def api_env(openai_url: str, base: Path, merged: Path) -> dict[str, str | None]:
+    return {
         "INFERENCE_BACKEND": "openai",
         "OPENAI_BASE_URL": openai_url,
         "BASE_MODEL_NAME": str(base),
         "FINETUNED_MODEL_NAME": str(merged),
         "MAX_NEW_TOKENS": "200",
         "TEMPERATURE": "0",
-        "API_TOKEN": "",
-        "METRICS_PORT": "",
+        # Unset, for the defaults: repetition_penalty 1.15, offered as an extension.
+        "REPETITION_PENALTY": None,
+        "OPENAI_SAMPLING_EXTENSIONS": None,
+        "SYSTEM_PROMPT": None,
     }
-    for unset in ("REPETITION_PENALTY", "OPENAI_SAMPLING_EXTENSIONS", "SYSTEM_PROMPT"):
-        env.pop(unset, None)  # the defaults: repetition_penalty 1.15, offered as an extension
-    return subprocess.Popen(
-        [sys.executable, "-m", "bot", "api", "--port", "0"],
-        cwd=cwd,  # no .env from the checkout
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 async def ask(client: AsyncOpenAI, model: str, *, stream: bool = False) -> str:
@@ -189,10 +179,12 @@ async def test_api_and_discord_answer_through_transformers_serve(
     peer_process, peer_url = peer
     proxy = Passthrough(peer_url)
     async with proxy.running():
-        api = start_api(proxy.url, smollm2_dir, merged_dir, tmp_path)
-        try:
-            api_url = await asyncio.to_thread(api_url_from_log, api, 60)
-            client = AsyncOpenAI(base_url=api_url, api_key="unused", max_retries=0, timeout=180)
+        with (
+            contextlib.ExitStack() as stack
+        ):  # started and stopped on a thread: the proxy runs here
+            env = api_env(proxy.url, smollm2_dir, merged_dir)
+            api = await asyncio.to_thread(stack.enter_context, bot_api(env, tmp_path))
+            client = AsyncOpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=180)
 
             # Refused once for repetition_penalty, then never sent again.
             want = {variant: await ask(client, variant) for variant in ("base", "finetuned")}
@@ -219,17 +211,12 @@ async def test_api_and_discord_answer_through_transformers_serve(
             assert UNREACHABLE in refused.value.message
             async with (
                 aiohttp.ClientSession() as session,
-                session.get(api_url.removesuffix("/v1") + "/healthz") as health,
+                session.get(api.url.removesuffix("/v1") + "/healthz") as health,
             ):
                 assert (await health.json())["engine"]["backend"] == "openai"
-            assert api.poll() is None
-        finally:
-            if api.poll() is None:
-                api.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(api.wait, 30)
-            log = api.stderr.read() if api.stderr else ""
-    assert code == 0
-    assert log.count("refuses the sampling extension repetition_penalty") == 1
+            assert api.process.poll() is None
+            assert await asyncio.to_thread(api.stop, 30) == 0
+    assert "".join(api.log).count("refuses the sampling extension repetition_penalty") == 1
 
 
 async def discord_round(
@@ -251,58 +238,42 @@ async def discord_round(
             max_new_tokens=TOKENS,
         )
     )
-    await engine.start()
-    fake = FakeDiscord()
-    await fake.start()
-    settings = BotSettings(
-        discord_token="fake-token-" + "x" * 40, engine=EngineSettings(), guild_id=GUILD_ID
-    )
-    try:
-        with pytest.MonkeyPatch.context() as monkeypatch:
-            fake.patch_discord(monkeypatch)
-            bot = FreeskiBot(settings, engine, edit_interval_s=0.05, shutdown_grace_s=5)
-            connection = asyncio.create_task(bot.start(settings.discord_token))
-            await asyncio.wait_for(bot.wait_until_ready(), 15)
+    async with discord_world(engine) as world:
+        fake = world.fake
 
-            def reply_to(message: dict, starting: str) -> dict | None:
-                return next(
-                    (
-                        m
-                        for m in fake.bot_messages()
-                        if (m.get("message_reference") or {}).get("message_id") == message["id"]
-                        and m["content"].startswith(starting)
-                        and not m["content"].endswith(STREAMING_MARK)
-                    ),
-                    None,
-                )
-
-            author = user_payload(940000000000000001, "skier")
-            asked = await fake.user_says(QUESTION[0]["content"], author=author)
-            await fake.wait_for(lambda: reply_to(asked, want["finetuned"]), 90)
-
-            interaction = await fake.slash_command("compare", {"question": QUESTION[0]["content"]})
-            original = await fake.wait_for(lambda: final_comparison(fake, interaction["token"]), 90)
-            fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
-            for variant, text in want.items():  # the bot may add a "cut at the length limit" note
-                assert fields[variant].startswith(text.strip())
-
-            # The server dies after the first words of a long answer.
-            chunks = await api_client.chat.completions.create(
-                model="base", messages=LONG, max_tokens=200, stream=True
+        def reply_to(message: dict, starting: str) -> dict | None:
+            return next(
+                (
+                    m
+                    for m in fake.bot_messages()
+                    if (m.get("message_reference") or {}).get("message_id") == message["id"]
+                    and m["content"].startswith(starting)
+                    and not m["content"].endswith(STREAMING_MARK)
+                ),
+                None,
             )
-            with pytest.raises(openai.APIError) as cut:
-                async for chunk in chunks:
-                    if any(c.delta.content for c in chunk.choices) and peer_process.poll() is None:
-                        peer_process.kill()
-            assert CUT_OFF in str(cut.value.message)
-            peer_process.wait()
 
-            asked = await fake.user_says(QUESTION[0]["content"], author=author)
-            await fake.wait_for(lambda: reply_to(asked, f"⚠️ {UNREACHABLE}"), 60)
-            assert not connection.done(), "the bot is still connected"
+        author = user_payload(940000000000000001, "skier")
+        asked = await fake.user_says(QUESTION[0]["content"], author=author)
+        await fake.wait_for(lambda: reply_to(asked, want["finetuned"]), 90)
 
-            await asyncio.wait_for(bot.close(), 15)
-            await asyncio.wait({connection}, timeout=10)
-    finally:
-        await engine.close()
-        await fake.close()
+        interaction = await fake.slash_command("compare", {"question": QUESTION[0]["content"]})
+        original = await fake.wait_for(lambda: final_comparison(fake, interaction["token"]), 90)
+        fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
+        for variant, text in want.items():  # the bot may add a "cut at the length limit" note
+            assert fields[variant].startswith(text.strip())
+
+        # The server dies after the first words of a long answer.
+        chunks = await api_client.chat.completions.create(
+            model="base", messages=LONG, max_tokens=200, stream=True
+        )
+        with pytest.raises(openai.APIError) as cut:
+            async for chunk in chunks:
+                if any(c.delta.content for c in chunk.choices) and peer_process.poll() is None:
+                    peer_process.kill()
+        assert CUT_OFF in str(cut.value.message)
+        peer_process.wait()
+
+        asked = await fake.user_says(QUESTION[0]["content"], author=author)
+        await fake.wait_for(lambda: reply_to(asked, f"⚠️ {UNREACHABLE}"), 60)
+        assert world.connection is not None and not world.connection.done(), "still connected"

@@ -11,7 +11,7 @@ import pytest
 from bot.api.settings import ApiSettings
 from bot.discord_bot.settings import BotSettings
 from bot.serving.settings import EngineSettings
-from finetune.errors import UserError, cli_entry
+from freeski_common.errors import UserError, cli_entry
 
 TOKEN = "x" * 24 + ".abcdef.ghijklmnopqrstuvwxyz"
 ALL_VARS = [

@@ -14,10 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +32,11 @@ from bot.feedback.records import AdapterRef
 from bot.feedback.store import FeedbackStore
 from bot.serving.engine import EngineBusy, EngineStatus, EngineTimeout
 from tests.browser import chromium, open_page
-from tests.loopback import api_url_from_log, serve_app
+from tests.loopback import bot_api, serve_app
 from tests.scripted_engine import ScriptedEngine
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "webchat-test-token-7f3a"
 TOKEN_KEY = "freeski-api-token"  # where the page keeps it (static/api.js)
 
@@ -65,7 +60,7 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
 
 
 @dataclass
-class ApiProcess:
+class WebChatApi:
     url: str  # the page's address: http://127.0.0.1:PORT/
     log: list[str]  # what the server wrote to stderr once it listened
     feedback_db: Path
@@ -74,47 +69,25 @@ class ApiProcess:
 @pytest.fixture(scope="module")
 def tiny_api(
     tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ApiProcess]:
+) -> Iterator[WebChatApi]:
+    workdir = tmp_path_factory.mktemp("webchat-api")
+    feedback_db = workdir / "feedback.sqlite"
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "INFERENCE_BACKEND": "local",
         "BASE_MODEL": str(tiny_model_dir),
         "ADAPTER_PATH": str(tiny_adapter_dir),
         "MAX_NEW_TOKENS": "64",  # long enough to stream over several frames on a fast machine
         "TEMPERATURE": "0",
         "API_TOKEN": TOKEN,
-        "METRICS_PORT": "",
         "LOG_LEVEL": "DEBUG",
+        "FEEDBACK_DB": str(feedback_db),
     }
-    workdir = tmp_path_factory.mktemp("webchat-api")  # no .env from the checkout
-    feedback_db = workdir / "feedback.sqlite"
-    env["FEEDBACK_DB"] = str(feedback_db)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bot", "api", "--port", "0"],
-        cwd=workdir,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = api_url_from_log(process, timeout_s=60).removesuffix("v1")
-        log: list[str] = []
-        assert process.stderr is not None
-        drain = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
-        drain.start()
-        yield ApiProcess(url, log, feedback_db)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-        drain.join(timeout=5)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with bot_api(env, workdir) as api:
+        yield WebChatApi(api.url.removesuffix("v1"), api.log, feedback_db)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def signed_in(context: BrowserContext, tiny_api: ApiProcess) -> BrowserContext:
+async def signed_in(context: BrowserContext, tiny_api: WebChatApi) -> BrowserContext:
     """A context whose tabs start with the right token, as after typing it once."""
     await context.add_init_script(f"sessionStorage.setItem({TOKEN_KEY!r}, {TOKEN!r})")
     return context
@@ -136,7 +109,7 @@ def as_shown(text: str) -> str:
 
 
 async def test_a_wrong_token_is_refused_in_words_and_the_right_one_is_kept_for_the_tab(
-    context: BrowserContext, tiny_api: ApiProcess
+    context: BrowserContext, tiny_api: WebChatApi
 ) -> None:
     page, errors = await open_page(context)
     urls: list[str] = []
@@ -169,7 +142,7 @@ async def test_a_wrong_token_is_refused_in_words_and_the_right_one_is_kept_for_t
 
 
 async def test_a_question_streams_its_answer_word_by_word(
-    signed_in: BrowserContext, tiny_api: ApiProcess
+    signed_in: BrowserContext, tiny_api: WebChatApi
 ) -> None:
     page, errors = await open_page(signed_in)
     await page.goto(tiny_api.url)
@@ -206,7 +179,7 @@ async def test_a_question_streams_its_answer_word_by_word(
 
 
 async def test_the_chat_so_far_is_sent_with_each_question_until_a_new_chat(
-    signed_in: BrowserContext, tiny_api: ApiProcess
+    signed_in: BrowserContext, tiny_api: WebChatApi
 ) -> None:
     page, errors = await open_page(signed_in)
     await page.goto(tiny_api.url)
@@ -237,7 +210,7 @@ async def test_the_chat_so_far_is_sent_with_each_question_until_a_new_chat(
 
 
 async def test_compare_streams_both_answers_side_by_side(
-    signed_in: BrowserContext, tiny_api: ApiProcess, tmp_path: Path
+    signed_in: BrowserContext, tiny_api: WebChatApi, tmp_path: Path
 ) -> None:
     page, errors = await open_page(signed_in)
     responses = []

@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.commands import AnswerCog
-from bot.discord_bot.feedback_views import DYNAMIC_ITEMS, DiscordFeedback
+from bot.discord_bot.feedback_views import DiscordFeedback
 from bot.discord_bot.settings import BotSettings
 from bot.serving.engine import Engine
 
@@ -63,8 +63,15 @@ class FreeskiBot(commands.Bot):
             self.feedback = await DiscordFeedback.open(
                 self.settings.feedback_db, self.settings.engine
             )
-            self.add_dynamic_items(*DYNAMIC_ITEMS)
-        self._answers = AnswerCog(self, self.engine, self.settings)
+            self.add_dynamic_items(self.feedback.button)
+        assert self.user is not None, "setup_hook runs after login"
+        self._answers = AnswerCog(
+            self.engine,
+            self.settings,
+            bot_user_id=self.user.id,
+            feedback=self.feedback,
+            edit_interval_s=self.edit_interval_s,
+        )
         await self.add_cog(self._answers)
         if self.settings.guild_id is not None:
             # A guild sync is visible at once; a global one can take up to an hour.

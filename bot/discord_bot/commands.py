@@ -13,13 +13,14 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_bot.chain import ReplyChains
+from bot.discord_bot.feedback_views import DiscordFeedback
 from bot.discord_bot.messages import (
     chain_to_messages,
     sources_block,
@@ -33,13 +34,11 @@ from bot.discord_bot.replies import (
     LiveText,
     MessageReply,
     ReplyTarget,
+    ThrottledEdits,
 )
 from bot.discord_bot.settings import BotSettings
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
 from bot.serving.ratelimit import RateLimiter
-
-if TYPE_CHECKING:
-    from bot.discord_bot.client import FreeskiBot
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +52,28 @@ NOTES = {
 
 
 class AnswerCog(commands.Cog):
-    """Questions in, streamed answers out."""
+    """Questions in, streamed answers out.
 
-    def __init__(self, bot: FreeskiBot, engine: Engine, settings: BotSettings) -> None:
-        assert bot.user is not None, "add the cog in setup_hook, after login"
-        self.bot = bot
+    Everything it needs is passed in, nothing is read off the client: the
+    bot's own user id (known after login), the vote buttons' store (None
+    when FEEDBACK_DB is off) and how often a streamed answer is edited.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: BotSettings,
+        *,
+        bot_user_id: int,
+        feedback: DiscordFeedback | None = None,
+        edit_interval_s: float = 1.0,
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        self.feedback = feedback
+        self.edit_interval_s = edit_interval_s
         self.rate_limit = RateLimiter(settings.rate_limit_per_minute)
-        self.chains = ReplyChains(bot.user.id, max_chars=CONTEXT_CHARS)
+        self.chains = ReplyChains(bot_user_id, max_chars=CONTEXT_CHARS)
         self.accepting = True
         self._in_flight: dict[int, asyncio.Task[object]] = {}  # question/interaction id → task
         self._deleted: set[int] = set()
@@ -70,11 +82,11 @@ class AnswerCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if message.author.bot or self.bot.user is None:
+        if message.author.bot:
             return
         addressed = (
             message.guild is None
-            or self.bot.user in message.mentions
+            or any(user.id == self.chains.bot_user_id for user in message.mentions)
             or self.chains.is_reply_to_bot(message)
         )
         if not addressed:
@@ -143,7 +155,7 @@ class AnswerCog(commands.Cog):
                 return
             await interaction.response.defer(thinking=True)  # Discord wants an ack within 3 s
             messages = self._question(question)
-            live = LiveComparison(interaction, question, interval_s=self.bot.edit_interval_s)
+            live = LiveComparison(interaction, question, interval_s=self.edit_interval_s)
             try:
                 base, finetuned = await self.engine.compare(messages, on_text=live.feed)
             except asyncio.CancelledError:
@@ -154,11 +166,11 @@ class AnswerCog(commands.Cog):
             finally:
                 await live.stop()
             view = None
-            if self.bot.feedback is not None and "cancelled" not in (
+            if self.feedback is not None and "cancelled" not in (
                 base.finish_reason,
                 finetuned.finish_reason,
             ):
-                view = self.bot.feedback.pair_view_for(messages, base, finetuned)
+                view = self.feedback.pair_view_for(messages, base, finetuned)
             await _show_comparison(interaction, question, base, finetuned, view=view)
 
     @app_commands.command(name="status", description="Model, queue and throughput of the bot")
@@ -169,8 +181,8 @@ class AnswerCog(commands.Cog):
                 await interaction.response.send_message(refusal, ephemeral=True)
                 return
             embed = _status_embed(self.engine)
-            if self.bot.feedback is not None:
-                for name, value in (await self.bot.feedback.status_rows()).items():
+            if self.feedback is not None:
+                for name, value in (await self.feedback.status_rows()).items():
                     embed.add_field(name=name, value=value, inline=True)
             await interaction.response.send_message(embed=embed, ephemeral=True)
 
@@ -186,7 +198,7 @@ class AnswerCog(commands.Cog):
         self, target: ReplyTarget, messages: list[Message], variant: Variant
     ) -> list[discord.Message]:
         """Stream one answer into ``target``; on shutdown, keep what was written and say so."""
-        live = LiveText(target, interval_s=self.bot.edit_interval_s)
+        live = LiveText(target, interval_s=self.edit_interval_s)
         try:
             answer = await self.engine.generate(messages, variant=variant, on_text=live.feed)
         except EngineError as exc:  # busy, timed out…: said where the answer would have been
@@ -205,8 +217,8 @@ class AnswerCog(commands.Cog):
         finally:
             await live.stop()
         view = None
-        if self.bot.feedback is not None and answer.finish_reason != "cancelled":
-            view = self.bot.feedback.answer_view_for(messages, answer)
+        if self.feedback is not None and answer.finish_reason != "cancelled":
+            view = self.feedback.answer_view_for(messages, answer)
         return await live.finish(
             answer.text,
             note=NOTES.get(answer.finish_reason, ""),
@@ -325,18 +337,13 @@ class LiveComparison:
     ) -> None:
         self.interaction = interaction
         self.question = question
-        self.interval_s = interval_s
         self.texts: dict[Variant, str] = {"base": "", "finetuned": ""}
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False
+        self._edits = ThrottledEdits(self._show, interval_s=interval_s)
 
     def feed(self, variant: Variant, delta: str) -> None:
         """Add streamed text of one answer; called on the event loop, never blocks."""
         self.texts[variant] += delta
-        self._changed.set()
-        if self._task is None and not self._stopped:
-            self._task = asyncio.create_task(self._show_periodically())
+        self._edits.changed()
 
     def embed(self) -> discord.Embed:
         room = EMBED_FIELD_LIMIT - len(STREAMING_MARK)
@@ -347,24 +354,12 @@ class LiveComparison:
             )
         return embed
 
-    async def _show_periodically(self) -> None:
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            try:
-                await self.interaction.edit_original_response(embed=self.embed())
-            except discord.HTTPException as exc:  # a missed preview is harmless
-                log.warning("could not show the streamed comparison: %s", exc)
-            await asyncio.sleep(self.interval_s)
+    async def _show(self) -> None:
+        await self.interaction.edit_original_response(embed=self.embed())
 
     async def stop(self) -> None:
         """Stop previewing for good (before the final comparison replaces the preview)."""
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._edits.stop()
 
 
 async def _show_comparison(

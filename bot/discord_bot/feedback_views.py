@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, cast
 
 import discord
 
@@ -38,14 +39,17 @@ from bot.feedback.records import (
 )
 from bot.serving.engine import Answer, Message
 from bot.serving.settings import EngineSettings
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ACK_BUDGET_S = 2.0  # answer in place until then; later, defer and follow up (Discord allows 3 s)
 ID = r"[A-Za-z0-9_-]{1,64}"
-RATE_TEMPLATE = rf"fb:a:(?P<id>{ID}):(?P<rating>up|down)"
-PREFERENCE_TEMPLATE = rf"fb:p:(?P<id>{ID}):(?P<choice>base|finetuned|both_bad)"
+# fb:a:<answer id>:up|down (👍/👎 on one answer), fb:p:<pair id>:<choice> (a /compare's pair)
+VOTE_TEMPLATE = (
+    rf"fb:(?:a:(?P<answer>{ID}):(?P<rating>up|down)"
+    rf"|p:(?P<pair>{ID}):(?P<choice>base|finetuned|both_bad))"
+)
 
 RATING_EMOJI: dict[str, str] = {"up": "👍", "down": "👎"}
 CHOICE_LABELS: dict[str, str] = {
@@ -57,77 +61,69 @@ GONE = "Sorry, I no longer have that answer on record, so this vote can't be cou
 OFF = "Voting is switched off on this bot right now."
 FAILED = "Sorry, your vote could not be saved. The error was logged."
 
-T = TypeVar("T")
 
+class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=VOTE_TEMPLATE):
+    """👍/👎 on one answer, or one of "Base is better" / "Finetuned is better" / "Both bad".
 
-class RateButton(discord.ui.DynamicItem[discord.ui.Button], template=RATE_TEMPLATE):
-    """👍 or 👎 on one answer."""
+    The class counts nothing itself: each :class:`DiscordFeedback` makes the
+    subclass bound to its store (:attr:`DiscordFeedback.button`), and that is
+    what the client registers, so a click reaches its store without the
+    button asking the client for it.
+    """
 
-    def __init__(self, answer_id: str, rating: Rating) -> None:
+    feedback: ClassVar[DiscordFeedback | None] = None
+
+    def __init__(self, custom_id: str) -> None:
+        match = re.fullmatch(VOTE_TEMPLATE, custom_id)
+        assert match is not None, custom_id
+        self.vote = match
+        rating, choice = match["rating"], match["choice"]
         super().__init__(
             discord.ui.Button(
-                emoji=RATING_EMOJI[rating],
                 style=discord.ButtonStyle.secondary,
-                custom_id=f"fb:a:{answer_id}:{rating}",
+                custom_id=custom_id,
+                emoji=RATING_EMOJI[rating] if rating else None,
+                label=CHOICE_LABELS[choice] if choice else None,
             )
         )
-        self.answer_id = answer_id
-        self.rating: Rating = rating
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: Any, /
-    ) -> RateButton:
-        return cls(match["id"], match["rating"])
+        cls, interaction: discord.Interaction, _item: discord.ui.Item[Any], match: Any, /
+    ) -> VoteButton:
+        return cls(match[0])
+
+    def _count(self, feedback: DiscordFeedback, voter: str) -> Awaitable[str]:
+        vote = self.vote
+        # cast: VOTE_TEMPLATE admits only the values of Rating and Choice.
+        if vote["answer"]:
+            return feedback.vote_answer(vote["answer"], voter, cast(Rating, vote["rating"]))
+        return feedback.vote_pair(vote["pair"], voter, cast(Choice, vote["choice"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _acknowledge(
-            interaction,
-            lambda feedback: feedback.vote_answer(self.answer_id, _voter(interaction), self.rating),
-        )
+        """Count the click and tell the clicker, privately, within Discord's deadline."""
+        feedback = self.feedback
+        if feedback is None or feedback.closed:
+            await _tell(interaction, OFF)
+            return
+        task = asyncio.ensure_future(self._count(feedback, f"discord:{interaction.user.id}"))
+        done, _ = await asyncio.wait({task}, timeout=ACK_BUDGET_S)
+        if not done:  # the store is slow (a long write elsewhere): ack now, answer when it lands
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            text = await task
+        except (UnknownAnswer, UnknownPair):
+            text = GONE
+        except Exception:
+            log.exception("vote from %s not saved", interaction.user.id)
+            text = FAILED
+        await _tell(interaction, text)
 
 
-class PreferenceButton(discord.ui.DynamicItem[discord.ui.Button], template=PREFERENCE_TEMPLATE):
-    """One of "Base is better" / "Finetuned is better" / "Both bad" on a ``/compare``."""
-
-    def __init__(self, pair_id: str, choice: Choice) -> None:
-        super().__init__(
-            discord.ui.Button(
-                label=CHOICE_LABELS[choice],
-                style=discord.ButtonStyle.secondary,
-                custom_id=f"fb:p:{pair_id}:{choice}",
-            )
-        )
-        self.pair_id = pair_id
-        self.choice: Choice = choice
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: Any, /
-    ) -> PreferenceButton:
-        return cls(match["id"], match["choice"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _acknowledge(
-            interaction,
-            lambda feedback: feedback.vote_pair(self.pair_id, _voter(interaction), self.choice),
-        )
-
-
-DYNAMIC_ITEMS = (RateButton, PreferenceButton)
-
-
-def answer_view(answer_id: str) -> discord.ui.View:
+def _buttons(button: type[VoteButton], custom_ids: Iterable[str]) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for rating in ("up", "down"):
-        view.add_item(RateButton(answer_id, rating))  # type: ignore[arg-type]
-    return view
-
-
-def pair_view(pair_id: str) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    for choice in CHOICE_LABELS:
-        view.add_item(PreferenceButton(pair_id, choice))  # type: ignore[arg-type]
+    for custom_id in custom_ids:
+        view.add_item(button(custom_id))
     return view
 
 
@@ -142,6 +138,14 @@ class DiscordFeedback:
     def __init__(self, store: AsyncFeedbackStore, provenance: Provenance) -> None:
         self.store = store
         self.provenance = provenance
+        self.closed = False
+        owner = self
+
+        class BoundVoteButton(VoteButton, template=VOTE_TEMPLATE):
+            feedback = owner
+
+        # The button class whose clicks count here: the client registers it in setup_hook.
+        self.button: type[VoteButton] = BoundVoteButton
 
     @classmethod
     async def open(cls, path: Path, engine: EngineSettings) -> DiscordFeedback:
@@ -160,6 +164,7 @@ class DiscordFeedback:
         return feedback
 
     async def close(self) -> None:
+        self.closed = True  # a late click is told voting is off, not that its vote failed
         await self.store.close()
 
     def answer_view_for(self, messages: Sequence[Message], answer: Answer) -> discord.ui.View:
@@ -175,7 +180,7 @@ class DiscordFeedback:
                 sources=answer.sources,
             )
         )
-        return answer_view(answer_id)
+        return _buttons(self.button, (f"fb:a:{answer_id}:{rating}" for rating in RATING_EMOJI))
 
     def pair_view_for(
         self, messages: Sequence[Message], base: Answer, finetuned: Answer
@@ -189,7 +194,7 @@ class DiscordFeedback:
             ),
             pair_id,
         )
-        return pair_view(pair_id)
+        return _buttons(self.button, (f"fb:p:{pair_id}:{choice}" for choice in CHOICE_LABELS))
 
     async def vote_answer(self, answer_id: str, voter: str, rating: Rating) -> str:
         outcome: AnswerVote = await self.store.vote_answer(answer_id, voter, rating)
@@ -238,33 +243,6 @@ def _verb(previous: str | None, new: str) -> str:
     if previous == new:
         return "Already counted"
     return "Changed your vote to"
-
-
-def _voter(interaction: discord.Interaction) -> str:
-    return f"discord:{interaction.user.id}"
-
-
-async def _acknowledge(
-    interaction: discord.Interaction,
-    vote: Callable[[DiscordFeedback], Awaitable[str]],
-) -> None:
-    """Count the click and tell the clicker, privately, within Discord's deadline."""
-    feedback: DiscordFeedback | None = getattr(interaction.client, "feedback", None)
-    if feedback is None:
-        await _tell(interaction, OFF)
-        return
-    task = asyncio.ensure_future(vote(feedback))
-    done, _ = await asyncio.wait({task}, timeout=ACK_BUDGET_S)
-    if not done:  # the store is slow (a long write elsewhere): ack now, answer when it lands
-        await interaction.response.defer(ephemeral=True, thinking=True)
-    try:
-        text = await task
-    except (UnknownAnswer, UnknownPair):
-        text = GONE
-    except Exception:
-        log.exception("vote from %s not saved", interaction.user.id)
-        text = FAILED
-    await _tell(interaction, text)
 
 
 async def _tell(interaction: discord.Interaction, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import discord
@@ -87,18 +88,57 @@ class InteractionReply:
         return sent
 
 
+class ThrottledEdits:
+    """Runs ``show`` after each change, but at most once per ``interval_s``.
+
+    The one throttle behind every streamed preview (:class:`LiveText`, the
+    ``/compare`` side by side): changes made between two edits are shown by
+    the next one, and a failed edit is logged and skipped, as a missed preview
+    is harmless.
+    """
+
+    def __init__(self, show: Callable[[], Awaitable[None]], *, interval_s: float) -> None:
+        self.show = show
+        self.interval_s = interval_s
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def changed(self) -> None:
+        """Ask for an edit; called on the event loop, never blocks. A no-op once stopped."""
+        self._changed.set()
+        if self._task is None and not self._stopped:
+            self._task = asyncio.create_task(self._edit_periodically())
+
+    async def _edit_periodically(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self.show()
+            except discord.HTTPException as exc:
+                log.warning("could not show streamed text: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        """Stop editing for good (before the final answer replaces the preview)."""
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class LiveText:
     """Accumulates streamed text and shows it on a :class:`ReplyTarget`, at most once per interval."""
 
     def __init__(self, target: ReplyTarget, *, interval_s: float = 1.0, prefix: str = "") -> None:
         self.target = target
-        self.interval_s = interval_s
         self.prefix = prefix
         self.text = ""
         self._shown = ""
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False
+        self._edits = ThrottledEdits(self._show_preview, interval_s=interval_s)
 
     def feed(self, delta: str) -> None:
         """Add streamed text; called from the event loop, never blocks.
@@ -108,22 +148,13 @@ class LiveText:
         kept, but no preview starts again over the final answer.
         """
         self.text += delta
-        self._changed.set()
-        if self._task is None and not self._stopped:
-            self._task = asyncio.create_task(self._show_periodically())
+        self._edits.changed()
 
-    async def _show_periodically(self) -> None:
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            preview = self.preview()
-            if preview != self._shown:
-                try:
-                    await self.target.show(preview)
-                    self._shown = preview
-                except discord.HTTPException as exc:  # a missed preview is harmless
-                    log.warning("could not show streamed text: %s", exc)
-            await asyncio.sleep(self.interval_s)
+    async def _show_preview(self) -> None:
+        preview = self.preview()
+        if preview != self._shown:
+            await self.target.show(preview)
+            self._shown = preview
 
     def preview(self) -> str:
         """The text so far, marked as still being written and cut to one message."""
@@ -132,12 +163,7 @@ class LiveText:
 
     async def stop(self) -> None:
         """Stop previewing for good (before the final answer replaces the preview)."""
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._edits.stop()
 
     async def finish(
         self,

@@ -11,20 +11,16 @@ from collections.abc import Sequence
 
 from bot.feedback.export import ExportOptions, export_feedback
 from bot.feedback.store import DEFAULT_FEEDBACK_DB
-from finetune.errors import UserError, cli_entry
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{message} (see {self.prog} --help)")
+from freeski_common.cli import ArgumentParser
+from freeski_common.errors import cli_entry
 
 
 def parser() -> argparse.ArgumentParser:
-    root = _Parser(
+    root = ArgumentParser(
         prog="python -m bot feedback",
         description="Work with the votes the bot collected (FEEDBACK_DB).",
     )
-    commands = root.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = root.add_subparsers(dest="command", required=True)
     export = commands.add_parser(
         "export",
         help="write preferences.jsonl / ratings.jsonl (train and test) and stats.json",

@@ -24,7 +24,7 @@ from typing import Any
 from bot.feedback.records import CHOICES, StoredAnswer, StoredPair
 from bot.feedback.store import FeedbackStore
 from crawl.dataset import _write_atomically, split_threads
-from finetune.errors import UserError
+from freeski_common.errors import UserError
 
 PREFERENCES_FILE = "preferences.jsonl"
 RATINGS_FILE = "ratings.jsonl"
