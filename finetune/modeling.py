@@ -317,8 +317,7 @@ def load_for_inference(
         adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
     )
     tokenizer = load_tokenizer(tokenizer_source)
-    model = load_base_model(base, quant=QuantOptions(load_in_4bit=load_in_4bit), device=device)
-    if adapter:
-        model = load_adapter(model, adapter)
+    plain = load_base_model(base, quant=QuantOptions(load_in_4bit=load_in_4bit), device=device)
+    model = load_adapter(plain, adapter) if adapter else plain
     model.eval()
     return model, tokenizer
