@@ -204,7 +204,7 @@ def render_prompt(
 
     Text for people (logs, samples); the model's input comes from :func:`encode_prompt`.
     """
-    return _apply_normalized(tokenizer, messages, tokenize=False, **kwargs)
+    return cast(str, _apply_normalized(tokenizer, messages, tokenize=False, **kwargs))
 
 
 def encode_prompt(
