@@ -47,7 +47,7 @@ lock: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# mypy checks the packages pyproject.toml's [tool.mypy] names, strict where it says.
+# mypy type-checks, strictly, the packages pyproject.toml's [tool.mypy] names.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
