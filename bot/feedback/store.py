@@ -385,7 +385,7 @@ class FeedbackStore:
                     record.adapter.hash,
                     json.dumps(dict(record.settings), ensure_ascii=False, sort_keys=True),
                     pair_id or record.pair_id,
-                    record.thread_key or conversation_key(conversation),  # type: ignore[arg-type]
+                    record.thread_key or conversation_key(record.conversation),
                     json.dumps([dict(source) for source in record.sources], ensure_ascii=False),
                 ),
             )
