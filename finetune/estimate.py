@@ -57,11 +57,11 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        get = (
-            config.get
-            if isinstance(config, dict)
-            else lambda key, default=None: getattr(config, key, default)
-        )
+        def get(key: str, default: Any = None) -> Any:
+            if isinstance(config, dict):
+                return config.get(key, default)
+            return getattr(config, key, default)
+
         try:
             hidden = int(get("hidden_size"))
             heads = int(get("num_attention_heads"))

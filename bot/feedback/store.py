@@ -184,7 +184,7 @@ class FeedbackStore:
             base, finetuned = rows[base_answer_id], rows[finetuned_answer_id]
             if base["variant"] != "base" or finetuned["variant"] != "finetuned":
                 raise InvalidRecord("a pair is a base answer and a finetuned answer, in that order")
-            existing = {base["pair_id"], finetuned["pair_id"]} - {None}
+            existing: set[str] = {base["pair_id"], finetuned["pair_id"]} - {None}
             if len(existing) > 1 or (existing and None in (base["pair_id"], finetuned["pair_id"])):
                 raise InvalidRecord("one of these answers already belongs to another pair")
             if existing:
@@ -315,6 +315,7 @@ class FeedbackStore:
 
     def summary(self, adapter: AdapterRef | None = None) -> FeedbackSummary:
         """Vote counts and win rate for one adapter (matched by hash, or by path when unhashed); all when None."""
+        args: tuple[str | None, ...]
         if adapter is None:
             where, args = "1", ()
         elif adapter.hash is not None:
@@ -384,7 +385,7 @@ class FeedbackStore:
                     record.adapter.hash,
                     json.dumps(dict(record.settings), ensure_ascii=False, sort_keys=True),
                     pair_id or record.pair_id,
-                    record.thread_key or conversation_key(conversation),  # type: ignore[arg-type]
+                    record.thread_key or conversation_key(record.conversation),
                     json.dumps([dict(source) for source in record.sources], ensure_ascii=False),
                 ),
             )
@@ -395,7 +396,9 @@ class FeedbackStore:
 
     @staticmethod
     def _answer_row(db: sqlite3.Connection, answer_id: str) -> sqlite3.Row:
-        row = db.execute("SELECT * FROM answers WHERE answer_id = ?", (answer_id,)).fetchone()
+        row: sqlite3.Row | None = db.execute(
+            "SELECT * FROM answers WHERE answer_id = ?", (answer_id,)
+        ).fetchone()
         if row is None:
             raise UnknownAnswer(f"no answer {answer_id!r} is stored")
         return row
