@@ -71,9 +71,7 @@ async def serve(settings: BotSettings) -> int:
         metrics_server = start_metrics_server(settings.metrics_port, host=settings.metrics_host)
     engine = build_engine(settings.engine)
     await engine.start()
-    # CountedEngine drops per-request sampling (issue 21, item 1): once it passes it on,
-    # mypy reports this ignore as unused, and it goes.
-    bot = FreeskiBot(settings, engine)  # type: ignore[arg-type]
+    bot = FreeskiBot(settings, engine)
     try:
         with stop_requested() as stop:
             connection = asyncio.create_task(bot.start(settings.discord_token))

@@ -149,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = build_engine(engine_settings)
     asyncio.run(
         serve(
-            # CountedEngine drops per-request sampling (issue 21, item 1): once it passes it
-            # on, mypy reports this ignore as unused, and it goes.
-            engine,  # type: ignore[arg-type]
+            engine,
             settings,
             engine_settings=engine_settings,
             metrics_port=metrics_port,

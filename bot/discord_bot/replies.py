@@ -26,7 +26,7 @@ STREAMING_MARK = " …"
 NO_VIEW: discord.ui.View = discord.utils.MISSING
 
 
-def _view(view: discord.ui.View | None, *, here: bool = True) -> discord.ui.View:
+def view_here(view: discord.ui.View | None, *, here: bool = True) -> discord.ui.View:
     """``view`` on the message it belongs on (``here``), else no view at all."""
     return view if view is not None and here else NO_VIEW
 
@@ -59,9 +59,9 @@ class MessageReply:
 
     async def show(self, content: str, view: discord.ui.View | None = None) -> None:
         if self.message is None:
-            self.message = await self.question.reply(content, view=_view(view))
+            self.message = await self.question.reply(content, view=view_here(view))
         else:
-            self.message = await self.message.edit(content=content, view=_view(view))
+            self.message = await self.message.edit(content=content, view=view_here(view))
 
     async def finish(
         self, parts: list[str], view: discord.ui.View | None = None
@@ -70,7 +70,7 @@ class MessageReply:
         assert self.message is not None
         sent = [self.message]
         for number, part in enumerate(parts[1:], start=2):
-            sent.append(await sent[-1].reply(part, view=_view(view, here=number == len(parts))))
+            sent.append(await sent[-1].reply(part, view=view_here(view, here=number == len(parts))))
         return sent
 
 
@@ -86,12 +86,12 @@ class InteractionReply:
     async def finish(
         self, parts: list[str], view: discord.ui.View | None = None
     ) -> list[discord.Message]:
-        first = _view(view, here=len(parts) == 1)
+        first = view_here(view, here=len(parts) == 1)
         sent: list[discord.Message] = [
             await self.interaction.edit_original_response(content=parts[0], view=first)
         ]
         for number, part in enumerate(parts[1:], start=2):
-            last = _view(view, here=number == len(parts))
+            last = view_here(view, here=number == len(parts))
             sent.append(await self.interaction.followup.send(part, wait=True, view=last))
         return sent
 
