@@ -81,9 +81,11 @@ def test_bad_command_lines_are_user_errors(argv: list[str], expected: str):
     "text, expected",
     [
         ("lerning_rate: 1e-4\n", "unknown key 'lerning_rate' (did you mean learning_rate?)"),
-        ("max_steps: 1.5\n", "max_steps=1.5 is not valid: expected a whole number"),
+        ("max_steps: 1.5\n", "max_steps=1.5 is not valid: input should be a valid integer"),
         ("packing: maybe\n", "Truthy value expected"),
-        ("lr_scheduler_type: 5\n", "expected one of linear, cosine"),
+        ("lr_scheduler_type: 5\n", "lr_scheduler_type=5 is not valid: input should be 'linear'"),
+        ("lora_target_modules: q_proj\n", "lora_target_modules='q_proj' is not valid"),
+        ("lora_dropout: 1.5\n", "lora_dropout=1.5 must be in [0, 1)"),
         ("- a list\n", "must hold key: value pairs"),
         ("max_steps: [1\n", "is not valid YAML"),
     ],
@@ -93,6 +95,13 @@ def test_bad_yaml_files_are_user_errors(tmp_path: Path, text: str, expected: str
     with pytest.raises(UserError) as info:
         parse_config(["--config", str(path)])
     assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_saved_config_is_checked_like_a_new_one(tmp_path: Path):
+    saved = write_yaml(tmp_path, "max_steps: ten\n")
+    with pytest.raises(UserError, match=f"^{saved}: max_steps='ten' is not valid"):
+        FinetuneConfig.load(saved)
 
 
 @pytest.mark.parametrize("name", ["tiny-cpu.yaml", "mistral-7b-8gb.yaml", "mistral-7b-24gb.yaml"])
