@@ -234,6 +234,7 @@ class SavedConfig:
                 check(self)
 
     def to_yaml(self) -> str:
+        # every SavedConfig is a composed @dataclass; the mixin itself cannot say so to mypy
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)  # type: ignore[call-overload]
 
     def save(self, path: str | Path) -> None:
@@ -308,9 +309,9 @@ class ConfigParser(OneLineErrors, TrlParser):
         prog: str = "python -m finetune",
         config_class: type[SavedConfig] = FinetuneConfig,
     ) -> None:
-        fields = dataclasses.fields(config_class)  # type: ignore[arg-type]
+        fields = dataclasses.fields(config_class)  # type: ignore[arg-type]  # a composed @dataclass
         declared = [f.type for f in fields]
-        super().__init__(config_class, prog=prog, allow_abbrev=False)
+        super().__init__(config_class, prog=prog, allow_abbrev=False)  # type: ignore[arg-type]  # a composed @dataclass
         # HfArgumentParser narrows ``X | None`` to ``X`` on the shared Field objects; a config
         # composed from the same parts later (DpoConfig after FinetuneConfig) needs the truth.
         for f, hint in zip(fields, declared, strict=True):

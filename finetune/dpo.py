@@ -209,8 +209,8 @@ def parent_run(adapter_dir: Path) -> dict[str, Any]:
     return parent
 
 
-def on_the_adapters_base(config: DpoConfig) -> DpoConfig:
-    """``config`` with ``model`` set to the base its adapter was trained on.
+def adapters_base(config: DpoConfig) -> str:
+    """The base ``config``'s adapter was trained on: the only one DPO may train it on.
 
     An adapter's weights mean nothing on another base: a config naming a
     different model (or a stale one, such as a shared config's example path)
@@ -222,7 +222,7 @@ def on_the_adapters_base(config: DpoConfig) -> DpoConfig:
             f"model {config.model!r} is not the base {config.adapter_dir} was trained on "
             f"({base!r}): drop model from the config (DPO uses the adapter's base)"
         )
-    return dataclasses.replace(config, model=base)
+    return base
 
 
 def _same_model(named: str, base: str) -> bool:
@@ -235,19 +235,16 @@ def _same_model(named: str, base: str) -> bool:
     )
 
 
-def _tokenizer_source(config: DpoConfig) -> str:
+def _tokenizer_source(adapter: Path, base: str) -> str:
     """The SFT adapter's tokenizer (its chat template is the one it was trained with)."""
-    adapter = config.adapter_dir
-    if (adapter / "tokenizer_config.json").is_file():
-        return str(adapter)
-    assert config.model is not None  # on_the_adapters_base set it
-    return config.model
+    return str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
 
 
 def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
     """Train, then write adapter/, config.yaml, metrics.jsonl, loss.png, samples.md, manifest.json."""
     started = time.monotonic()
-    config = on_the_adapters_base(config)
+    base = adapters_base(config)
+    config = dataclasses.replace(config, model=base)  # the run's config.yaml names its base
     adapter_dir = config.adapter_dir
     splits = load_preference_dir(config.dataset, min_pairs=config.min_pairs)
     checkpoint = prepare_run_dir(config, frozen=DPO_FROZEN_ON_RESUME)
@@ -263,7 +260,7 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         save_adapter,
     )
 
-    tokenizer = load_tokenizer(_tokenizer_source(config))
+    tokenizer = load_tokenizer(_tokenizer_source(adapter_dir, base))
     lengths = drop_long_pairs(tokenizer, splits.train, config.max_length)
     if len(lengths.kept) < config.min_pairs:
         raise UserError(
@@ -292,8 +289,8 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         keys = DPO_LOGGED_KEYS
 
     set_seed(config.seed)
-    model = load_base_model(config.model, quant=quant_options(config), device=device)
-    model = load_adapter(model, adapter_dir, name=TRAINING_ADAPTER_NAME, trainable=True)
+    frozen = load_base_model(base, quant=quant_options(config), device=device)
+    model = load_adapter(frozen, adapter_dir, name=TRAINING_ADAPTER_NAME, trainable=True)
     trainer = DPOTrainer(
         model=model,
         args=dpo_arguments(config, device),
@@ -331,11 +328,11 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
     plot_losses(
         records,
         run_dir / LOSS_PLOT_FILE,
-        title=f"DPO: {Path(config.model).name} on {config.dataset}",
+        title=f"DPO: {Path(base).name} on {config.dataset}",
     )
     manifest = {
         "kind": "dpo",
-        "base_model": config.model,
+        "base_model": base,
         "parent": parent_run(adapter_dir),
         "adapter_hash": adapter_weights_hash(run_dir / ADAPTER_DIR),
         "dataset": {

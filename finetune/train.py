@@ -204,9 +204,9 @@ def train(config: FinetuneConfig, *, callbacks: Sequence[TrainerCallback] = ()) 
 
     if fit is not None:
         print(format_estimate(*fit, gpu), file=sys.stderr)
-    model = load_base_model(config.model, quant=quant_options(config), device=device)
+    frozen = load_base_model(config.model, quant=quant_options(config), device=device)
     set_seed(config.seed)  # the LoRA A matrices are random: the seed makes a run repeatable
-    model = attach_new_adapter(model, lora_config(config))
+    model = attach_new_adapter(frozen, lora_config(config))
     trainer = sft_trainer(
         model,
         tokenizer,
