@@ -26,7 +26,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import pydantic
 import yaml
@@ -226,6 +226,9 @@ Config = TypeVar("Config", bound="SavedConfig")
 class SavedConfig:
     """A composed config as a run's ``config.yaml``: written at the start, read by resume and tools."""
 
+    # Keys runs saved before a config stopped having them: skipped when such a run is read back.
+    retired_keys: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         # Each part checks its own values; a composed config runs every part's checks.
         for part in type(self).__mro__[1:]:
@@ -244,6 +247,7 @@ class SavedConfig:
     def load(cls: type[Config], path: str | Path) -> Config:
         """Read a saved ``config.yaml`` (a run's, for resume, evaluate and merge)."""
         values = read_yaml_mapping(Path(path))
+        values = {k: v for k, v in values.items() if k not in cls.retired_keys}
         reject_unknown_keys(values, str(path), config_keys(cls))
         return build(cls, values, where=str(path))
 

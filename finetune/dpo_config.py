@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic.dataclasses import dataclass
 
@@ -63,6 +63,17 @@ class DpoArguments:
 @dataclass
 class DpoConfig(SavedConfig, DpoArguments, TrainingArguments, ModelArguments):
     """A DPO run continuing an SFT adapter; saved as the run's ``config.yaml``."""
+
+    # DPO runs saved these (unused) until the config lost them; such runs still resume.
+    retired_keys: ClassVar[tuple[str, ...]] = (
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "lora_modules_to_save",
+        "packing",
+        "check_memory",
+    )
 
     model: str | None = field(  # type: ignore[assignment]  # None: the adapter's own base
         default=None,

@@ -142,6 +142,18 @@ def test_shipped_dpo_configs_parse_and_round_trip(tmp_path: Path, name: str):
     assert DpoConfig.load(saved) == config
 
 
+def test_a_dpo_run_saved_with_the_old_lora_keys_still_loads(tmp_path: Path):
+    """DPO configs used to carry (and ignore) the SFT keys: runs saved then must still resume."""
+    from finetune.dpo_config import DpoConfig, parse_dpo_config
+
+    config = parse_dpo_config(["--config", str(CONFIGS / "dpo-tiny-cpu.yaml")])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml() + "lora_r: 16\npacking: false\ncheck_memory: true\n")
+    assert DpoConfig.load(saved) == config
+    with pytest.raises(UserError, match="unknown option --lora-r"):
+        parse_dpo_config(["--lora-r", "16"])  # a new DPO run is told, not ignored
+
+
 def test_dpo_keys_are_known_to_dpo_only(tmp_path: Path):
     from finetune.dpo_config import parse_dpo_config
 
