@@ -59,7 +59,6 @@ class ChatFormat:
     end_of_turn_id: int
     stop_token_ids: tuple[int, ...]  # generation ends at any of these
     stop_strings: tuple[str, ...]  # visible text that means the model began the user's turn
-    bos_in_template: bool  # the template writes the BOS itself: encode with no special tokens
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -123,13 +122,11 @@ def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
         head = visible.split()[0] if visible.split() else ""
         if head:
             stop_strings.append(head)  # [INST]
-    bos = tokenizer.bos_token
     return ChatFormat(
         end_of_turn=token_text(tokenizer, end_id),
         end_of_turn_id=end_id,
         stop_token_ids=tuple(dict.fromkeys(i for i in stop_ids if i is not None)),
         stop_strings=tuple(stop_strings),
-        bos_in_template=bool(bos) and text.startswith(bos),
     )
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, TrainingArguments
 from finetune.errors import UserError
 
 GIB = 1024**3
@@ -147,7 +147,7 @@ def lora_modules(config: FinetuneConfig) -> list[str]:
     return [name for name in config.lora_target_modules if name in DECODER_LINEARS]
 
 
-def optimizer_name(config: FinetuneConfig, on_cuda: bool) -> str:
+def optimizer_name(config: TrainingArguments, on_cuda: bool) -> str:
     if config.optim != "auto":
         return config.optim
     return "paged_adamw_8bit" if on_cuda else "adamw_torch"

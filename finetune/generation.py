@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from finetune.chat import chat_format, decode_text, encode_prompt, render_prompt
+from finetune.chat import chat_format, decode_text, encode_prompt
 from finetune.modeling import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME
 
 if TYPE_CHECKING:
@@ -53,11 +53,6 @@ class GenerationSettings:
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
         return kwargs
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """The templated prompt text of the normalized conversation (for people to read)."""
-    return render_prompt(tokenizer, messages)
 
 
 def encode_chats(

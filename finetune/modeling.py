@@ -23,8 +23,6 @@ if TYPE_CHECKING:  # torch is imported lazily: settings errors must not wait for
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-log = logging.getLogger(__name__)
-
 # The base model every default points at: training's `model`, the bot's BASE_MODEL.
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 DEFAULT_ADAPTER_NAME = "finetuned"

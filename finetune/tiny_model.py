@@ -104,7 +104,6 @@ TEMPLATES = {
         unk=None,
     ),
 }
-SPECIAL_TOKENS = list(TEMPLATES["mistral"].special_tokens)  # ids 0, 1, 2 as in Mistral
 
 
 @dataclass(frozen=True)

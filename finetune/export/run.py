@@ -167,8 +167,7 @@ def export_run(
     system: str | None = None,
     progress: bool = True,
 ) -> ExportResult:
-    from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
-    from finetune.train import ADAPTER_DIR
+    from finetune.run import ADAPTER_DIR, base_model, require_run_dir
 
     start = time.monotonic()
     out = Path(out_dir).expanduser()
@@ -177,10 +176,9 @@ def export_run(
     run = require_run_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: choose a directory for --out")
-    config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
     adapter_dir = run / ADAPTER_DIR
     adapter = read_adapter(adapter_dir)
-    base = open_base(config.model)
+    base = open_base(base_model(adapter_dir))
     _check_fits(base, adapter)
 
     from finetune.export.modelfile import modelfile_text, readme_text
