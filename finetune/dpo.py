@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from finetune.chat import encode_conversation
 from finetune.dpo_config import DpoConfig
@@ -63,6 +63,7 @@ from finetune.run import (
 )
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 REFERENCE_ADAPTER_NAME = "ref"  # the name trl 1.16's DPOTrainer gives the frozen copy
@@ -299,19 +300,21 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         processing_class=tokenizer,
         callbacks=[MetricsLog(run_dir / METRICS_FILE), ExtendedSchedule(), *callbacks],
     )
-    if REFERENCE_ADAPTER_NAME not in trainer.model.peft_config:
+    # trl types trainer.model as any torch module; with peft_config it is the PeftModel made
+    # from the adapter this run starts from.
+    peft_model = cast("PeftModel", trainer.model)
+    if REFERENCE_ADAPTER_NAME not in peft_model.peft_config:
         raise RuntimeError(
             "trl's DPOTrainer did not add its frozen 'ref' adapter: this trl version "
             "computes the reference another way; check finetune/dpo.py against it"
         )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(DpoLogLine())
-    train_lora_in_fp32(trainer.model, device, exact_copy=REFERENCE_ADAPTER_NAME)
+    train_lora_in_fp32(peft_model, device, exact_copy=REFERENCE_ADAPTER_NAME)
     output, records = train_to_the_end(trainer, run_dir, checkpoint)
     if not trainer.is_world_process_zero():
         return RunResult(run_dir=run_dir, manifest={})
 
-    peft_model = trainer.model
     margins = margin_report(
         preference_margins(peft_model, tokenizer, eval_rows, REFERENCE_ADAPTER_NAME),
         preference_margins(peft_model, tokenizer, eval_rows, TRAINING_ADAPTER_NAME),

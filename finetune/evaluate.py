@@ -243,13 +243,13 @@ class EvaluationReport:
         prompt_stats = self.prompt_stats()
         if prompt_stats:
             lines += ["## Answers to the prompt set\n", *stats_table(prompt_stats), ""]
-        for answer in self.answers:
+        for prompted in self.answers:
             lines += [
-                f"## {answer.id} ({answer.kind})\n",
-                blockquote(answer.question),
+                f"## {prompted.id} ({prompted.kind})\n",
+                blockquote(prompted.question),
                 "| Base | Finetuned |",
                 "| --- | --- |",
-                f"| {table_cell(answer.base)} | {table_cell(answer.finetuned)} |\n",
+                f"| {table_cell(prompted.base)} | {table_cell(prompted.finetuned)} |\n",
             ]
         return "\n".join(lines)
 
