@@ -35,11 +35,9 @@ from trl import TrlParser
 
 from finetune.errors import UserError
 from finetune.modeling import DEFAULT_BASE_MODEL
-from finetune.run import RESOLVED_CONFIG_FILE
 from freeski_common.cli import OneLineErrors
 
 __all__ = [
-    "RESOLVED_CONFIG_FILE",
     "ConfigParser",
     "FinetuneConfig",
     "LoraArguments",

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.answer_quality import AnswerStats, answer_stats, stats_table
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+from finetune.config import FinetuneConfig
 from finetune.errors import UserError
 from finetune.knowledge import ContextLoss, KnowledgeAnswer, KnowledgeQuestion, KnowledgeReport
+from finetune.report import RESOLVED_CONFIG_FILE
 from finetune.run import ADAPTER_DIR, base_model, distinct_questions, require_run_dir
 
 PROMPTS_DIR = Path(__file__).with_name("prompts")

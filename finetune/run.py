@@ -30,12 +30,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from finetune.errors import UserError
-from finetune.report import MANIFEST_FILE, METRICS_FILE, read_metrics
+from finetune.report import MANIFEST_FILE, METRICS_FILE, RESOLVED_CONFIG_FILE, read_metrics
 
 if TYPE_CHECKING:
     from finetune.config import ModelArguments, TrainingArguments
 
-RESOLVED_CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 DATASET_HASH_FILE = "dataset.sha256"
