@@ -159,8 +159,9 @@ def test_unknown_answers_and_pairs_raise(store: FeedbackStore) -> None:
 
 
 def test_bad_values_are_refused(store: FeedbackStore) -> None:
-    with pytest.raises(InvalidRecord, match="variant"):
-        store.record_answer(record(variant="other"))
+    for name in ("V2", "v 2", "", "x" * 33, "v2/../base"):
+        with pytest.raises(InvalidRecord, match="variant .* is not a model name"):
+            store.record_answer(record(variant=name))
     with pytest.raises(InvalidRecord, match="answer_id"):
         store.record_answer(record(answer_id="has:colon"))
     with pytest.raises(InvalidRecord, match="end with the user"):
