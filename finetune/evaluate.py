@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.answer_quality import AnswerStats, answer_stats, stats_table
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
+from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
 from finetune.errors import UserError
 from finetune.knowledge import ContextLoss, KnowledgeAnswer, KnowledgeQuestion, KnowledgeReport
+from finetune.run import ADAPTER_DIR, base_model, distinct_questions, require_run_dir
 
 PROMPTS_DIR = Path(__file__).with_name("prompts")
 DEFAULT_PROMPTS = PROMPTS_DIR / "ski_prompts.json"
@@ -93,18 +94,6 @@ def _parse_markdown(text: str) -> list[Prompt]:
             prompts.append(Prompt(heading["id"], heading["kind"], "\n".join(body).strip()))
         heading, body = match, []
     return prompts
-
-
-def render_prompts_markdown(prompts: Sequence[Prompt]) -> str:
-    """The Markdown form of a prompt set (``load_prompts`` reads it back identically)."""
-    parts = [
-        "# Ski prompt set\n",
-        "Questions both models answer in `python -m finetune evaluate`. Each section is "
-        "`## kind: id`; kinds are short, long and off-topic.\n",
-    ]
-    for prompt in prompts:
-        parts.append(f"## {prompt.kind}: {prompt.id}\n\n{prompt.question.strip()}\n")
-    return "\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -539,7 +528,6 @@ def evaluate_run(
     """
     from finetune.data import drop_long_rows, load_dataset_dir
     from finetune.modeling import load_for_inference
-    from finetune.train import ADAPTER_DIR, distinct_questions
 
     run = require_run_dir(run_dir)
     if max_rows < 0 or max_new_tokens < 1 or questions < 0 or (k is not None and k < 1):
@@ -561,7 +549,7 @@ def evaluate_run(
     splits = load_dataset_dir(config.dataset)
 
     model, tokenizer = load_for_inference(
-        config.model, run / ADAPTER_DIR, load_in_4bit=config.load_in_4bit
+        base_model(run / ADAPTER_DIR), run / ADAPTER_DIR, load_in_4bit=config.load_in_4bit
     )
     rows = drop_long_rows(tokenizer, splits.test[: max_rows or None], config.max_length).kept
     if not rows:

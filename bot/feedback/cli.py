@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 from bot.feedback.export import ExportOptions, export_feedback
 from bot.feedback.store import DEFAULT_FEEDBACK_DB
@@ -74,5 +75,5 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _dropped(section: dict) -> str:
+def _dropped(section: dict[str, Any]) -> str:
     return ", ".join(f"{why} {n}" for why, n in section["dropped"].items()) or "none"

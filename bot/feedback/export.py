@@ -26,12 +26,11 @@ from typing import Any
 from bot.feedback.records import CHOICES, StoredAnswer, StoredPair
 from bot.feedback.store import FeedbackStore
 from crawl.dataset import _write_atomically, split_threads
+from finetune.dpo_data import PREFERENCES_FILE, SPLITS
 from freeski_common.errors import UserError
 
-PREFERENCES_FILE = "preferences.jsonl"
 RATINGS_FILE = "ratings.jsonl"
 STATS_FILE = "stats.json"
-SPLITS = ("train", "test")
 # Export reads; it never hashes a voter, so it needs (and creates) no salt file.
 _READ_ONLY_SALT = b"feedback export does not hash voters"
 

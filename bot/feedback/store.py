@@ -370,6 +370,7 @@ class FeedbackStore:
         The adapter is matched by hash, or by path when unhashed; its pair
         votes are those of pairs between it and ``base``.
         """
+        args: tuple[str | None, ...]
         if adapter is None:
             where, args = "1", ()
         elif adapter.hash is not None:
@@ -468,7 +469,7 @@ class FeedbackStore:
                     json.dumps(dict(record.settings), ensure_ascii=False, sort_keys=True),
                     pair_id,
                     side if pair_id is not None else None,
-                    record.thread_key or conversation_key(conversation),  # type: ignore[arg-type]
+                    record.thread_key or conversation_key(record.conversation),
                     json.dumps([dict(source) for source in record.sources], ensure_ascii=False),
                 ),
             )
@@ -505,7 +506,9 @@ class FeedbackStore:
 
     @staticmethod
     def _answer_row(db: sqlite3.Connection, answer_id: str) -> sqlite3.Row:
-        row = db.execute("SELECT * FROM answers WHERE answer_id = ?", (answer_id,)).fetchone()
+        row: sqlite3.Row | None = db.execute(
+            "SELECT * FROM answers WHERE answer_id = ?", (answer_id,)
+        ).fetchone()
         if row is None:
             raise UnknownAnswer(f"no answer {answer_id!r} is stored")
         return row
