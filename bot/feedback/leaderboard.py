@@ -188,6 +188,69 @@ class Leaderboard:
             ],
         }
 
+    def to_text(self) -> str:
+        """Three plain tables: the models, each pair of models, the ranking."""
+        if not self.standings:
+            return "No answers recorded yet.\n"
+        models = _table(
+            ("model", "answers", "up", "down", "up rate", "95% interval"),
+            [
+                (s.model.label, s.answers, s.up, s.down, _percent(s.up_rate), _span(s.up_interval))
+                for s in self.standings
+            ],
+        )
+        lines = ["Models (👍/👎 on single answers)", *models, ""]
+        lines.append(
+            "Head to head (each voter's pick on a /compare; a tie counts half a win, "
+            "'both bad' is counted but not in the win rate)"
+        )
+        if self.head_to_heads:
+            lines += _table(
+                (
+                    "model",
+                    "vs",
+                    "wins",
+                    "losses",
+                    "ties",
+                    "both bad",
+                    "votes",
+                    "win rate",
+                    "95% interval",
+                ),
+                [
+                    (
+                        h.model.label,
+                        h.opponent.label,
+                        h.wins,
+                        h.losses,
+                        h.ties,
+                        h.both_bad,
+                        h.votes,
+                        _percent(h.win_rate),
+                        _span(h.interval),
+                    )
+                    for h in self.head_to_heads
+                ],
+                left=2,
+            )
+        else:
+            lines.append("  no comparisons voted on yet")
+        lines += ["", "Ranking (Bradley-Terry over all pairs; Elo scale, +400 = 10:1 odds)"]
+        if self.ranking:
+            lines += _table(
+                ("rank", "model", "rating", "decided votes"),
+                [
+                    (f"{n}.", r.model.label, f"{r.rating:.0f}", r.comparisons)
+                    for n, r in enumerate(self.ranking, 1)
+                ],
+                left=2,
+            )
+        ranked = {r.model for r in self.ranking}
+        unranked = [s.model.label for s in self.standings if s.model not in ranked]
+        if unranked:
+            lines.append(f"  not ranked (no decided comparison yet): {', '.join(unranked)}")
+        return "\n".join(lines) + "\n"
+
 
 def head_to_heads(tallies: Iterable[PairTally]) -> list[HeadToHead]:
     """One :class:`HeadToHead` per two models, whichever side each was shown on.
@@ -300,6 +363,28 @@ def read_leaderboard(store: FeedbackStore) -> Leaderboard:
 def _order(model: ModelRef) -> tuple[bool, str, str]:
     """Base first, then by name and weights."""
     return (model.name != BASE, model.name, model.weights or "")
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
+
+
+def _span(interval: Interval | None) -> str:
+    return "-" if interval is None else f"{interval.low:.0%}-{interval.high:.0%}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> list[str]:
+    """Columns padded to their widest cell: the first ``left`` (names) to the left, numbers right."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  "
+        + "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    ]
 
 
 def _model_json(model: ModelRef) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from bot.feedback.ids import adapter_weights_hash, new_answer_id
 from bot.serving.engine import Message
+from freeski_common.errors import UserError
 
 Source = Literal["discord", "api"]
 SOURCES: tuple[Source, ...] = ("discord", "api")
@@ -50,8 +51,11 @@ class UnknownPair(FeedbackError, LookupError):
     """No complete pair (both answers) with that id is stored."""
 
 
-class UnusableStore(FeedbackError, ValueError):
-    """The file is no feedback store, or one written by a newer version of the bot."""
+class UnusableStore(FeedbackError, ValueError, UserError):
+    """The file is no feedback store, or one written by a newer version of the bot.
+
+    A :class:`UserError` too: a command line given such a file says so in one line.
+    """
 
 
 class InvalidRecord(FeedbackError, ValueError):
@@ -166,7 +170,8 @@ class PairCounts:
         return self.b
 
     def of(self, choice: Choice) -> int:
-        return getattr(self, choice)
+        count: int = getattr(self, choice)
+        return count
 
 
 @dataclass(frozen=True)

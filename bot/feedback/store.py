@@ -161,8 +161,8 @@ class FeedbackStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
             _prepare(self._db, self.path)  # before foreign keys: a migration rebuilds tables
+            self._db.execute("PRAGMA journal_mode=WAL")  # once it is ours to change
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
@@ -216,8 +216,8 @@ class FeedbackStore:
                 )
         check_id(chosen, "pair_id")
         with self._tx() as db:
-            for record, side in ((a, "a"), (b, "b")):
-                self._insert(db, record, pair_id=chosen, side=side)
+            self._insert(db, a, pair_id=chosen, side="a")
+            self._insert(db, b, pair_id=chosen, side="b")
         return chosen
 
     def pair_recorded(self, a_answer_id: str, b_answer_id: str, pair_id: str | None = None) -> str:
@@ -483,7 +483,7 @@ class FeedbackStore:
         db: sqlite3.Connection, a: sqlite3.Row, b: sqlite3.Row, pair_id: str | None
     ) -> str:
         _check_two_models(a["variant"], b["variant"])
-        existing = {a["pair_id"], b["pair_id"]} - {None}
+        existing: set[str] = {a["pair_id"], b["pair_id"]} - {None}
         if len(existing) > 1 or (existing and None in (a["pair_id"], b["pair_id"])):
             raise InvalidRecord("one of these answers already belongs to another pair")
         if existing:
@@ -668,8 +668,8 @@ def _side_names(db: sqlite3.Connection, pair_id: str) -> dict[str, str]:
 
 def _side_of(choice: VoteChoice, names: dict[str, str]) -> Choice:
     """What a vote stores: ``choice`` itself, or the side whose model it names."""
-    if choice in CHOICES:
-        return cast(Choice, choice)
+    if choice in ("a", "b", "tie", "both_bad"):
+        return choice
     for side, name in names.items():
         if name == choice:
             return cast(Side, side)
