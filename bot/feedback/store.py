@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from bot.feedback.ids import (
     conversation_key,
@@ -277,8 +277,9 @@ class FeedbackStore:
 
         ``choice`` is a side (``a``, ``b``), ``tie`` or ``both_bad``, or the
         name of one side's model among ``base`` and ``finetuned``, as voters
-        said it before pairs had sides (the previous choice is then said the
-        same way). Raises UnknownPair unless both answers of the pair are
+        said it before pairs had sides. On a base/finetuned pair the previous
+        choice is said that way too, unless this vote named a side letter.
+        Raises UnknownPair unless both answers of the pair are
         stored, InvalidRecord for a choice that names neither side.
         """
         if choice not in VOTE_CHOICES:
@@ -298,8 +299,8 @@ class FeedbackStore:
                 (pair_id, voter_hash, side, self._clock()),
             )
             said = previous and previous["choice"]
-            if said in SIDES and choice not in CHOICES:  # answer in the words of the vote
-                said = names[said] if names[said] in _LEGACY_SIDES else said
+            if said in SIDES and choice not in SIDES and set(names.values()) == set(_LEGACY_SIDES):
+                said = names[said]  # a base/finetuned pair's voters named sides by model
             return PairVote(said, _pair_counts(db, pair_id))
 
     # ---- reading -------------------------------------------------------------------
@@ -654,8 +655,8 @@ def _check_two_models(a: str, b: str) -> None:
         raise InvalidRecord(f"a pair compares two models; both answers are from {a!r}")
 
 
-def _side_names(db: sqlite3.Connection, pair_id: str) -> dict[str, str]:
-    names = {
+def _side_names(db: sqlite3.Connection, pair_id: str) -> dict[Side, str]:
+    names: dict[Side, str] = {
         row["pair_side"]: row["variant"]
         for row in db.execute(
             "SELECT pair_side, variant FROM answers WHERE pair_id = ?", (pair_id,)
@@ -666,13 +667,13 @@ def _side_names(db: sqlite3.Connection, pair_id: str) -> dict[str, str]:
     return names
 
 
-def _side_of(choice: VoteChoice, names: dict[str, str]) -> Choice:
+def _side_of(choice: VoteChoice, names: dict[Side, str]) -> Choice:
     """What a vote stores: ``choice`` itself, or the side whose model it names."""
-    if choice in ("a", "b", "tie", "both_bad"):
+    if choice in CHOICES:
         return choice
     for side, name in names.items():
         if name == choice:
-            return cast(Side, side)
+            return side
     raise InvalidRecord(
         f"choice {choice!r} names neither model of this pair ({names['a']} vs {names['b']}):"
         " vote a, b, tie or both_bad"
