@@ -269,3 +269,17 @@ def test_an_empty_store_says_so(tmp_path: Path) -> None:
     FeedbackStore(path).close()
     with FeedbackStore(path) as store:
         assert read_leaderboard(store).to_text() == "No answers recorded yet.\n"
+
+
+async def test_status_gets_each_adapters_results_against_base_off_the_loop(db: Path) -> None:
+    from bot.feedback.aio import AsyncFeedbackStore
+
+    store = await AsyncFeedbackStore.open(db)
+    try:
+        rows = {h.model.label: h for h in (await store.leaderboard()).against_base()}
+    finally:
+        await store.close()
+    assert set(rows) == {"v1@1111aaaa", "v2@3333cccc", "v2@5555eeee"}
+    v1 = rows["v1@1111aaaa"]
+    assert (v1.wins, v1.losses, v1.ties, v1.both_bad) == (2, 1, 1, 1)
+    assert v1.win_rate == pytest.approx(2.5 / 4) and v1.interval == wilson(2.5, 4)
