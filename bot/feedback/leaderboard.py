@@ -306,10 +306,11 @@ def bradley_terry(
     for h in results:
         if h.decided == 0 or h.model == h.opponent:
             continue
-        for me, other, score in ((h.model, h.opponent, h.score), (h.opponent, h.model, None)):
-            wins[me] = wins.get(me, 0.0) + (score if score is not None else h.decided - h.score)
-            games.setdefault(me, {})
-            games[me][other] = games[me].get(other, 0.0) + h.decided
+        sides = ((h.model, h.opponent, h.score), (h.opponent, h.model, h.decided - h.score))
+        for me, other, score in sides:
+            wins[me] = wins.get(me, 0.0) + score
+            met = games.setdefault(me, {})
+            met[other] = met.get(other, 0.0) + h.decided
     strength = dict.fromkeys(wins, 1.0)
     for _ in range(max_rounds):
         updated = {
@@ -330,7 +331,7 @@ def bradley_terry(
 def leaderboard(
     votes: Iterable[ModelVotes], tallies: Iterable[PairTally], prior: float = PRIOR_GAMES
 ) -> Leaderboard:
-    """The whole board from the store's counts (:meth:`FeedbackStore.model_votes`, ``pair_tallies``)."""
+    """The whole board from the store's counts (:meth:`FeedbackStore.leaderboard_counts`)."""
     standings = sorted(
         (Standing(v.model, v.answers, v.up, v.down) for v in votes),
         key=lambda s: _order(s.model),
