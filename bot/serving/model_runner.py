@@ -10,8 +10,9 @@ row's token with its own sampling settings, and says when a row's answer
 ends. It never decides who runs, and never waits.
 
 Adapter routing goes by name, one per row: peft's ``"__base__"`` turns LoRA
-off for that row, any other name picks a loaded adapter. Today a run loads
-one adapter ("finetuned"); nothing below assumes there are only two names.
+off for that row, any other name picks a loaded adapter, and rows of any
+mix of adapters share a pass. Adapters join and leave between two steps
+(:meth:`ModelRunner.attach`, :meth:`ModelRunner.detach`), on this thread.
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from bot.serving.batch import DecodeBatch
 from bot.serving.context import ConversationError, lone_surrogate_at, trim_oldest_first
-from bot.serving.engine import EngineError, InvalidRequest, Message, Sampling, Variant
+from bot.serving.engine import AdapterRejected, EngineError, InvalidRequest, Message, Sampling
 from bot.serving.row_text import RowText
 from bot.serving.sampling import RowSampling, choose_tokens
 from finetune.chat import normalize_conversation
-from finetune.generation import GenerationSettings, adapter_names_for, encode_chats
-from finetune.modeling import BASE_ADAPTER_NAME
+from finetune.generation import GenerationSettings, encode_chats
+from finetune.modeling import (
+    BASE_ADAPTER_NAME,
+    AdapterWeights,
+    adapter_mismatch,
+    attach_adapter,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -86,13 +92,13 @@ class ModelRunner:
         tokenizer: Any,
         *,
         generation: GenerationSettings,
-        adapter_name: str | None,
+        base_model: str = "",
         max_context_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.generation = generation
-        self.adapter_name = adapter_name  # what "finetuned" rows use; None: no adapter loaded
+        self.base_model = base_model  # what attached adapters must have been trained on
         window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_context_tokens: int = max_context_tokens or window or 4096
         # generate honours the model's own minimum answer length; so does this runner.
@@ -107,13 +113,10 @@ class ModelRunner:
 
     # ---- rows ---------------------------------------------------------------------------
 
-    def adapter_for(self, variant: Variant) -> str:
-        """The adapter name a row of ``variant`` runs with; refuses "finetuned" without one."""
-        if variant != "base" and self.adapter_name is None:
-            raise EngineError(
-                "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
-            )
-        return adapter_names_for([variant], self.adapter_name or BASE_ADAPTER_NAME)[0]
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters attached to the model, in the order they were."""
+        return list(getattr(self.model, "peft_config", {}))
 
     def row_text(self, sampling: Sampling | None) -> RowText:
         """A row's text, cut at the template's stop strings and at the request's own."""
@@ -255,7 +258,7 @@ class ModelRunner:
         for a 7B model), so both are held across steps and changed only when
         the batch's rows change.
         """
-        if self.adapter_name is None:
+        if not hasattr(self.model, "peft_config"):
             return
         distinct = set(names)
         self._enable_adapters(distinct != {BASE_ADAPTER_NAME})
@@ -301,6 +304,33 @@ class ModelRunner:
         """Leave the model's adapters as they were given: on, with no per-row hooks held."""
         self._hold_adapter_names(None, {})
         self._enable_adapters(True)
+
+    # ---- adapters joining and leaving ---------------------------------------------------
+
+    def attach(self, name: str, weights: AdapterWeights) -> None:
+        """Add adapter ``name`` between two steps; refuses one that does not fit this base.
+
+        The routing held across steps (adapters off, per-row hooks) covers
+        only the LoRA layers that existed when it was set, so it is let go
+        first and set again, over the new layers too, by the next pass; the
+        active adapter is set again for the same reason (a layer peft wraps
+        anew starts with the new adapter active).
+        """
+        mismatch = adapter_mismatch(self.model, weights, self.base_model)
+        if mismatch:
+            raise AdapterRejected(f"the adapter at {weights.path} cannot serve here: {mismatch}")
+        self.restore()
+        active = getattr(self.model, "active_adapter", None)
+        self.model = attach_adapter(self.model, name, weights)
+        self.model.set_adapter(active if isinstance(active, str) else name)
+
+    def detach(self, name: str) -> None:
+        """Delete adapter ``name`` (no row runs on it any more) and free its weights."""
+        self.restore()
+        remaining = [n for n in self.adapter_names if n != name]
+        if getattr(self.model, "active_adapter", None) == name and remaining:
+            self.model.set_adapter(remaining[0])
+        self.model.delete_adapter(name)
 
     # ---- tokens and endings -------------------------------------------------------------
 

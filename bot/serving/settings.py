@@ -121,6 +121,12 @@ class EngineSettings:
         specs = self.adapter_specs
         return self.default_adapter or (specs[0].name if specs else None)
 
+    @property
+    def default_adapter_path(self) -> Path | None:
+        """Where the default adapter is read from (its run's records sit beside it)."""
+        name = self.default_adapter_name
+        return next((s.path for s in self.adapter_specs if s.name == name), None)
+
     @classmethod
     def from_env(cls) -> EngineSettings:
         load_env_file()
