@@ -491,17 +491,17 @@ class InferenceWorker:
                 in_use.update(r.adapter for r in self._batch.rows)
             unused = [n for n in self._unloading if n not in in_use]
         for name in unused:
-            error: BaseException | None = None
+            failure: BaseException | None = None
             try:
                 self.runner.detach(name)
-            except Exception as exc:  # the adapter stays off for requests either way
+            except Exception as exc:
                 log.exception("unloading adapter %s failed", name)
-                error = exc
+                failure = exc
             with self._cond:
                 on_done = self._unloading.pop(name)
-                if error is None:
+                if failure is None:
                     self._adapters.remove(name)
-            on_done(error)
+            on_done(failure)
 
     def _refuse_adapter_changes(self) -> None:
         """The loop has ended: adapter changes still waiting will not happen."""
