@@ -268,9 +268,9 @@ class InferenceWorker:
             raise UnknownModel(
                 "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
             )
-        raise UnknownModel(
-            f"no model is served as {model!r}: ask one of {', '.join(self.served_names())}"
-        )
+        served = [BASE, FINETUNED] if self._default else [BASE]
+        served += self.served_names()
+        raise UnknownModel(f"no model is served as {model!r}: ask one of {', '.join(served)}")
 
     def served_names(self) -> list[str]:
         """The adapters that take requests now (loaded, not being unloaded), in load order."""
