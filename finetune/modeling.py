@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -320,3 +320,277 @@ def load_for_inference(
     model = load_adapter(plain, adapter) if adapter else plain
     model.eval()
     return model, tokenizer
+
+
+# ---- serving several adapters from one base ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A saved adapter read into memory: what :func:`attach_adapter` needs, and nothing else.
+
+    Reading (disk, hashing, parsing) is the slow part of adding an adapter and
+    touches no model, so a server does it off the model's thread; only the
+    attach, a copy into freshly made LoRA layers, waits for the model.
+    """
+
+    path: Path
+    config: Any = field(repr=False)  # a peft LoraConfig, inference mode
+    state_dict: dict[str, Any] = field(repr=False)
+    weights_hash: str | None
+    base_model: str | None  # the base it was trained on, as peft recorded it
+    chat_template: str | None  # the one saved with it, if any
+
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def read_adapter(adapter_path: str | os.PathLike[str]) -> AdapterWeights:
+    """Read a saved adapter (config, weights on the CPU, hash, saved chat template); no model needed."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    from finetune.fingerprint import adapter_weights_hash
+
+    path = Path(adapter_path).expanduser()
+    if not (path / ADAPTER_CONFIG_FILE).is_file():
+        raise UserError(
+            f"no adapter at {path} ({ADAPTER_CONFIG_FILE} missing): "
+            "point it at a finetune run's adapter/ directory"
+        )
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        state_dict = load_peft_weights(str(path), device="cpu")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"the adapter at {path} cannot be read: {reason}") from None
+    if getattr(config, "peft_type", None) != "LORA":
+        raise UserError(
+            f"the adapter at {path} is {config.peft_type}, not LoRA: serve a LoRA adapter"
+        )
+    config.inference_mode = True
+    return AdapterWeights(
+        path=path,
+        config=config,
+        state_dict=state_dict,
+        weights_hash=adapter_weights_hash(path),
+        base_model=getattr(config, "base_model_name_or_path", None),
+        chat_template=_saved_chat_template(path),
+    )
+
+
+def _saved_chat_template(directory: Path) -> str | None:
+    """The chat template saved beside an adapter (its own file, or in tokenizer_config.json)."""
+    import json
+
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def template_difference(adapter_template: str | None, base_template: str | None) -> str | None:
+    """Where an adapter's saved chat template departs from the base's, in one line; None if not."""
+    if adapter_template is None or base_template is None or adapter_template == base_template:
+        return None
+    at = next(
+        (
+            i
+            for i, (a, b) in enumerate(zip(adapter_template, base_template, strict=False))
+            if a != b
+        ),
+        min(len(adapter_template), len(base_template)),
+    )
+    return (
+        f"its saved chat template differs from the base's at character {at} "
+        f"({adapter_template[at : at + 30]!r} vs {base_template[at : at + 30]!r})"
+    )
+
+
+def _same_base(recorded: str, served: str) -> bool:
+    """Whether peft's recorded base names the served one: the same id or directory, or a
+    directory holding the hub model of that name (``.cache/models/SmolLM2-135M-Instruct``)."""
+    if recorded == served:
+        return True
+    mine, theirs = Path(recorded).expanduser(), Path(served).expanduser()
+    if mine.exists() and theirs.exists():
+        return mine.resolve() == theirs.resolve()
+    return mine.name == theirs.name
+
+
+def adapter_mismatch(model: Any, weights: AdapterWeights, base_model: str) -> str | None:
+    """Why ``weights`` cannot serve on ``model`` (the base ``base_model``), or None if it can.
+
+    Checked before the model is touched: the recorded base must be the
+    served one, and every tensor must fit the module it adapts (the check
+    that matters when two bases share a name).
+    """
+    if weights.base_model and not _same_base(weights.base_model, base_model):
+        return f"it was trained on {weights.base_model}, not on the served base {base_model}"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, tensor in weights.state_dict.items():
+        name = key.removeprefix("base_model.model.")
+        module_name, lora, kind = name.rpartition(".lora_")
+        expected: tuple[int, ...] | None = None
+        try:
+            if not lora:  # a whole module's copy (modules_to_save)
+                owner, _, parameter = name.rpartition(".")
+                expected = _parameter_shape(_adapted_module(base, owner), parameter)
+            elif kind in (
+                "A.weight",
+                "B.weight",
+            ):  # A reads the module's input, B writes its output
+                module = _adapted_module(base, module_name)
+                if kind == "A.weight":
+                    expected = (tensor.shape[0], module.in_features)
+                else:
+                    expected = (module.out_features, tensor.shape[1])
+            else:  # an embedding's or DoRA's factors: peft checks their shapes itself
+                _adapted_module(base, module_name)
+        except AttributeError:
+            return f"it adapts {name.rsplit('.', 1)[0]}, which the served base does not have"
+        if expected is not None and tuple(tensor.shape) != expected:
+            return (
+                f"its {name} is {tuple(tensor.shape)} where the served base needs {expected}: "
+                "it was trained on another base"
+            )
+    return None
+
+
+def _adapted_module(base: Any, name: str) -> Any:
+    """The base's own module under ``name``, seen through any peft wrapper around it."""
+    module = base.get_submodule(name)
+    module = getattr(module, "original_module", module)  # a modules_to_save wrapper
+    return getattr(module, "base_layer", module)  # a LoRA layer
+
+
+def _parameter_shape(module: Any, parameter: str) -> tuple[int, ...] | None:
+    if parameter == "weight" and hasattr(module, "out_features"):
+        return (module.out_features, module.in_features)  # 4-bit weights are stored packed
+    if parameter == "weight" and hasattr(module, "embedding_dim"):
+        return (module.num_embeddings, module.embedding_dim)
+    value = getattr(module, parameter, None)
+    return tuple(value.shape) if value is not None else None
+
+
+def attach_adapter(model: Any, name: str, weights: AdapterWeights) -> PeftModel:
+    """Attach ``weights`` as adapter ``name``, unmerged and frozen; returns the (peft) model.
+
+    The one way adapters join a serving model, at start and at runtime, so an
+    adapter answers the same whenever it was loaded. The LoRA layers are made
+    empty and filled from ``weights`` (no random initialization to pay for).
+    A model without adapters is wrapped the first time.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, weights.config, low_cpu_mem_usage=True)
+    else:
+        model = PeftModel(model, weights.config, adapter_name=name, low_cpu_mem_usage=True)
+    try:
+        _fill_adapter(model, name, weights)
+    except BaseException:
+        detach_adapter(model, name)
+        raise
+    _share_originals(model)
+    model.eval()
+    return model
+
+
+def detach_adapter(model: Any, name: str) -> None:
+    """Delete adapter ``name`` from ``model``; the inverse of :func:`attach_adapter`.
+
+    The originals :func:`_share_originals` entered are taken out for peft's
+    ``delete_adapter`` (which would take them for copies) and put back after.
+    """
+    for wrapper in _module_copies(model):
+        copies = wrapper.modules_to_save
+        for shared in [n for n in copies if copies[n] is wrapper.original_module]:
+            del copies[shared]
+    model.delete_adapter(name)
+    _share_originals(model)
+
+
+def _module_copies(model: Any) -> list[Any]:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _share_originals(model: Any) -> None:
+    """Let every adapter without its own copy of a ``modules_to_save`` module use the original.
+
+    peft routes a mixed batch's rows through such a module by adapter name
+    and fails on a name that has no copy there (an adapter that did not
+    train ``lm_head`` beside one that did); the original module is exactly
+    what those rows should run through, so it is entered under their names.
+    Only the per-row path reads these entries: a batch of one adapter goes by
+    peft's own record of which adapters have a copy.
+    """
+    names = list(model.peft_config)
+    for wrapper in _module_copies(model):
+        for name in names:
+            if name not in wrapper.modules_to_save:
+                wrapper.modules_to_save[name] = wrapper.original_module
+
+
+def _fill_adapter(model: Any, name: str, weights: AdapterWeights) -> None:
+    """Put ``weights`` into adapter ``name``'s empty (meta) parameters, one module at a time.
+
+    Not peft's ``set_peft_model_state_dict``: it reads the whole model's
+    ``state_dict()``, and on a CPU with AVX512-BF16 that makes every 4-bit
+    layer unpack the weights bitsandbytes had repacked for its inference
+    kernel; repacked again on the next pass they no longer give the same
+    logits (0.02 apart on the tiny model), so loading an adapter at runtime
+    changed every other model's answers. Here only the adapter's own
+    parameters are touched.
+    """
+    import torch
+    from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+    named = _insert_adapter_name_into_state_dict(
+        {
+            key.removeprefix("base_model.model."): tensor
+            for key, tensor in weights.state_dict.items()
+        },
+        adapter_name=name,
+        parameter_prefix="lora_",
+    )
+    base = model.get_base_model()
+    for key, tensor in named.items():
+        if (
+            "lora_" not in key
+        ):  # a modules_to_save copy: lm_head.weight → lm_head.modules_to_save.NAME.weight
+            owner, _, parameter = key.rpartition(".")
+            key = f"{owner}.modules_to_save.{name}.{parameter}"
+        owner, _, parameter = key.rpartition(".")
+        module = base.get_submodule(owner)
+        old = module._parameters.get(parameter)
+        if old is None:
+            raise UserError(
+                f"the adapter at {weights.path} holds {key}, which its config does not make"
+            )
+        device = old.device if old.device.type != "meta" else _device_near(base, owner)
+        dtype = old.dtype if old.dtype.is_floating_point else tensor.dtype
+        module._parameters[parameter] = torch.nn.Parameter(
+            tensor.to(device=device, dtype=dtype), requires_grad=False
+        )
+    empty = [n for n, p in base.named_parameters() if p.device.type == "meta" and f".{name}." in n]
+    if empty:
+        raise UserError(f"the adapter at {weights.path} lacks weights for {empty[0]}")
+
+
+def _device_near(base: Any, owner: str) -> Any:
+    """The device of the model's own weights nearest ``owner`` (its LoRA layer's base layer)."""
+    path = owner.split(".")
+    while path:
+        module = base.get_submodule(".".join(path))
+        for parameter in module.parameters():
+            if parameter.device.type != "meta":
+                return parameter.device
+        path.pop()
+    return next(p.device for p in base.parameters() if p.device.type != "meta")

@@ -12,10 +12,12 @@ sees whether a request's sampling reached the engine.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
 
+from bot.serving.adapters import FINETUNED, ServedAdapter, ServedModels
 from bot.serving.engine import (
     VARIANTS,
     Answer,
@@ -23,7 +25,9 @@ from bot.serving.engine import (
     EngineUnavailable,
     Message,
     OnText,
+    RuntimeUpdatesUnsupported,
     Sampling,
+    UnknownModel,
     Variant,
 )
 
@@ -88,6 +92,8 @@ class ScriptedEngine:
     ) -> Answer:
         if not self.ready:
             raise EngineUnavailable("The scripted engine is stopped.")
+        if variant not in self.models().names:
+            raise UnknownModel(f"no model is served as {variant!r}")
         self.requests.append((variant, list(messages), max_new_tokens))
         self.samplings.append(sampling)
         if self.failures:
@@ -131,12 +137,13 @@ class ScriptedEngine:
         self,
         messages: Sequence[Message],
         *,
+        models: tuple[Variant, Variant] = VARIANTS,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
-        base, finetuned = await asyncio.gather(
+        first, second = await asyncio.gather(
             *(
                 self.generate(
                     messages,
@@ -145,10 +152,22 @@ class ScriptedEngine:
                     on_text=None if on_text is None else (lambda t, v=variant: on_text(v, t)),
                     sampling=sampling,
                 )
-                for variant in VARIANTS
+                for variant in models
             )
         )
-        return base, finetuned
+        return first, second
+
+    def models(self) -> ServedModels:
+        return ServedModels((ServedAdapter(FINETUNED, "scripted-adapter"),), FINETUNED)
+
+    async def load_adapter(self, name: str, path: str | os.PathLike[str]) -> ServedAdapter:
+        raise RuntimeUpdatesUnsupported("the scripted engine serves one scripted adapter")
+
+    async def unload_adapter(self, name: str) -> None:
+        raise RuntimeUpdatesUnsupported("the scripted engine serves one scripted adapter")
+
+    async def set_default(self, name: str) -> ServedModels:
+        raise RuntimeUpdatesUnsupported("the scripted engine serves one scripted adapter")
 
     def status(self) -> EngineStatus:
         return EngineStatus(

@@ -265,7 +265,7 @@ def test_the_worker_ends_an_answer_at_each_stop_token(template_model: tuple[str,
     _, model_dir = template_model
     model, tokenizer = load_for_inference(model_dir, load_in_4bit=True)
     settings = GenerationSettings()
-    worker = InferenceWorker(model, tokenizer, generation=settings, adapter_name=None)
+    worker = InferenceWorker(model, tokenizer, generation=settings)
     stops = worker.runner.stop_conditions
     assert set(chat_format(tokenizer).stop_token_ids) <= stops.eos_token_ids
     assert stops.stop_strings == settings.stops(tokenizer)

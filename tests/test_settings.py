@@ -32,6 +32,11 @@ ALL_VARS = [
     "API_PORT",
     "TEMPERATURE",
     "OPENAI_SAMPLING_EXTENSIONS",
+    "ADAPTERS",
+    "DEFAULT_ADAPTER",
+    "MAX_ADAPTERS",
+    "RUNTIME_ADAPTER_UPDATES",
+    "API_TOKEN",
 ]
 
 
@@ -121,6 +126,77 @@ def test_bad_config_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, env: dict
     message = str(info.value)
     assert needle in message
     assert "\n" not in message
+
+
+def _adapter_dirs(root: Path, *names: str) -> list[Path]:
+    """Directories that look like adapters to the settings (an adapter_config.json each)."""
+    dirs = []
+    for name in names:
+        (root / name).mkdir()
+        (root / name / "adapter_config.json").write_text("{}")
+        dirs.append(root / name)
+    return dirs
+
+
+def test_adapters_are_served_by_name_with_a_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    v1, v2 = _adapter_dirs(tmp_path, "v1", "v2")
+    monkeypatch.setenv("ADAPTERS", f"v1={v1}, v2={v2}")
+    settings = EngineSettings.from_env()
+    assert [(s.name, s.path) for s in settings.adapter_specs] == [("v1", v1), ("v2", v2)]
+    assert settings.default_adapter_name == "v1", "the first listed, unless DEFAULT_ADAPTER says"
+    monkeypatch.setenv("DEFAULT_ADAPTER", "v2")
+    assert EngineSettings.from_env().default_adapter_name == "v2"
+
+
+def test_adapter_path_alone_is_one_adapter_named_finetuned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    (adapter,) = _adapter_dirs(tmp_path, "adapter")
+    monkeypatch.setenv("ADAPTER_PATH", str(adapter))
+    settings = EngineSettings.from_env()
+    assert [(s.name, s.path) for s in settings.adapter_specs] == [("finetuned", adapter)]
+    assert settings.default_adapter_name == "finetuned"
+    monkeypatch.delenv("ADAPTER_PATH")
+    assert EngineSettings.from_env().adapter_specs == ()
+
+
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"ADAPTERS": "v1={a},v1={b}"}, "two adapters are named 'v1'"),
+        ({"ADAPTERS": "V1={a}"}, "adapter name 'V1' is not valid"),
+        ({"ADAPTERS": "{long}={a}"}, "is not valid: use lowercase letters"),
+        ({"ADAPTERS": "base={a}"}, "adapter name 'base' is reserved"),
+        ({"ADAPTERS": "finetuned={a}"}, "adapter name 'finetuned' is reserved"),
+        ({"ADAPTERS": "v1"}, "'v1' is not name=path"),
+        ({"ADAPTERS": "v1={a}", "ADAPTER_PATH": "{a}"}, "ADAPTERS and ADAPTER_PATH are both set"),
+        ({"ADAPTERS": "v1={a},v2={b}", "DEFAULT_ADAPTER": "v3"}, "DEFAULT_ADAPTER=v3 names no"),
+        ({"ADAPTER_PATH": "{a}", "DEFAULT_ADAPTER": "v1"}, "DEFAULT_ADAPTER=v1 names no"),
+        ({"ADAPTERS": "v1={a},v2={b}", "MAX_ADAPTERS": "1"}, "more than MAX_ADAPTERS=1"),
+        ({"ADAPTERS": "v1={a},v2=/nonexistent"}, "ADAPTERS (v2)=/nonexistent: no adapter_config"),
+    ],
+)
+def test_bad_adapter_config_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], needle: str
+):
+    a, b = _adapter_dirs(tmp_path, "a", "b")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(a=a, b=b, long="v" * 33))
+    with pytest.raises(UserError) as info:
+        EngineSettings.from_env()
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_runtime_adapter_updates_need_an_api_token(monkeypatch: pytest.MonkeyPatch):
+    assert ApiSettings.from_env().runtime_adapter_updates is False, "off by default"
+    monkeypatch.setenv("RUNTIME_ADAPTER_UPDATES", "true")
+    with pytest.raises(UserError, match=r"^RUNTIME_ADAPTER_UPDATES=true .* set API_TOKEN"):
+        ApiSettings.from_env()
+    monkeypatch.setenv("API_TOKEN", "s3cret-token")
+    assert ApiSettings.from_env().runtime_adapter_updates is True
 
 
 def test_token_read_from_dotenv_but_environment_wins(

@@ -473,7 +473,6 @@ def test_a_full_queue_answers_busy_at_once(tokenizer: Any):
         ScriptedModel(1),
         tokenizer,
         generation=GenerationSettings(),
-        adapter_name=None,
         queue_size=2,
     )  # never started: nothing leaves the queue
     worker.submit(request(print))
@@ -513,7 +512,7 @@ async def test_a_request_past_its_deadline_mid_answer_is_stopped(tokenizer: Any)
 def test_a_row_past_its_deadline_leaves_and_its_batch_goes_on(tokenizer: Any):
     """The late row's deadline passes after its third piece of text, whatever the pace."""
     model = ScriptedModel(word_token(tokenizer))
-    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings(), adapter_name=None)
+    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings())
     results = Results(expected=2)
     late = request(results.keep("late"), max_new_tokens=200)
     deltas: list[str] = []
@@ -561,7 +560,7 @@ async def test_a_cancelled_request_leaves_its_batch_and_the_worker_goes_on(token
 
 def test_a_cancelled_request_never_reaches_the_model(tokenizer: Any):
     model = ScriptedModel(word_token(tokenizer))
-    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings(), adapter_name=None)
+    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings())
     results: list[Any] = []
     done = threading.Event()
     queued = request(results.append)
@@ -642,7 +641,7 @@ def test_a_request_that_cannot_be_prepared_fails_alone_and_the_queue_goes_on(
     it are answered in full."""
     model = ScriptedModel(word_token(tokenizer), step_s=0.005)
     worker = InferenceWorker(
-        model, tokenizer, generation=GenerationSettings(), adapter_name=None, max_batch_tokens=128
+        model, tokenizer, generation=GenerationSettings(), max_batch_tokens=128
     )
     results = Results(expected=3)
     streaming = threading.Event()
@@ -669,9 +668,7 @@ def test_a_sampling_setting_that_breaks_the_kernel_ends_its_row_alone(tokenizer:
     """A temperature so small the logits overflow makes sampling raise for the whole batch;
     only that row ends."""
     model = ScriptedModel(word_token(tokenizer))
-    worker = InferenceWorker(
-        model, tokenizer, generation=GenerationSettings(), adapter_name=None, batch_wait_s=0.5
-    )
+    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings(), batch_wait_s=0.5)
     results = Results(expected=2)
     broken, fine = (
         request(results.keep("broken"), max_new_tokens=6),
@@ -693,7 +690,6 @@ def test_a_cancelled_queued_request_leaves_the_queue_count_at_once(tokenizer: An
         ScriptedModel(word_token(tokenizer)),
         tokenizer,
         generation=GenerationSettings(),
-        adapter_name=None,
         queue_size=3,
     )  # not started: nothing leaves the queue but by cancelling
     results: list[Any] = []
@@ -717,7 +713,7 @@ def test_trimming_a_long_conversation_costs_a_few_encodes_not_one_per_turn(
     worker thread, between other users' decoding steps."""
     model = ScriptedModel(word_token(tokenizer))
     worker = InferenceWorker(
-        model, tokenizer, generation=GenerationSettings(), adapter_name=None, max_batch_tokens=200
+        model, tokenizer, generation=GenerationSettings(), max_batch_tokens=200
     )
     encodes: list[int] = []
     real_encode = worker.runner.encode
@@ -784,7 +780,6 @@ def test_a_worker_whose_every_step_raises_reports_failing(tokenizer: Any):
         BrokenModel(word_token(tokenizer)),
         tokenizer,
         generation=GenerationSettings(),
-        adapter_name=None,
     )
     worker.start()
     results: list[Any] = []
@@ -834,7 +829,7 @@ def test_the_runner_routes_each_row_to_its_named_adapter(tokenizer: Any):
     """Rows carry an adapter name, and the runner assumes no fixed set of them: one name
     activates that adapter, the base name turns adapters off, a mix routes per row."""
     model = RoutedModel(word_token(tokenizer))
-    runner = ModelRunner(model, tokenizer, generation=GenerationSettings(), adapter_name="a")
+    runner = ModelRunner(model, tokenizer, generation=GenerationSettings())
 
     def rows(*names: str) -> list[RowState]:
         return [

@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from bot.serving.engine import Answer, Engine, EngineStatus, Message, OnText, Sampling, Variant
+from bot.serving.adapters import FINETUNED
+from bot.serving.engine import (
+    VARIANTS,
+    Answer,
+    Engine,
+    EngineWrapper,
+    Message,
+    OnText,
+    Sampling,
+    Variant,
+)
 
 # The one normalization of a conversation (roles merged, one system message first), shared
 # with training and the templates; front ends reach it through here.
@@ -40,7 +50,7 @@ def with_system_prompt(messages: Sequence[Message], system_prompt: str) -> list[
     return chat
 
 
-class SystemPrompted:
+class SystemPrompted(EngineWrapper):
     """An :class:`~bot.serving.engine.Engine` whose every conversation ``SYSTEM_PROMPT`` leads.
 
     The one owner of the operator's system prompt (see this module's
@@ -48,20 +58,14 @@ class SystemPrompted:
     """
 
     def __init__(self, inner: Engine, system_prompt: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.system_prompt = system_prompt
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
     async def generate(
         self,
         messages: Sequence[Message],
         *,
-        variant: Variant = "finetuned",
+        variant: Variant = FINETUNED,
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
         sampling: Sampling | None = None,
@@ -80,6 +84,7 @@ class SystemPrompted:
         self,
         messages: Sequence[Message],
         *,
+        models: tuple[Variant, Variant] = VARIANTS,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
@@ -87,14 +92,12 @@ class SystemPrompted:
     ) -> tuple[Answer, Answer]:
         return await self.inner.compare(
             with_system_prompt(messages, self.system_prompt),
+            models=models,
             max_new_tokens=max_new_tokens,
             on_text=on_text,
             sampling=sampling,
             grounding=grounding,
         )
-
-    def status(self) -> EngineStatus:
-        return self.inner.status()
 
 
 def trim_oldest_first(

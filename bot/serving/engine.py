@@ -9,15 +9,21 @@ serves from the quantized model on this machine, and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
 
+from bot.serving.adapters import BASE, FINETUNED, ServedAdapter, ServedModels
+
 if TYPE_CHECKING:
     from crawl.search import Passage
 
-Variant = Literal["base", "finetuned"]
-VARIANTS: tuple[Variant, ...] = ("base", "finetuned")
+# A served model's name: "base", "finetuned" (the default adapter) or an adapter's own name
+# (bot/serving/adapters.py). Requests pick one; answers say which they were asked of.
+Variant = str
+# The two names every engine with an adapter answers to: /compare's default pair.
+VARIANTS: tuple[Variant, Variant] = (BASE, FINETUNED)
 MAX_STOP_STRINGS = 4  # per request, as the OpenAI API allows
 # How an answer ended: by itself, at its token budget, or stopped (shutdown, caller gone).
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -33,7 +39,7 @@ OnText = Callable[[str], None]
 
 
 def stream_for(on_text: Callable[[Variant, str], None] | None, variant: Variant) -> OnText | None:
-    """One variant's ``on_text`` out of ``compare``'s two-variant callback."""
+    """One model's ``on_text`` out of ``compare``'s two-model callback."""
     if on_text is None:
         return None
     return lambda delta: on_text(variant, delta)
@@ -81,7 +87,7 @@ class Answer:
     """One finished answer and what it cost."""
 
     text: str
-    variant: Variant
+    variant: Variant  # the name it was asked of ("finetuned" stays "finetuned")
     finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -90,6 +96,8 @@ class Answer:
     total_s: float = 0.0  # request accepted → answer complete
     # The forum passages the answer was grounded on (FORUM_DB), best first; shown as its sources.
     sources: tuple[Passage, ...] = ()
+    # The adapter that wrote it (the default's, for "finetuned"); None for the base model.
+    adapter: ServedAdapter | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,21 @@ class EngineRejected(InvalidRequest):
     """
 
 
+class UnknownModel(InvalidRequest):
+    """No model is served under the name asked (vLLM's 404 ``model_not_found``)."""
+
+
+class AdapterRejected(InvalidRequest):
+    """An adapter cannot be loaded, unloaded or made the default as asked: not an adapter,
+    trained on another base, a name taken or not allowed, the default unloaded, too many
+    adapters. The message says which and how to fix it (an HTTP 400)."""
+
+
+class RuntimeUpdatesUnsupported(InvalidRequest):
+    """This engine cannot change its adapters while it runs (an OpenAI-compatible server's
+    adapters are that server's to load)."""
+
+
 class EngineTimeout(EngineError):
     """The request was not answered before its deadline."""
 
@@ -156,7 +179,7 @@ class EngineUnavailable(EngineError):
 
 @runtime_checkable
 class Engine(Protocol):
-    """Answers chat messages with the base or the finetuned model."""
+    """Answers chat messages with the base model or one of its adapters, by name."""
 
     async def start(self) -> None:
         """Load the model / open connections; idempotent."""
@@ -174,7 +197,9 @@ class Engine(Protocol):
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> Answer:
-        """Answer ``messages`` (oldest first) with one variant, streaming through ``on_text``.
+        """Answer ``messages`` (oldest first) as model ``variant``, streaming through ``on_text``.
+
+        ``variant`` is any name :meth:`models` lists; another is :class:`UnknownModel`.
 
         ``max_new_tokens`` can shorten the answer, never lengthen it past the
         engine's configured ``MAX_NEW_TOKENS``. ``sampling`` overrides the
@@ -187,16 +212,77 @@ class Engine(Protocol):
         self,
         messages: Sequence[Message],
         *,
+        models: tuple[Variant, Variant] = VARIANTS,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
-        """Base and finetuned answers to the same messages: ``(base, finetuned)``.
+        """Two models' answers to the same messages, in ``models``' order (base, finetuned
+        by default); ``on_text`` gets each delta with its model's name.
 
         Both rows sample with the same ``sampling`` (the same seed too), so the
-        two answers differ by the adapter alone.
+        two answers differ by the adapter alone. Two equal names are an
+        :class:`InvalidRequest`.
         """
 
     def status(self) -> EngineStatus:
         """A snapshot of the engine's health and counters; never blocks."""
+
+    def models(self) -> ServedModels:
+        """The names answered right now, the default adapter, each adapter's path and hash."""
+
+    async def load_adapter(self, name: str, path: str | os.PathLike[str]) -> ServedAdapter:
+        """Serve the adapter saved at ``path`` as ``name``; returns once it answers.
+
+        Raises :class:`AdapterRejected` (not an adapter, another base, a name
+        taken or invalid, too many) or :class:`RuntimeUpdatesUnsupported`.
+        Answers in flight go on meanwhile, and no other model's answers change.
+        """
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``: refused for new requests at once, gone once its running
+        answers finished (they finish first). :class:`UnknownModel` if it is not served,
+        :class:`AdapterRejected` for the default or a reserved name."""
+
+    async def set_default(self, name: str) -> ServedModels:
+        """Make adapter ``name`` the one ``finetuned`` answers with, from the next request on."""
+
+
+def check_pair(models: tuple[Variant, Variant]) -> None:
+    """``compare``'s pair must be two names: the same one twice would stream into one."""
+    if models[0] == models[1]:
+        raise InvalidRequest(f"compare asks two different models; both were {models[0]!r}")
+
+
+class EngineWrapper:
+    """The base of an engine that wraps another and changes some of what it does.
+
+    Everything but answering is passed through as it is: starting, closing,
+    the status and the served adapters. A wrapper overrides what it adds
+    (``generate`` and ``compare`` always).
+    """
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def status(self) -> EngineStatus:
+        return self.inner.status()
+
+    def models(self) -> ServedModels:
+        return self.inner.models()
+
+    async def load_adapter(self, name: str, path: str | os.PathLike[str]) -> ServedAdapter:
+        return await self.inner.load_adapter(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.inner.unload_adapter(name)
+
+    async def set_default(self, name: str) -> ServedModels:
+        return await self.inner.set_default(name)

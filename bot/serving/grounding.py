@@ -28,10 +28,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from bot.serving.adapters import FINETUNED
 from bot.serving.engine import (
+    VARIANTS,
     Answer,
     Engine,
     EngineStatus,
+    EngineWrapper,
     Message,
     OnText,
     RequestTooLong,
@@ -75,10 +78,15 @@ def adapter_grounding(adapter_path: Path | None) -> Grounding | None:
 
 
 def grounding_k(settings: EngineSettings) -> int:
-    """Passages per answer: ``GROUNDING_K``, else the adapter's training ``k``, else 3."""
+    """Passages per answer: ``GROUNDING_K``, else the default adapter's training ``k``, else 3.
+
+    Every adapter's layout is checked, as each is prompted with this bot's.
+    """
+    for spec in settings.adapter_specs:
+        adapter_grounding(spec.path)
     if settings.grounding_k is not None:
         return settings.grounding_k
-    recorded = adapter_grounding(settings.adapter_path)
+    recorded = adapter_grounding(settings.default_adapter_path)
     return max(1, recorded.k) if recorded else DEFAULT_K
 
 
@@ -108,11 +116,11 @@ def grounded_messages(messages: Sequence[Message], passages: Sequence[Passage]) 
     return out
 
 
-class GroundedEngine:
+class GroundedEngine(EngineWrapper):
     """An :class:`~bot.serving.engine.Engine` that grounds every answer on a forum store."""
 
     def __init__(self, inner: Engine, forum_db: Path, k: int = DEFAULT_K) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.forum_db = Path(forum_db)
         self.k = k
         self.retriever: Retriever | None = None
@@ -165,7 +173,7 @@ class GroundedEngine:
         self,
         messages: Sequence[Message],
         *,
-        variant: Variant = "finetuned",
+        variant: Variant = FINETUNED,
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
         sampling: Sampling | None = None,
@@ -188,6 +196,7 @@ class GroundedEngine:
         self,
         messages: Sequence[Message],
         *,
+        models: tuple[Variant, Variant] = VARIANTS,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
@@ -195,15 +204,19 @@ class GroundedEngine:
     ) -> tuple[Answer, Answer]:
         async def ask(prompt: list[Message]) -> tuple[Answer, Answer]:
             return await self.inner.compare(
-                prompt, max_new_tokens=max_new_tokens, on_text=on_text, sampling=sampling
+                prompt,
+                models=models,
+                max_new_tokens=max_new_tokens,
+                on_text=on_text,
+                sampling=sampling,
             )
 
         passages = await self._passages(messages) if grounding else []
-        (base, finetuned), used = await self._within_budget(messages, passages, ask)
+        (first, second), used = await self._within_budget(messages, passages, ask)
         sources = tuple(used)
         return (
-            dataclasses.replace(base, sources=sources),
-            dataclasses.replace(finetuned, sources=sources),
+            dataclasses.replace(first, sources=sources),
+            dataclasses.replace(second, sources=sources),
         )
 
     async def _within_budget(

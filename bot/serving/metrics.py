@@ -26,14 +26,14 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from bot.serving.adapters import FINETUNED
 from bot.serving.engine import (
     VARIANTS,
     Answer,
-    Engine,
     EngineBusy,
-    EngineStatus,
     EngineTimeout,
     EngineUnavailable,
+    EngineWrapper,
     Message,
     OnText,
     Sampling,
@@ -114,7 +114,10 @@ class RecentRate:
         return sum(tokens for _, tokens in self._events) / span
 
 
-class CountedEngine:
+UNKNOWN_MODEL = "unknown"  # the label of answers asked of a name that is not served
+
+
+class CountedEngine(EngineWrapper):
     """An :class:`~bot.serving.engine.Engine` that counts every request once, at the boundary.
 
     It wraps any backend and forwards everything; what it adds is the
@@ -124,20 +127,11 @@ class CountedEngine:
     count that failure (they were asked together and end together).
     """
 
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
     async def generate(
         self,
         messages: Sequence[Message],
         *,
-        variant: Variant = "finetuned",
+        variant: Variant = FINETUNED,
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
         sampling: Sampling | None = None,
@@ -153,7 +147,7 @@ class CountedEngine:
                 grounding=grounding,
             )
         except (Exception, asyncio.CancelledError) as error:
-            ANSWERS.labels(variant, outcome_of(error)).inc()
+            ANSWERS.labels(self._label(variant), outcome_of(error)).inc()
             raise
         self._count(answer)
         return answer
@@ -162,29 +156,33 @@ class CountedEngine:
         self,
         messages: Sequence[Message],
         *,
+        models: tuple[Variant, Variant] = VARIANTS,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
         try:
-            base, finetuned = await self.inner.compare(
+            first, second = await self.inner.compare(
                 messages,
+                models=models,
                 max_new_tokens=max_new_tokens,
                 on_text=on_text,
                 sampling=sampling,
                 grounding=grounding,
             )
         except (Exception, asyncio.CancelledError) as error:
-            for variant in VARIANTS:
-                ANSWERS.labels(variant, outcome_of(error)).inc()
+            for variant in models:
+                ANSWERS.labels(self._label(variant), outcome_of(error)).inc()
             raise
-        self._count(base)
-        self._count(finetuned)
-        return base, finetuned
+        self._count(first)
+        self._count(second)
+        return first, second
 
-    def status(self) -> EngineStatus:
-        return self.inner.status()
+    def _label(self, model: Variant) -> str:
+        """A metric label for ``model``: a served name, or "unknown" for any other, so a
+        client asking for made-up names cannot grow the metrics without bound."""
+        return model if model in self.inner.models().names else UNKNOWN_MODEL
 
     def _count(self, answer: Answer) -> None:
         ANSWERS.labels(answer.variant, outcome_of(answer)).inc()

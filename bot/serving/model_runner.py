@@ -10,8 +10,9 @@ row's token with its own sampling settings, and says when a row's answer
 ends. It never decides who runs, and never waits.
 
 Adapter routing goes by name, one per row: peft's ``"__base__"`` turns LoRA
-off for that row, any other name picks a loaded adapter. Today a run loads
-one adapter ("finetuned"); nothing below assumes there are only two names.
+off for that row, any other name picks a loaded adapter, and rows of any
+mix of adapters share a pass. Adapters join and leave between two steps
+(:meth:`ModelRunner.attach`, :meth:`ModelRunner.detach`), on this thread.
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from bot.serving.batch import DecodeBatch
+from bot.serving.batched_lora import BatchedLora
 from bot.serving.context import ConversationError, lone_surrogate_at, trim_oldest_first
-from bot.serving.engine import EngineError, InvalidRequest, Message, Sampling, Variant
+from bot.serving.engine import AdapterRejected, EngineError, InvalidRequest, Message, Sampling
 from bot.serving.row_text import RowText
 from bot.serving.sampling import RowSampling, choose_tokens
 from finetune.chat import normalize_conversation
-from finetune.generation import GenerationSettings, adapter_names_for, encode_chats
-from finetune.modeling import BASE_ADAPTER_NAME
+from finetune.generation import GenerationSettings, encode_chats
+from finetune.modeling import (
+    BASE_ADAPTER_NAME,
+    AdapterWeights,
+    adapter_mismatch,
+    attach_adapter,
+    detach_adapter,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -86,13 +94,13 @@ class ModelRunner:
         tokenizer: Any,
         *,
         generation: GenerationSettings,
-        adapter_name: str | None,
+        base_model: str = "",
         max_context_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.generation = generation
-        self.adapter_name = adapter_name  # what "finetuned" rows use; None: no adapter loaded
+        self.base_model = base_model  # what attached adapters must have been trained on
         window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_context_tokens: int = max_context_tokens or window or 4096
         # generate honours the model's own minimum answer length; so does this runner.
@@ -103,17 +111,18 @@ class ModelRunner:
         self._adapter_off: contextlib.AbstractContextManager[Any] | None = None  # held while off
         self._names_hooks: contextlib.AbstractContextManager[Any] | None = None
         self._held_names: list[str] | None = None
+        # The adapters stacked for batched LoRA: built at the first pass after they change;
+        # False when a layout is not covered (peft routes then).
+        self._batched: BatchedLora | Literal[False] | None = None
+        self._batched_names: list[str] | None = None
         self._overhead: float | None = None  # the template's tokens per turn, once measured
 
     # ---- rows ---------------------------------------------------------------------------
 
-    def adapter_for(self, variant: Variant) -> str:
-        """The adapter name a row of ``variant`` runs with; refuses "finetuned" without one."""
-        if variant != "base" and self.adapter_name is None:
-            raise EngineError(
-                "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
-            )
-        return adapter_names_for([variant], self.adapter_name or BASE_ADAPTER_NAME)[0]
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters attached to the model, in the order they were."""
+        return list(getattr(self.model, "peft_config", {}))
 
     def row_text(self, sampling: Sampling | None) -> RowText:
         """A row's text, cut at the template's stop strings and at the request's own."""
@@ -246,22 +255,42 @@ class ModelRunner:
     # ---- adapter routing ----------------------------------------------------------------
 
     def _route_adapters(self, names: list[str], kwargs: dict[str, Any]) -> None:
-        """Route each row to its adapter, paying for per-row routing only in mixed batches.
+        """Route each row to its adapter.
 
-        A pass whose rows share one name runs with that adapter simply active,
-        or with adapters off for the base; a mixed pass gives peft one name per
-        row. Both cost a walk over every module of the model to set up (14 ms
-        for the tiny bench model on 2 CPU cores; a GPU decoding step's worth
-        for a 7B model), so both are held across steps and changed only when
-        the batch's rows change.
+        With batched LoRA (:mod:`bot.serving.batched_lora`), peft's adapters
+        are off and hooks add each row's adapter, in one gathered product per
+        layer whatever the mix. Otherwise a pass whose rows share one name
+        runs with that adapter simply active, or with adapters off for the
+        base, and a mixed pass gives peft one name per row. Turning adapters
+        off or on and peft's per-row hooks each cost a walk over every module
+        (14 ms for the tiny bench model on 2 CPU cores; a GPU decoding step's
+        worth for a 7B model), so all are held across steps and changed only
+        when the batch's rows change.
         """
-        if self.adapter_name is None:
+        if not hasattr(self.model, "peft_config"):
             return
         distinct = set(names)
+        batched = self._batched_lora()
+        if batched:  # adapters off in peft's layers; the hooks add each row's own
+            self._enable_adapters(False)
+            if distinct == {BASE_ADAPTER_NAME}:
+                batched.release()
+                self._batched_names = None
+            elif names != self._batched_names:
+                batched.hold(names, self.model.device)
+                self._batched_names = names
+            return
         self._enable_adapters(distinct != {BASE_ADAPTER_NAME})
         if len(distinct) == 1 and BASE_ADAPTER_NAME not in distinct:
             self._activate(names[0])
         self._hold_adapter_names(names if len(distinct) > 1 else None, kwargs)
+
+    def _batched_lora(self) -> BatchedLora | None:
+        if self._batched is None:
+            self._batched = BatchedLora.build(self.model, self.adapter_names) or False
+            if not self._batched:
+                log.info("an adapter's layout is not covered by batched LoRA: peft routes rows")
+        return self._batched or None
 
     def _activate(self, name: str) -> None:
         """Make ``name`` the active adapter; a no-op while it already is (always, with one)."""
@@ -300,7 +329,39 @@ class ModelRunner:
     def restore(self) -> None:
         """Leave the model's adapters as they were given: on, with no per-row hooks held."""
         self._hold_adapter_names(None, {})
+        if self._batched:
+            self._batched.release()
+        self._batched_names = None
         self._enable_adapters(True)
+
+    # ---- adapters joining and leaving ---------------------------------------------------
+
+    def attach(self, name: str, weights: AdapterWeights) -> None:
+        """Add adapter ``name`` between two steps; refuses one that does not fit this base.
+
+        The routing held across steps (adapters off, per-row hooks) covers
+        only the LoRA layers that existed when it was set, so it is let go
+        first and set again, over the new layers too, by the next pass; the
+        active adapter is set again for the same reason (a layer peft wraps
+        anew starts with the new adapter active).
+        """
+        mismatch = adapter_mismatch(self.model, weights, self.base_model)
+        if mismatch:
+            raise AdapterRejected(f"the adapter at {weights.path} cannot serve here: {mismatch}")
+        self.restore()
+        self._batched = None
+        active = getattr(self.model, "active_adapter", None)
+        self.model = attach_adapter(self.model, name, weights)
+        self.model.set_adapter(active if isinstance(active, str) else name)
+
+    def detach(self, name: str) -> None:
+        """Delete adapter ``name`` (no row runs on it any more) and free its weights."""
+        self.restore()
+        self._batched = None
+        remaining = [n for n in self.adapter_names if n != name]
+        if getattr(self.model, "active_adapter", None) == name and remaining:
+            self.model.set_adapter(remaining[0])
+        detach_adapter(self.model, name)
 
     # ---- tokens and endings -------------------------------------------------------------
 

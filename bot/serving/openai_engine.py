@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from tenacity import (
 )
 
 from bot.serving import metrics
+from bot.serving.adapters import BASE, FINETUNED, ServedAdapter, ServedModels
 from bot.serving.engine import (
     MAX_STOP_STRINGS,
     VARIANTS,
@@ -67,8 +69,11 @@ from bot.serving.engine import (
     Message,
     OnText,
     RequestTooLong,
+    RuntimeUpdatesUnsupported,
     Sampling,
+    UnknownModel,
     Variant,
+    check_pair,
     stream_for,
 )
 from bot.serving.settings import EngineSettings
@@ -123,6 +128,12 @@ class _Stream:
     completion_tokens: int | None = None
 
 
+_REMOTE_ADAPTERS = (
+    "this bot answers through an OpenAI-compatible server (INFERENCE_BACKEND=openai), whose "
+    "adapters are that server's to load: load it there (vLLM: POST /v1/load_lora_adapter)"
+)
+
+
 class OpenAIEngine:
     """Answers through ``POST {OPENAI_BASE_URL}/chat/completions`` with ``stream: true``."""
 
@@ -132,10 +143,13 @@ class OpenAIEngine:
         self._settings = settings
         self._retry = retry or RetryPolicy()
         self._where = _without_credentials(settings.openai_base_url)
-        self._model_names: dict[Variant, str] = {
-            "base": settings.base_model_name,
-            "finetuned": settings.finetuned_model_name,
-        }
+        # Our names → the server's: BASE_MODEL_NAME and FINETUNED_MODEL_NAME, or with ADAPTERS
+        # each adapter's own name (vLLM's --lora-modules name=path), "finetuned" the default's.
+        self._model_names: dict[Variant, str] = {BASE: settings.base_model_name}
+        for spec in settings.adapters:
+            self._model_names[spec.name] = spec.name
+        default = settings.default_adapter_name if settings.adapters else None
+        self._model_names[FINETUNED] = default or settings.finetuned_model_name
         # Shrinks when the server refuses one of them (see _refused_extension).
         self._extensions = set(settings.openai_sampling_extensions)
         self._client: AsyncOpenAI | None = None
@@ -175,25 +189,29 @@ class OpenAIEngine:
         self,
         messages: Sequence[Message],
         *,
-        variant: Variant = "finetuned",
+        variant: Variant = FINETUNED,
         max_new_tokens: int | None = None,
         on_text: OnText | None = None,
         sampling: Sampling | None = None,
         grounding: bool = True,  # grounding happens above the backend (GroundedEngine)
     ) -> Answer:
         if variant not in self._model_names:
-            raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
+            raise UnknownModel(
+                f"no model is served as {variant!r}: ask one of {', '.join(self._model_names)}"
+            )
         return await self._generate(messages, variant, max_new_tokens, on_text, sampling)
 
     async def compare(
         self,
         messages: Sequence[Message],
         *,
+        models: tuple[Variant, Variant] = VARIANTS,
         max_new_tokens: int | None = None,
         on_text: Callable[[Variant, str], None] | None = None,
         sampling: Sampling | None = None,
         grounding: bool = True,
     ) -> tuple[Answer, Answer]:
+        check_pair(models)
         # Both requests go out at once so the server can batch them together.
         tasks = [
             asyncio.ensure_future(
@@ -205,16 +223,36 @@ class OpenAIEngine:
                     sampling=sampling,
                 )
             )
-            for variant in VARIANTS
+            for variant in models
         ]
         try:
-            base, finetuned = await asyncio.gather(*tasks)
+            first, second = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        return base, finetuned
+        return first, second
+
+    def models(self) -> ServedModels:
+        """The server's adapters under their names here; their weights are the server's."""
+        names = [n for n in self._model_names if n not in VARIANTS]
+        if not names and self._model_names[FINETUNED]:
+            return ServedModels(
+                (ServedAdapter(FINETUNED, self._model_names[FINETUNED]),), FINETUNED
+            )
+        paths = {spec.name: str(spec.path) for spec in self._settings.adapters}
+        adapters = tuple(ServedAdapter(n, paths.get(n, n)) for n in names)
+        return ServedModels(adapters, self._model_names[FINETUNED])
+
+    async def load_adapter(self, name: str, path: str | os.PathLike[str]) -> ServedAdapter:
+        raise RuntimeUpdatesUnsupported(_REMOTE_ADAPTERS)
+
+    async def unload_adapter(self, name: str) -> None:
+        raise RuntimeUpdatesUnsupported(_REMOTE_ADAPTERS)
+
+    async def set_default(self, name: str) -> ServedModels:
+        raise RuntimeUpdatesUnsupported(_REMOTE_ADAPTERS)
 
     def status(self) -> EngineStatus:
         parts = urlsplit(self._settings.openai_base_url)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from bot.serving.adapters import FINETUNED, AdapterSpec, parse_adapters
 from bot.serving.env import (
     env_bool,
     env_float,
@@ -71,7 +72,12 @@ class EngineSettings:
 
     backend: Backend = "local"
     base_model: str = DEFAULT_BASE_MODEL
+    # ADAPTER_PATH: one adapter, served as "finetuned". ADAPTERS: several, each by its own
+    # name, DEFAULT_ADAPTER (else the first) also answering as "finetuned". Never both.
     adapter_path: Path | None = None
+    adapters: tuple[AdapterSpec, ...] = ()
+    default_adapter: str | None = None
+    max_adapters: int = 8  # loaded at once, at start and at runtime
     load_in_4bit: bool = True
     max_batch: int = 8
     queue_size: int = 64
@@ -102,6 +108,25 @@ class EngineSettings:
     # and `transformers serve` refuse them). The engine also drops one the server refuses.
     openai_sampling_extensions: tuple[str, ...] = SAMPLING_EXTENSIONS
 
+    @property
+    def adapter_specs(self) -> tuple[AdapterSpec, ...]:
+        """The adapters to load at start, in order: ``ADAPTERS``, or ``ADAPTER_PATH`` as ``finetuned``."""
+        if self.adapters:
+            return self.adapters
+        return (AdapterSpec(FINETUNED, self.adapter_path),) if self.adapter_path else ()
+
+    @property
+    def default_adapter_name(self) -> str | None:
+        """The adapter behind the ``finetuned`` alias: ``DEFAULT_ADAPTER``, else the first."""
+        specs = self.adapter_specs
+        return self.default_adapter or (specs[0].name if specs else None)
+
+    @property
+    def default_adapter_path(self) -> Path | None:
+        """Where the default adapter is read from (its run's records sit beside it)."""
+        name = self.default_adapter_name
+        return next((s.path for s in self.adapter_specs if s.name == name), None)
+
     @classmethod
     def from_env(cls) -> EngineSettings:
         load_env_file()
@@ -121,14 +146,26 @@ class EngineSettings:
             )
         adapter = env_str("ADAPTER_PATH")
         adapter_path = Path(adapter).expanduser() if adapter else None
-        if (
-            backend == "local"
-            and adapter_path is not None
-            and not (adapter_path / "adapter_config.json").is_file()
-        ):
+        adapters = _adapters_from_env(adapter_path)
+        max_adapters = env_int("MAX_ADAPTERS", cls.max_adapters, minimum=1)
+        if len(adapters) > max_adapters:
             raise UserError(
-                f"ADAPTER_PATH={adapter}: no adapter_config.json there; point it at a finetune run's adapter/ directory"
+                f"ADAPTERS lists {len(adapters)} adapters, more than MAX_ADAPTERS={max_adapters}: "
+                "serve fewer or raise MAX_ADAPTERS"
             )
+        default_adapter = _default_adapter_from_env(adapters)
+        if backend == "local":
+            for spec in adapters or (
+                (AdapterSpec(FINETUNED, adapter_path),) if adapter_path else ()
+            ):
+                if not (spec.path / "adapter_config.json").is_file():
+                    variable = (
+                        "ADAPTER_PATH" if spec.name == FINETUNED else f"ADAPTERS ({spec.name})"
+                    )
+                    raise UserError(
+                        f"{variable}={spec.path}: no adapter_config.json there; point it at a "
+                        "finetune run's adapter/ directory"
+                    )
         temperature = env_float("TEMPERATURE", cls.temperature, minimum=0.0)
         top_p = env_float("TOP_P", cls.top_p, minimum=0.0)
         if top_p > 1.0:
@@ -137,6 +174,9 @@ class EngineSettings:
             backend=backend,
             base_model=base_model,
             adapter_path=adapter_path,
+            adapters=adapters,
+            default_adapter=default_adapter,
+            max_adapters=max_adapters,
             load_in_4bit=env_bool("LOAD_IN_4BIT", cls.load_in_4bit),
             max_batch=env_int("MAX_BATCH", cls.max_batch, minimum=1),
             queue_size=env_int("QUEUE_SIZE", cls.queue_size, minimum=1),
@@ -159,6 +199,36 @@ class EngineSettings:
             grounding_k=_grounding_k_from_env(),
             openai_sampling_extensions=sampling_extensions_from_env(),
         )
+
+
+def _adapters_from_env(adapter_path: Path | None) -> tuple[AdapterSpec, ...]:
+    """``ADAPTERS``, refused beside ``ADAPTER_PATH`` (which of the two would "finetuned" be?)."""
+    raw = env_str("ADAPTERS")
+    if raw is None:
+        return ()
+    if adapter_path is not None:
+        raise UserError(
+            "ADAPTERS and ADAPTER_PATH are both set: list every adapter in ADAPTERS "
+            "(name=path,…) and unset ADAPTER_PATH"
+        )
+    try:
+        return parse_adapters(raw)
+    except ValueError as error:
+        raise UserError(
+            f"ADAPTERS={raw!r}: {error}; write name=path,name=path (e.g. v1=runs/v1/adapter)"
+        ) from None
+
+
+def _default_adapter_from_env(adapters: tuple[AdapterSpec, ...]) -> str | None:
+    """``DEFAULT_ADAPTER``: one of ``ADAPTERS``'s names (unset: the first listed)."""
+    name = env_str("DEFAULT_ADAPTER")
+    if name is None:
+        return None
+    names = [spec.name for spec in adapters]
+    if name not in names:
+        listed = f"one of {', '.join(names)}" if names else "set ADAPTERS first"
+        raise UserError(f"DEFAULT_ADAPTER={name} names no adapter in ADAPTERS: use {listed}")
+    return name
 
 
 MAX_GROUNDING_K = 20

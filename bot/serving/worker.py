@@ -18,6 +18,11 @@ heartbeat. What happens inside a step — encoding, forward passes, adapter
 routing, token choice and where an answer ends — is the
 :class:`~bot.serving.model_runner.ModelRunner`'s.
 
+Adapters join and leave while answers stream. Whatever changes the model
+(attaching an adapter read off this thread, deleting one) is a command the
+loop runs between two decoding steps; an adapter being unloaded is refused
+to new requests at once and deleted once no row runs on it any more.
+
 The thread owns the model and the tokenizer: nothing else calls torch or
 tokenizes (a fast tokenizer used from two threads at once can fail), so the
 event loop never blocks on them. Callers talk to it through
@@ -38,8 +43,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from bot.serving import metrics
+from bot.serving.adapters import BASE, FINETUNED
 from bot.serving.batch import DecodeBatch
 from bot.serving.engine import (
+    AdapterRejected,
     Answer,
     EngineBusy,
     EngineError,
@@ -49,10 +56,12 @@ from bot.serving.engine import (
     Message,
     RequestTooLong,
     Sampling,
+    UnknownModel,
     Variant,
 )
 from bot.serving.model_runner import ModelRunner, RowState
 from finetune.generation import GenerationSettings
+from finetune.modeling import BASE_ADAPTER_NAME, AdapterWeights
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +80,8 @@ class GenerationRequest:
     exception, both on the worker thread. ``cancelled`` may be set from any
     thread; the row then leaves its batch before the next decoding step.
     ``sampling`` fields left ``None`` take the worker's generation settings.
+    ``variant`` names the model to answer as (``base``, ``finetuned`` or an
+    adapter's name); the worker resolves it to an adapter when it is submitted.
     """
 
     messages: Sequence[Message]
@@ -86,7 +97,11 @@ class GenerationRequest:
     started_at: float | None = None
     first_text_at: float | None = None
     done: bool = False
+    adapter: str | None = None  # the adapter the worker resolved it to; None for the base
 
+
+# Done (None) or why not: how an adapter command's caller hears back, on the worker thread.
+OnAdapterDone = Callable[[BaseException | None], None]
 
 # Why a row leaves the batch before its answer ended by itself.
 Ended = Literal["cancelled", "timeout"]
@@ -129,7 +144,9 @@ class InferenceWorker:
         tokenizer: Any,
         *,
         generation: GenerationSettings,
-        adapter_name: str | None,
+        default_adapter: str | None = None,
+        base_model: str = "",
+        max_adapters: int = 8,
         max_batch: int = 8,
         queue_size: int = 64,
         batch_wait_s: float = 0.005,
@@ -141,9 +158,20 @@ class InferenceWorker:
             model,
             tokenizer,
             generation=generation,
-            adapter_name=adapter_name,
+            base_model=base_model,
             max_context_tokens=max_context_tokens,
         )
+        # The served adapters, guarded by _cond: which answer (not being unloaded), which
+        # are being loaded (their names taken), and the one "finetuned" means.
+        self._adapters: list[str] = self.runner.adapter_names
+        self._loading: set[str] = set()
+        self._unloading: dict[str, OnAdapterDone] = {}
+        self._default = default_adapter or (self._adapters[0] if self._adapters else None)
+        if self._default is not None and self._default not in self._adapters:
+            raise ValueError(f"default adapter {self._default!r} is not one of {self._adapters}")
+        self.max_adapters = max_adapters
+        # Model changes to run between two steps, each with whom to tell how it went.
+        self._commands: deque[tuple[Callable[[], None], OnAdapterDone]] = deque()
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.batch_wait_s = batch_wait_s
@@ -181,10 +209,13 @@ class InferenceWorker:
         Returns how many rows are ahead of them. A full queue raises
         :class:`EngineBusy` at once rather than growing a backlog nobody waits for.
         """
+        with self._cond:
+            for request in requests:
+                request.adapter = self._resolve(request.variant)
         group = [
             _Row(
                 request=r,
-                adapter=self.runner.adapter_for(r.variant),
+                adapter=r.adapter or BASE_ADAPTER_NAME,
                 max_new_tokens=r.max_new_tokens,
                 text=self.runner.row_text(r.sampling),
             )
@@ -222,6 +253,93 @@ class InferenceWorker:
                     self._dropped.append(row)
                     metrics.QUEUE_DEPTH.set(self._pending_rows)
                     break
+            self._cond.notify()
+
+    # ---- adapters (any thread) ----------------------------------------------------------
+
+    def _resolve(self, model: Variant) -> str | None:
+        """The adapter a request for ``model`` runs with (None: the base); holds ``_cond``."""
+        if model == BASE:
+            return None
+        name = self._default if model == FINETUNED else model
+        if name is not None and name in self._adapters and name not in self._unloading:
+            return name
+        if model == FINETUNED:
+            raise UnknownModel(
+                "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
+            )
+        served = [BASE, FINETUNED] if self._default else [BASE]
+        served += self.served_names()
+        raise UnknownModel(f"no model is served as {model!r}: ask one of {', '.join(served)}")
+
+    def served_names(self) -> list[str]:
+        """The adapters that take requests now (loaded, not being unloaded), in load order."""
+        with self._cond:
+            return [n for n in self._adapters if n not in self._unloading]
+
+    @property
+    def default_adapter(self) -> str | None:
+        return self._default
+
+    def reserve_adapter(self, name: str) -> None:
+        """Take ``name`` for an adapter about to be loaded, or say why it cannot be."""
+        with self._cond:
+            if name in self._adapters or name in self._loading:
+                raise AdapterRejected(
+                    f"an adapter named {name!r} is already served: unload it first or pick another name"
+                )
+            if len(self._adapters) + len(self._loading) >= self.max_adapters:
+                raise AdapterRejected(
+                    f"{self.max_adapters} adapters are served already (MAX_ADAPTERS): unload one first"
+                )
+            self._loading.add(name)
+
+    def release_adapter(self, name: str) -> None:
+        """Give back a name :meth:`reserve_adapter` took for a load that did not happen."""
+        with self._cond:
+            self._loading.discard(name)
+
+    def attach_adapter(self, name: str, weights: AdapterWeights, on_done: OnAdapterDone) -> None:
+        """Attach a reserved adapter between two steps; ``on_done`` hears when it answers."""
+
+        def attach() -> None:
+            try:
+                self.runner.attach(name, weights)
+            except BaseException:
+                self.release_adapter(name)
+                raise
+            with self._cond:
+                self._loading.discard(name)
+                self._adapters.append(name)
+                if self._default is None:  # the first adapter of a base-only server
+                    self._default = name
+
+        self._command(attach, on_done)
+
+    def detach_adapter(self, name: str, on_done: OnAdapterDone) -> None:
+        """Refuse ``name`` to new requests now; delete it once the rows on it have ended."""
+        with self._cond:
+            if name not in self._adapters or name in self._unloading:
+                raise UnknownModel(f"no adapter is served as {name!r}")
+            if name == self._default:
+                raise AdapterRejected(
+                    f"{name!r} is the default adapter ('finetuned'): make another the default first"
+                )
+            self._unloading[name] = on_done
+            self._cond.notify()
+
+    def set_default(self, name: str) -> None:
+        """Make ``name`` the adapter of every ``finetuned`` request submitted from now on."""
+        with self._cond:
+            if name not in self._adapters or name in self._unloading:
+                raise UnknownModel(f"no adapter is served as {name!r}")
+            self._default = name
+
+    def _command(self, command: Callable[[], None], on_done: OnAdapterDone) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EngineUnavailable("the bot is shutting down")
+            self._commands.append((command, on_done))
             self._cond.notify()
 
     @property
@@ -290,6 +408,7 @@ class InferenceWorker:
 
         with torch.inference_mode(), contextlib.ExitStack() as cleanup:
             cleanup.callback(self.runner.restore)  # leave the model as it was given
+            cleanup.callback(self._refuse_adapter_changes)
             while self._wait_for_work():
                 self._beat = time.monotonic()
                 try:
@@ -316,10 +435,18 @@ class InferenceWorker:
                 not self._pending
                 and not self._dropped
                 and self._batch is None
+                and not self._commands
+                and not self._unloading
                 and not self._stopping
             ):
                 self._cond.wait()
-            if not self._pending and not self._dropped and self._batch is None:
+            if (
+                not self._pending
+                and not self._dropped
+                and self._batch is None
+                and not self._commands
+                and not self._unloading
+            ):
                 return False  # stopping, and everything is answered
             if self._batch is None and not self._stopping:
                 wait_until = time.monotonic() + self.batch_wait_s
@@ -335,11 +462,55 @@ class InferenceWorker:
         prefill it into the batch, decode one token for every row."""
         self._settle_dropped()
         self._drop_ended()
+        self._change_adapters()
         admitted = self._admit()
         if admitted:
             self._join(admitted)
         if self._batch is not None:
             self._decode_step()
+
+    def _change_adapters(self) -> None:
+        """Run the adapter commands, and delete each adapter being unloaded that no row uses."""
+        while True:
+            with self._cond:
+                if not self._commands:
+                    break
+                command, on_done = self._commands.popleft()
+            try:
+                command()
+            except Exception as error:
+                on_done(error)
+            else:
+                on_done(None)
+        with self._cond:
+            if not self._unloading:
+                return
+            in_use = {r.adapter for group in self._pending for r in group}
+            in_use.update(r.adapter for r in self._running)
+            if self._batch is not None:
+                in_use.update(r.adapter for r in self._batch.rows)
+            unused = [n for n in self._unloading if n not in in_use]
+        for name in unused:
+            failure: BaseException | None = None
+            try:
+                self.runner.detach(name)
+            except Exception as exc:
+                log.exception("unloading adapter %s failed", name)
+                failure = exc
+            with self._cond:
+                on_done = self._unloading.pop(name)
+                if failure is None:
+                    self._adapters.remove(name)
+            on_done(failure)
+
+    def _refuse_adapter_changes(self) -> None:
+        """The loop has ended: adapter changes still waiting will not happen."""
+        with self._cond:
+            commands, self._commands = list(self._commands), deque()
+            unloading, self._unloading = list(self._unloading.values()), {}
+        stopped = EngineUnavailable("the bot is shutting down")
+        for on_done in [*unloading, *(on_done for _, on_done in commands)]:
+            on_done(stopped)
 
     def _admit(self) -> list[_Row]:
         """Take queued groups, oldest first, while rows, cache slots and the prefill allowance last.
