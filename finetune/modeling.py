@@ -487,18 +487,20 @@ def attach_adapter(model: Any, name: str, weights: AdapterWeights) -> PeftModel:
     """
     from peft import PeftModel
 
+    peft_model: PeftModel
     if isinstance(model, PeftModel):
-        model.add_adapter(name, weights.config, low_cpu_mem_usage=True)
+        peft_model = model
+        peft_model.add_adapter(name, weights.config, low_cpu_mem_usage=True)
     else:
-        model = PeftModel(model, weights.config, adapter_name=name, low_cpu_mem_usage=True)
+        peft_model = PeftModel(model, weights.config, adapter_name=name, low_cpu_mem_usage=True)
     try:
-        _fill_adapter(model, name, weights)
+        _fill_adapter(peft_model, name, weights)
     except BaseException:
-        detach_adapter(model, name)
+        detach_adapter(peft_model, name)
         raise
-    _share_originals(model)
-    model.eval()
-    return model
+    _share_originals(peft_model)
+    peft_model.eval()
+    return peft_model
 
 
 def detach_adapter(model: Any, name: str) -> None:
