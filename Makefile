@@ -47,9 +47,11 @@ lock: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# mypy type-checks, strictly, the packages pyproject.toml's [tool.mypy] names.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -63,4 +65,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .mypy_cache

@@ -80,7 +80,7 @@ def make_run(model_dir: Path, root: Path, rank: int, alpha: int) -> Path:
     import torch
     from peft import LoraConfig
 
-    from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+    from finetune.config import FinetuneConfig
     from finetune.modeling import (
         QuantOptions,
         attach_new_adapter,
@@ -88,6 +88,7 @@ def make_run(model_dir: Path, root: Path, rank: int, alpha: int) -> Path:
         load_tokenizer,
         save_adapter,
     )
+    from finetune.report import RESOLVED_CONFIG_FILE
 
     torch.manual_seed(0)
     model = load_base_model(model_dir, quant=QuantOptions(load_in_4bit=False), device="cpu")

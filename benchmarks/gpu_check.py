@@ -344,10 +344,9 @@ def measure_qlora(
     import torch
     from datasets import Dataset
     from transformers import ProgressCallback, TrainerCallback
-    from trl import SFTTrainer
 
     from finetune.modeling import attach_new_adapter, load_tokenizer, save_adapter
-    from finetune.train import lora_config, sft_config
+    from finetune.train import lora_config, sft_trainer
 
     config = finetune_settings(size, model_dir, config_path)
     config.output_dir = str(scratch / "run")
@@ -366,19 +365,16 @@ def measure_qlora(
             synchronize(device)
             step_ends.append(time.perf_counter())
 
-    trainer = SFTTrainer(
-        model=peft_model,
-        args=sft_config(config, device),
-        train_dataset=dataset,
-        eval_dataset=dataset.select(range(size.batch)),
-        processing_class=tokenizer,
+    trainer = sft_trainer(
+        peft_model,
+        tokenizer,
+        config,
+        device,
+        dataset,
+        dataset.select(range(size.batch)),
         callbacks=[StepClock()],
     )
     trainer.remove_callback(ProgressCallback)  # its bar and raw dicts; the report says it all
-    if not device.startswith("cuda"):  # as finetune.train does on CPU
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

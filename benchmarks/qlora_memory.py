@@ -109,11 +109,10 @@ def main() -> None:
         sys.exit(2)
 
     from datasets import Dataset
-    from trl import SFTTrainer
 
     from finetune.modeling import attach_new_adapter, compute_dtype
     from finetune.tiny_model import DEFAULT_CORPUS, train_tokenizer
-    from finetune.train import lora_config, sft_config
+    from finetune.train import lora_config, sft_trainer
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
     dtype = compute_dtype(device)
@@ -149,17 +148,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         config.output_dir = scratch
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(config, device),
-            train_dataset=dataset,
-            eval_dataset=dataset.select(range(args.batch)),
-            processing_class=tokenizer,
+        trainer = sft_trainer(
+            model, tokenizer, config, device, dataset, dataset.select(range(args.batch))
         )
-        if device == "cpu":
-            for param in trainer.model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             weights = torch.cuda.memory_allocated()

@@ -68,44 +68,48 @@ def forum_like_rows(count: int, seed: int = 0) -> list[dict]:
 def run_epoch(model_dir: Path, rows: list[dict], packing: bool) -> tuple[int, float]:
     """Train one epoch; return (real tokens trained on, seconds)."""
     import torch
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import ProgressCallback
 
-    from finetune.modeling import QuantOptions, attach_new_adapter, load_base_model, load_tokenizer
-    from finetune.train import lora_config
+    from finetune.modeling import attach_new_adapter, load_base_model, load_tokenizer
+    from finetune.run import quant_options
+    from finetune.train import lora_config, sft_trainer
 
-    config = parse_config(["--config", str(REPO / "configs" / "tiny-cpu.yaml")])
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(model_dir)
-    model = attach_new_adapter(
-        load_base_model(model_dir, quant=QuantOptions(), device="cpu"), lora_config(config)
-    )
+    never = str(1_000_000)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = SFTTrainer(
-            model=model,
-            args=SFTConfig(
-                output_dir=scratch,
+        # configs/tiny-cpu.yaml's run, as `python -m finetune` builds it, on these batches
+        config = parse_config(
+            [
+                "--config",
+                str(REPO / "configs" / "tiny-cpu.yaml"),
+                "--output-dir",
+                scratch,
                 # a packed row is one MAX_LENGTH sequence holding several forum rows
-                per_device_train_batch_size=PACKED_ROWS if packing else BATCH_ROWS,
-                max_length=MAX_LENGTH,
-                packing=packing,
-                packing_strategy="bfd",
-                learning_rate=config.learning_rate,
-                activation_checkpointing=False,
-                use_cpu=True,
-                bf16=False,
-                save_strategy="no",
-                report_to="none",
-                disable_tqdm=True,
-                logging_steps=10_000,
-            ),
-            train_dataset=to_hf_dataset(rows),
-            processing_class=tokenizer,
+                "--per-device-train-batch-size",
+                str(PACKED_ROWS if packing else BATCH_ROWS),
+                "--max-length",
+                str(MAX_LENGTH),
+                f"--packing={packing}",
+                "--max-steps",
+                never,
+                "--eval-steps",
+                never,
+                "--save-steps",
+                never,
+                "--logging-steps",
+                never,
+            ]
         )
-        trainer.remove_callback(PrinterCallback)
-        for param in trainer.model.parameters():  # as training does on CPU: fp32 LoRA
-            if param.requires_grad:
-                param.data = param.data.float()
+        torch.manual_seed(0)
+        tokenizer = load_tokenizer(model_dir)
+        model = attach_new_adapter(
+            load_base_model(model_dir, quant=quant_options(config), device="cpu"),
+            lora_config(config),
+        )
+        train_dataset = to_hf_dataset(rows)
+        trainer = sft_trainer(
+            model, tokenizer, config, "cpu", train_dataset, train_dataset.select(range(1))
+        )
+        trainer.remove_callback(ProgressCallback)
         dataset = trainer.train_dataset
         trainer.args.max_steps = math.ceil(len(dataset) / trainer.args.per_device_train_batch_size)
         tokens = sum(len(ids) for ids in dataset["input_ids"])

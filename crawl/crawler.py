@@ -14,7 +14,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
@@ -93,7 +95,7 @@ class CrawlSummary:
         return "\n".join(lines)
 
 
-def url_rebaser(site: ForumSite, forum_url: str):
+def url_rebaser(site: ForumSite, forum_url: str) -> Callable[[str], str | None]:
     """Map a link onto the crawled host: the site's canonical hosts become ``forum_url``'s,
     so a mirror or a local copy is crawled exactly like the site. Off-site links give None."""
     base = urlsplit(forum_url)
@@ -141,17 +143,16 @@ class Crawler:
         self.forum = forum
         self.rebase = url_rebaser(site, options.forum_url)
         self.summary = CrawlSummary()
-        self._bar: tqdm | None = None
 
     async def run(self) -> CrawlSummary:
         started = time.monotonic()
         workers = max(1, self.fetcher.options.concurrency)
         queue: asyncio.Queue[ThreadRow | None] = asyncio.Queue(maxsize=2 * workers)
-        self._bar = tqdm(
+        bar = tqdm(
             total=0, unit="thread", desc="threads", disable=_bar_disabled(self.options.progress)
         )
-        tasks = [asyncio.create_task(self._walk_listing(queue, workers))]
-        tasks += [asyncio.create_task(self._work(queue)) for _ in range(workers)]
+        tasks = [asyncio.create_task(self._walk_listing(queue, workers, bar))]
+        tasks += [asyncio.create_task(self._work(queue, bar)) for _ in range(workers)]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -160,14 +161,16 @@ class Crawler:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._bar.close()
+            bar.close()
             self.summary.seconds = time.monotonic() - started
             self.summary.requests = self.fetcher.requests
             self.summary.max_in_flight = self.fetcher.max_in_flight
         return self.summary
 
     # --- listing -------------------------------------------------------------------
-    async def _walk_listing(self, queue: asyncio.Queue[ThreadRow | None], workers: int) -> None:
+    async def _walk_listing(
+        self, queue: asyncio.Queue[ThreadRow | None], workers: int, bar: tqdm[NoReturn]
+    ) -> None:
         limit = self.options.max_threads
         seen: set[str] = set()
         number = 1
@@ -196,8 +199,8 @@ class Crawler:
                 if thread.id in seen or (limit is not None and len(seen) >= limit):
                     continue
                 seen.add(thread.id)
-                self._bar.total += 1
-                self._bar.refresh()
+                bar.total = len(seen)
+                bar.refresh()
                 await queue.put(thread)
             if not record.has_next:
                 break
@@ -238,14 +241,14 @@ class Crawler:
         return record
 
     # --- threads -------------------------------------------------------------------
-    async def _work(self, queue: asyncio.Queue[ThreadRow | None]) -> None:
+    async def _work(self, queue: asyncio.Queue[ThreadRow | None], bar: tqdm[NoReturn]) -> None:
         while (thread := await queue.get()) is not None:
             state = await self._crawl_thread(thread)
             self.store.set_thread_state(thread.id, state)
             self.summary.threads += 1
             self.summary.thread_states[state] = self.summary.thread_states.get(state, 0) + 1
-            self._bar.update(1)
-            self._bar.set_postfix(
+            bar.update(1)
+            bar.set_postfix(
                 pages=self.summary.pages_fetched,
                 stored=self.summary.pages_from_store,
                 errors=self.summary.errors,
@@ -258,8 +261,8 @@ class Crawler:
         for number in range(1, self.options.pages_per_thread + 1):
             url = self.site.thread_url(first_url, number)
             record = await self._thread_page(thread, url, number)
-            if number == 1 and record.state == "ok":
-                first_url = self.store.thread(thread.id).url  # moved, if page 1 redirected
+            if number == 1 and record.state == "ok" and (saved := self.store.thread(thread.id)):
+                first_url = saved.url  # moved, if page 1 redirected
             if record.state == "not_found":
                 return "not_found" if number == 1 else "done"
             if record.state == "disallowed":
@@ -316,11 +319,11 @@ class Crawler:
         return stored, result
 
     async def _fetch(self, url: str, stored: PageRecord | None) -> FetchResult:
-        conditional = stored is not None and stored.state == "ok"
+        known = stored if stored is not None and stored.state == "ok" else None
         result = await self.fetcher.fetch(
             url,
-            etag=stored.etag if conditional else None,
-            last_modified=stored.last_modified if conditional else None,
+            etag=known.etag if known else None,
+            last_modified=known.last_modified if known else None,
         )
         if result.state != "disallowed":
             self.summary.pages_fetched += 1

@@ -16,17 +16,22 @@ import json
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from crawl.clean import EDITS, clean_text, normalise
+from crawl.clean import EDITS, Cleaned, clean_text, normalise
 from crawl.errors import CrawlError
 from crawl.index import index_pending
 from crawl.rules import MAX_CHARS, MIN_ANSWER_CHARS, judge_reply, text_key, thread_prompt
 from crawl.store import Store, StoredPost, ThreadRow
+
+# One line of train.jsonl / test.jsonl: trl's conversational prompt/completion pair and the
+# post it came from. A plain dict, since it is written as JSON and read back by other stages.
+Row = dict[str, Any]
 
 # Drop rules in the order they are tried; stats.json lists every one, zero or not.
 DROP_RULES = (
@@ -85,7 +90,7 @@ class _Builder:
         self.posts = 0
         self.quote_context = 0
 
-    def rows(self, thread: ThreadRow, posts: list[StoredPost]) -> list[dict]:
+    def rows(self, thread: ThreadRow, posts: list[StoredPost]) -> list[Row]:
         self.threads += 1
         self.posts += len(posts)
         opening, replies = posts[0], posts[1:]
@@ -118,7 +123,7 @@ class _Builder:
             )
         return rows
 
-    def _clean(self, post: StoredPost):
+    def _clean(self, post: StoredPost) -> Cleaned:
         cleaned = clean_text(post.text, quotes=len(post.quotes), signature=post.signature)
         self.edited.update(cleaned.edits)
         return cleaned
@@ -172,7 +177,7 @@ def _quoted_by_text(text: str, earlier: list[StoredPost]) -> StoredPost | None:
     return None
 
 
-def add_context(db: str | Path, rows: list[dict], options: DatasetOptions) -> dict:
+def add_context(db: str | Path, rows: list[Row], options: DatasetOptions) -> dict[str, Any]:
     """Ground every row's prompt in ``options.context`` passages, as the bot will at answer time.
 
     The row's own reply, and any copy of it, is never in its context: the model
@@ -254,14 +259,14 @@ def percentiles(values: list[int]) -> dict[str, float]:
     }
 
 
-def _length_stats(rows: list[dict], measure) -> dict[str, dict[str, float]]:
+def _length_stats(rows: list[Row], measure: Callable[[str], int]) -> dict[str, dict[str, float]]:
     return {
         "prompt": percentiles([measure(r["prompt"][0]["content"]) for r in rows]),
         "completion": percentiles([measure(r["completion"][0]["content"]) for r in rows]),
     }
 
 
-def _token_counter(name: str):
+def _token_counter(name: str) -> Callable[[str], int]:
     try:
         from transformers import AutoTokenizer
 
@@ -278,7 +283,7 @@ def _sort_key(thread_id: str) -> tuple[int, int, str]:
     return (0, int(thread_id), "") if thread_id.isdigit() else (1, 0, thread_id)
 
 
-def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) -> dict:
+def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) -> dict[str, Any]:
     """Write ``train.jsonl``, ``test.jsonl`` and ``stats.json`` into ``out_dir``; returns the stats."""
     if not 0 <= options.test_fraction < 1:
         raise CrawlError(f"--test-fraction {options.test_fraction}: give a number in [0, 1)")
@@ -300,7 +305,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         threads = sorted(store.threads(), key=lambda t: _sort_key(t.id))
         copypasta = find_copypasta((store.posts(t.id) for t in threads), options.copypasta_threads)
         builder = _Builder(store, options, copypasta)
-        rows: list[dict] = []
+        rows: list[Row] = []
         for thread in tqdm(threads, unit="thread", desc="dataset", disable=None):
             posts = store.posts(thread.id)
             if posts and posts[0].page == 1 and posts[0].position == 1:
@@ -322,7 +327,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
         "train": [r for r in rows if r["thread_id"] not in test_ids],
         "test": [r for r in rows if r["thread_id"] in test_ids],
     }
-    stats = {
+    stats: dict[str, Any] = {
         "threads": builder.threads,
         "posts": builder.posts,
         "rows": len(rows),
@@ -348,7 +353,7 @@ def build_dataset(db: str | Path, out_dir: str | Path, options: DatasetOptions) 
     return stats
 
 
-def _jsonl(row: dict) -> str:
+def _jsonl(row: Row) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 

@@ -125,7 +125,7 @@ class _Backoff(wait_base):
         error = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(error, RetryableResponse) and error.retry_after is not None:
             return min(error.retry_after, self.max_retry_after)
-        exponential = self.base * 2 ** (retry_state.attempt_number - 1)
+        exponential: float = self.base * 2 ** (retry_state.attempt_number - 1)
         return min(self.maximum, exponential + random.uniform(0, self.base))
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import re
 
-from bs4 import NavigableString, Tag
-from bs4.element import Comment
+from bs4.element import Comment, NavigableString, Tag
 
 BLOCK_TAGS = frozenset(
     {

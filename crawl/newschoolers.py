@@ -18,7 +18,7 @@ it taken out of its text.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -497,7 +497,7 @@ def _top_level(body: Tag, blocks: list[Tag]) -> list[Tag]:
     ]
 
 
-def _parents_until(element: Tag, stop: Tag):
+def _parents_until(element: Tag, stop: Tag) -> Iterator[Tag]:
     for parent in element.parents:
         if parent is stop:
             return

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -40,13 +41,16 @@ BARE_HOST = "https://newschoolers.com"
 FIRST_POST_ID = 4_800_001
 EPOCH = datetime(2023, 1, 5, 7, 55, 40)
 
+# A mapping from the content YAML, as yaml.safe_load returns it.
+YamlMapping = dict[str, Any]
+
 
 @dataclass(frozen=True)
 class _Thread:
     id: int
     title: str
     sticky: bool
-    posts: list[dict]
+    posts: list[YamlMapping]
     index: int
 
     @property
@@ -190,7 +194,7 @@ def _pagination(path: str, number: int, count: int, verified: bool) -> str:
 
 
 def _listing_page(
-    forum: dict, path: str, rows: str, number: int, count: int, verified: bool
+    forum: YamlMapping, path: str, rows: str, number: int, count: int, verified: bool
 ) -> str:
     prev_url = _page_url(path, number - 1) if number > 1 else None
     next_url = _page_url(path, number + 1) if number < count else None
@@ -212,7 +216,7 @@ def _listing_page(
 
 
 def _thread_page(
-    thread: _Thread, forum: dict, posts: str, number: int, count: int, verified: bool
+    thread: _Thread, forum: YamlMapping, posts: str, number: int, count: int, verified: bool
 ) -> str:
     path = thread.path()
     prev_url = _page_url(path, number - 1) if number > 1 else None
@@ -268,7 +272,7 @@ def _verified_post(thread: _Thread, index: int) -> str:
     return f'<div class="post-body">{body}</div>'
 
 
-def _post(thread: _Thread, forum: dict, ids: list[int], index: int) -> str:
+def _post(thread: _Thread, forum: YamlMapping, ids: list[int], index: int) -> str:
     post = thread.posts[index]
     post_id = ids[index]
     moment = _moment(thread, index)

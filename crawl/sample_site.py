@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 SAMPLE_FORUM_DIR = Path(__file__).parent / "sample_forum" / "site"
 
@@ -37,7 +38,9 @@ def first_listing_path(root: Path) -> str:
     return "/" + candidates[0].relative_to(root).as_posix()
 
 
-def make_app(root: Path = SAMPLE_FORUM_DIR, middlewares: Iterable = ()) -> web.Application:
+def make_app(
+    root: Path = SAMPLE_FORUM_DIR, middlewares: Iterable[Middleware] = ()
+) -> web.Application:
     """The forum as an aiohttp app; ``middlewares`` let tests inject faults in front of it."""
     root = root.resolve()
     app = web.Application(middlewares=list(middlewares))
@@ -81,7 +84,7 @@ async def serve_forum(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    middlewares: Iterable = (),
+    middlewares: Iterable[Middleware] = (),
 ) -> AsyncIterator[str]:
     """Run the forum in this event loop; yields its base URL (``http://host:port``)."""
     runner = web.AppRunner(make_app(root, middlewares), handle_signals=False, access_log=None)

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypedDict
 
 from crawl.errors import CrawlError
 from crawl.site import Markup, Post, ThreadLink, ThreadPage
@@ -187,6 +188,14 @@ class ThreadRow:
     state: ThreadState
 
 
+class StoredQuote(TypedDict):
+    """A :class:`crawl.site.Quote` as the ``quotes`` column holds it (JSON)."""
+
+    post_id: str | None
+    author: str | None
+    text: str
+
+
 @dataclass(frozen=True)
 class StoredPost:
     id: str
@@ -196,7 +205,7 @@ class StoredPost:
     author: str | None
     created: str | None
     text: str
-    quotes: list[dict]
+    quotes: list[StoredQuote]
     signature: str
     edited: bool
     deleted: bool
@@ -383,7 +392,9 @@ class Store:
         first post as the question), and a post that moves to an earlier page (posts
         before it deleted, seen on ``--refresh``) follows it there.
         """
-        quotes = [{"post_id": q.post_id, "author": q.author, "text": q.text} for q in post.quotes]
+        quotes: list[StoredQuote] = [
+            {"post_id": q.post_id, "author": q.author, "text": q.text} for q in post.quotes
+        ]
         quoted_ids = [q.post_id for q in post.quotes if q.post_id]
         self._db.execute(
             """INSERT INTO posts(id, thread_id, page, position, author, created, html, text,
@@ -471,7 +482,7 @@ class Store:
         ).fetchone()[0]
         return result
 
-    def markup_report(self) -> dict:
+    def markup_report(self) -> dict[str, Any]:
         """How the stored pages met the site module's markup guesses (``stats.json`` ``markup``).
 
         ``matched_nothing`` lists the assumed selectors that matched no element on any page
@@ -541,7 +552,7 @@ class Store:
             )
             self._db.execute("UPDATE threads SET indexed = 1 WHERE id = ?", (thread_id,))
 
-    def dump(self) -> Iterator[tuple]:
+    def dump(self) -> Iterator[tuple[object, ...]]:
         """Every stored row except fetch times, in a fixed order: equal dumps, equal stores."""
         queries = (
             "SELECT * FROM threads ORDER BY id",

@@ -30,7 +30,8 @@ def train_main(argv: Sequence[str]) -> int:
     config = parse_config(argv)
     config.run_dir  # noqa: B018 - fail on a missing --output-dir before the slow imports
 
-    from finetune.train import is_main_process, train
+    from finetune.run import is_main_process
+    from finetune.train import train
 
     result = train(config)
     if is_main_process():  # under accelerate launch, the one that wrote it says so
@@ -215,7 +216,7 @@ def dpo_main(argv: Sequence[str]) -> int:
     config.adapter_dir  # noqa: B018 - and on a missing SFT adapter
 
     from finetune.dpo import train_dpo
-    from finetune.train import is_main_process
+    from finetune.run import is_main_process
 
     result = train_dpo(config)
     if is_main_process():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,7 +89,7 @@ def answer_stats(
 def stats_table(columns: dict[str, AnswerStats]) -> list[str]:
     """Markdown rows comparing answer sets (e.g. forum, base, finetuned) side by side."""
 
-    def row(label: str, cell) -> str:
+    def row(label: str, cell: Callable[[AnswerStats], str]) -> str:
         return f"| {label} | " + " | ".join(cell(s) for s in columns.values()) + " |"
 
     def ended(s: AnswerStats) -> str:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import ProgressCallback, TrainerCallback
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from finetune.report import read_metrics
 
@@ -39,12 +43,21 @@ class MetricsLog(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero:
             kept = [r for r in read_metrics(self.path) if r["step"] <= state.global_step]
             self.path.write_text("".join(map(_json_line, kept)), encoding="utf-8")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a", encoding="utf-8") as out:
@@ -58,12 +71,26 @@ class LogLine(ProgressCallback):
     leaves cursor-movement debris in logs, and its result is a line anyway.
     """
 
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+    def on_prediction_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        eval_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
         return
 
     keys: tuple[str, ...] = LOGGED_KEYS
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
         fields = [f"{key} {logs[key]:.4g}" for key in self.keys if key in logs]
@@ -83,7 +110,15 @@ class ExtendedSchedule(TrainerCallback):
     step is the right one. Same ``--max-steps``: both agree and nothing changes.
     """
 
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Optimizer | None = None,
+        lr_scheduler: Any = None,  # torch's LambdaLR, or accelerate's wrapper of it
+        **kwargs: Any,
+    ) -> None:
         if state.global_step == 0 or optimizer is None or lr_scheduler is None:
             return
         scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it

@@ -24,12 +24,12 @@ caller may send renders with any template.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 # For servers whose tokenizer is not on this machine (an OpenAI-compatible peer):
 # the visible openings and ends of a turn in the common templates. Four at most,
@@ -59,7 +59,6 @@ class ChatFormat:
     end_of_turn_id: int
     stop_token_ids: tuple[int, ...]  # generation ends at any of these
     stop_strings: tuple[str, ...]  # visible text that means the model began the user's turn
-    bos_in_template: bool  # the template writes the BOS itself: encode with no special tokens
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -68,8 +67,32 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+# transformers types apply_chat_template, decode and convert_ids_to_tokens for all their
+# modes at once (text or ids, one sequence or a batch); these three name the one mode used.
+def render_text(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The template's text for ``messages`` exactly as given (not normalized)."""
+    rendered = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return cast(str, rendered)  # tokenize=False renders one conversation: one string
+
+
+def decode_text(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], *, skip_special_tokens: bool = False
+) -> str:
+    """The text of one sequence of token ids."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return cast(str, text)  # one sequence of ids decodes to one string
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """One token's vocabulary entry (``</s>``, ``<|im_end|>``)."""
+    return cast(str, tokenizer.convert_ids_to_tokens(token_id))  # one id: one token
 
 
 def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
@@ -78,7 +101,7 @@ def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     question = {"role": "user", "content": _PROBE_QUESTION}
     answer = {"role": "assistant", "content": _PROBE_ANSWER}
     follow_up = {"role": "user", "content": _PROBE_FOLLOW_UP}
-    text = _render(tokenizer, [question, answer, follow_up])
+    text = render_text(tokenizer, [question, answer, follow_up])
     answer_end = text.index(_PROBE_ANSWER) + len(_PROBE_ANSWER)
     between = text[answer_end : text.index(_PROBE_FOLLOW_UP)]
     ids = tokenizer(between, add_special_tokens=False)["input_ids"]
@@ -91,21 +114,19 @@ def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
         end_id, opening = ids[marker], ids[marker + 1 :]
     stop_ids = [end_id, tokenizer.eos_token_id]
     stop_strings: list[str] = []
-    opening = [i for i in opening if tokenizer.decode([i]).strip()]  # newlines between turns
+    opening = [i for i in opening if decode_text(tokenizer, [i]).strip()]  # newlines between turns
     if opening and opening[0] in special:
         stop_ids.append(opening[0])  # <|im_start|>, <|start_header_id|>
     elif opening:
-        visible = tokenizer.decode(opening, skip_special_tokens=True).strip()
+        visible = decode_text(tokenizer, opening, skip_special_tokens=True).strip()
         head = visible.split()[0] if visible.split() else ""
         if head:
             stop_strings.append(head)  # [INST]
-    bos = tokenizer.bos_token
     return ChatFormat(
-        end_of_turn=tokenizer.convert_ids_to_tokens(end_id),
+        end_of_turn=token_text(tokenizer, end_id),
         end_of_turn_id=end_id,
         stop_token_ids=tuple(dict.fromkeys(i for i in stop_ids if i is not None)),
         stop_strings=tuple(stop_strings),
-        bos_in_template=bool(bos) and text.startswith(bos),
     )
 
 
@@ -113,7 +134,7 @@ def chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     """The tokenizer's :class:`ChatFormat`, derived once per chat template."""
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template")
-    cached = getattr(tokenizer, _CACHE_ATTRIBUTE, None)
+    cached: tuple[str, ChatFormat] | None = getattr(tokenizer, _CACHE_ATTRIBUTE, None)
     if cached is not None and cached[0] == tokenizer.chat_template:
         return cached[1]
     derived = _derive(tokenizer)
@@ -180,7 +201,7 @@ def render_prompt(
 
     Text for people (logs, samples); the model's input comes from :func:`encode_prompt`.
     """
-    return _apply_normalized(tokenizer, messages, tokenize=False, **kwargs)
+    return cast(str, _apply_normalized(tokenizer, messages, tokenize=False, **kwargs))
 
 
 def encode_prompt(
@@ -210,7 +231,7 @@ def encode_conversation(
         add_generation_prompt=add_generation_prompt,
         **TEMPLATE_KWARGS,
     )
-    return list(encoded["input_ids"])
+    return list(cast("BatchEncoding", encoded)["input_ids"])  # return_dict: a BatchEncoding
 
 
 def _apply_normalized(

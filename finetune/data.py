@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,8 @@ PROMPT_ROLES = {"system", "user", "assistant"}
 Row = dict[str, Any]
 
 
-def _check_messages(value: Any, key: str, where: str) -> None:
+def check_messages(value: Any, key: str, where: str) -> None:
+    """A non-empty list of chat messages; a prompt ends with the user, a completion is the assistant's."""
     if not isinstance(value, list) or not value:
         raise UserError(f"{where}: {key!r} must be a non-empty list of chat messages")
     for message in value:
@@ -50,12 +51,12 @@ def _check_messages(value: Any, key: str, where: str) -> None:
         raise UserError(f"{where}: the completion must be assistant messages (roles were {roles})")
 
 
-def read_rows(path: Path) -> list[Row]:
-    """The prompt/completion rows of one JSONL file, each checked; other columns are kept."""
-    if not path.is_file():
-        raise UserError(
-            f"{path} not found: point --dataset at a directory written by `python -m crawl dataset`"
-        )
+def read_jsonl(path: Path, check: Callable[[Any, str], None]) -> list[Row]:
+    """The rows of one JSONL file, each passed to ``check(row, "file:line")`` before it is kept.
+
+    Both trainers' data goes through here, so a broken line is reported the
+    same way whichever set it is in.
+    """
     rows = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -66,11 +67,25 @@ def read_rows(path: Path) -> list[Row]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
-                raise UserError(f"{where}: each row needs 'prompt' and 'completion' message lists")
-            _check_messages(row["prompt"], "prompt", where)
-            _check_messages(row["completion"], "completion", where)
+            check(row, where)
             rows.append(row)
+    return rows
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
+        raise UserError(f"{where}: each row needs 'prompt' and 'completion' message lists")
+    check_messages(row["prompt"], "prompt", where)
+    check_messages(row["completion"], "completion", where)
+
+
+def read_rows(path: Path) -> list[Row]:
+    """The prompt/completion rows of one JSONL file, each checked; other columns are kept."""
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found: point --dataset at a directory written by `python -m crawl dataset`"
+        )
+    rows = read_jsonl(path, _check_row)
     if not rows:
         raise UserError(
             f"{path} has no rows: build the dataset again with `python -m crawl dataset`"
@@ -93,15 +108,20 @@ def load_dataset_dir(directory: str | Path) -> DatasetSplits:
     return DatasetSplits(train=train, test=test, sha256=dataset_hash(root))
 
 
-def dataset_hash(directory: str | Path) -> str:
-    """One hash over both split files, so a run names exactly the data it saw."""
+def content_hash(files: Iterable[tuple[str, Path]]) -> str:
+    """One sha256 over labelled files, so a run names exactly the data it saw."""
     digest = hashlib.sha256()
-    for name in SPLIT_FILES:
-        digest.update(name.encode())
-        with (Path(directory) / name).open("rb") as stream:
+    for label, path in files:
+        digest.update(label.encode())
+        with path.open("rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def dataset_hash(directory: str | Path) -> str:
+    """Both split files of a dataset directory, as the run's manifest and pin record it."""
+    return content_hash((name, Path(directory) / name) for name in SPLIT_FILES)
 
 
 def conversation(row: Row) -> list[dict[str, str]]:

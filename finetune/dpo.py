@@ -18,12 +18,13 @@ removed, loadable by the bot as ``ADAPTER_PATH``), ``config.yaml``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from finetune.chat import encode_conversation
 from finetune.dpo_config import DpoConfig
@@ -41,22 +42,28 @@ from finetune.report import (
     table_cell,
     write_json,
 )
-from finetune.train import (
+from finetune.run import (
     ADAPTER_DIR,
     FROZEN_ON_RESUME,
     RunResult,
+    base_model,
+    device_name,
     distinct_questions,
+    last_value,
     launch_record,
     peak_memory,
     pin_dataset,
     prepare_run_dir,
+    quant_options,
     save_config,
+    train_lora_in_fp32,
     train_to_the_end,
     trainer_arguments,
     training_device,
 )
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 REFERENCE_ADAPTER_NAME = "ref"  # the name trl 1.16's DPOTrainer gives the frozen copy
@@ -203,20 +210,42 @@ def parent_run(adapter_dir: Path) -> dict[str, Any]:
     return parent
 
 
-def _last(records: Sequence[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in records if key in r]
-    return values[-1] if values else None
+def adapters_base(config: DpoConfig) -> str:
+    """The base ``config``'s adapter was trained on: the only one DPO may train it on.
+
+    An adapter's weights mean nothing on another base: a config naming a
+    different model (or a stale one, such as a shared config's example path)
+    is refused rather than trained on the wrong base.
+    """
+    base = base_model(config.adapter_dir)
+    if config.model is not None and not _same_model(config.model, base):
+        raise UserError(
+            f"model {config.model!r} is not the base {config.adapter_dir} was trained on "
+            f"({base!r}): drop model from the config (DPO uses the adapter's base)"
+        )
+    return base
 
 
-def _tokenizer_source(config: DpoConfig) -> str:
+def _same_model(named: str, base: str) -> bool:
+    """The same hub id, or the same local directory however it is spelled."""
+    if named == base:
+        return True
+    named_path, base_path = Path(named).expanduser(), Path(base).expanduser()
+    return (
+        named_path.is_dir() and base_path.is_dir() and named_path.resolve() == base_path.resolve()
+    )
+
+
+def _tokenizer_source(adapter: Path, base: str) -> str:
     """The SFT adapter's tokenizer (its chat template is the one it was trained with)."""
-    adapter = config.adapter_dir
-    return str(adapter) if (adapter / "tokenizer_config.json").is_file() else config.model
+    return str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
 
 
 def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
     """Train, then write adapter/, config.yaml, metrics.jsonl, loss.png, samples.md, manifest.json."""
     started = time.monotonic()
+    base = adapters_base(config)
+    config = dataclasses.replace(config, model=base)  # the run's config.yaml names its base
     adapter_dir = config.adapter_dir
     splits = load_preference_dir(config.dataset, min_pairs=config.min_pairs)
     checkpoint = prepare_run_dir(config, frozen=DPO_FROZEN_ON_RESUME)
@@ -226,14 +255,13 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
 
     from finetune.modeling import (
         TRAINING_ADAPTER_NAME,
-        QuantOptions,
         load_adapter,
         load_base_model,
         load_tokenizer,
         save_adapter,
     )
 
-    tokenizer = load_tokenizer(_tokenizer_source(config))
+    tokenizer = load_tokenizer(_tokenizer_source(adapter_dir, base))
     lengths = drop_long_pairs(tokenizer, splits.train, config.max_length)
     if len(lengths.kept) < config.min_pairs:
         raise UserError(
@@ -253,12 +281,6 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         raise UserError(f"every test pair is longer than max_length={config.max_length}: raise it")
 
     device = training_device()
-    quant = QuantOptions(
-        load_in_4bit=config.load_in_4bit,
-        quant_type=config.bnb_4bit_quant_type,
-        double_quant=config.bnb_4bit_use_double_quant,
-    )
-    import torch
     from transformers import ProgressCallback, set_seed
     from trl import DPOTrainer
 
@@ -268,8 +290,8 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         keys = DPO_LOGGED_KEYS
 
     set_seed(config.seed)
-    model = load_base_model(config.model, quant=quant, device=device)
-    model = load_adapter(model, adapter_dir, name=TRAINING_ADAPTER_NAME, trainable=True)
+    frozen = load_base_model(base, quant=quant_options(config), device=device)
+    model = load_adapter(frozen, adapter_dir, name=TRAINING_ADAPTER_NAME, trainable=True)
     trainer = DPOTrainer(
         model=model,
         args=dpo_arguments(config, device),
@@ -278,28 +300,21 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         processing_class=tokenizer,
         callbacks=[MetricsLog(run_dir / METRICS_FILE), ExtendedSchedule(), *callbacks],
     )
-    if REFERENCE_ADAPTER_NAME not in trainer.model.peft_config:
+    # trl types trainer.model as any torch module; with peft_config it is the PeftModel made
+    # from the adapter this run starts from.
+    peft_model = cast("PeftModel", trainer.model)
+    if REFERENCE_ADAPTER_NAME not in peft_model.peft_config:
         raise RuntimeError(
             "trl's DPOTrainer did not add its frozen 'ref' adapter: this trl version "
             "computes the reference another way; check finetune/dpo.py against it"
         )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(DpoLogLine())
-    if not device.startswith("cuda"):
-        # trl rounds a quantized model's trainable LoRA weights to bf16 (for the GPU); on CPU,
-        # start from the exact SFT weights (still in the fp32 'ref' copy), so policy = reference.
-        for name, param in trainer.model.named_parameters():
-            if param.requires_grad:
-                reference = name.replace(
-                    f".{TRAINING_ADAPTER_NAME}.", f".{REFERENCE_ADAPTER_NAME}."
-                )
-                source = trainer.model.get_parameter(reference) if reference != name else param
-                param.data = source.data.detach().clone().float()
+    train_lora_in_fp32(peft_model, device, exact_copy=REFERENCE_ADAPTER_NAME)
     output, records = train_to_the_end(trainer, run_dir, checkpoint)
     if not trainer.is_world_process_zero():
         return RunResult(run_dir=run_dir, manifest={})
 
-    peft_model = trainer.model
     margins = margin_report(
         preference_margins(peft_model, tokenizer, eval_rows, REFERENCE_ADAPTER_NAME),
         preference_margins(peft_model, tokenizer, eval_rows, TRAINING_ADAPTER_NAME),
@@ -316,11 +331,11 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
     plot_losses(
         records,
         run_dir / LOSS_PLOT_FILE,
-        title=f"DPO: {Path(config.model).name} on {config.dataset}",
+        title=f"DPO: {Path(base).name} on {config.dataset}",
     )
     manifest = {
         "kind": "dpo",
-        "base_model": config.model,
+        "base_model": base,
         "parent": parent_run(adapter_dir),
         "adapter_hash": adapter_weights_hash(run_dir / ADAPTER_DIR),
         "dataset": {
@@ -336,15 +351,15 @@ def train_dpo(config: DpoConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
         "steps": trainer.state.global_step,
         **launch_record(config, trainer),
         "resumed_from": checkpoint.name if checkpoint else None,
-        "final_train_loss": _last(records, "loss"),
-        "final_eval_loss": _last(records, "eval_loss"),
-        "final_eval_reward_margin": _last(records, "eval_rewards/margins"),
-        "final_eval_reward_accuracy": _last(records, "eval_rewards/accuracies"),
+        "final_train_loss": last_value(records, "loss"),
+        "final_eval_loss": last_value(records, "eval_loss"),
+        "final_eval_reward_margin": last_value(records, "eval_rewards/margins"),
+        "final_eval_reward_accuracy": last_value(records, "eval_rewards/accuracies"),
         "held_out_margin": margins,
         "runtime_seconds": round(time.monotonic() - started, 1),
         "train_runtime_seconds": round(output.metrics.get("train_runtime", 0.0), 1),
         "peak_memory": peak_memory(),
-        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+        "device": device_name(device),
         "libraries": library_versions(),
     }
     write_json(run_dir / MANIFEST_FILE, manifest)

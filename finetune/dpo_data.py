@@ -9,21 +9,20 @@ votes is noise, and one without a test split cannot say if it helped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.chat import TEMPLATE_KWARGS
-from finetune.data import LengthFilter, _check_messages, token_length
+from finetune.data import LengthFilter, check_messages, content_hash, read_jsonl, token_length
 from finetune.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
+# The preference set's layout, written by `bot feedback export` (which imports these).
 PREFERENCES_FILE = "preferences.jsonl"
 SPLITS = ("train", "test")
 EXPORT_HINT = "export votes with `python -m bot feedback export --db FEEDBACK_DB --out DIR`"
@@ -35,23 +34,15 @@ def read_preferences(path: Path) -> list[Row]:
     """The preference rows of one JSONL file, each checked; other columns are kept."""
     if not path.is_file():
         raise UserError(f"{path} not found: {EXPORT_HINT}")
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= set(row):
-                raise UserError(f"{where}: each row needs 'prompt', 'chosen' and 'rejected'")
-            _check_messages(row["prompt"], "prompt", where)
-            for key in ("chosen", "rejected"):
-                _check_messages(row[key], "completion", where)
-            rows.append(row)
-    return rows
+    return read_jsonl(path, _check_pair)
+
+
+def _check_pair(row: object, where: str) -> None:
+    if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= set(row):
+        raise UserError(f"{where}: each row needs 'prompt', 'chosen' and 'rejected'")
+    check_messages(row["prompt"], "prompt", where)
+    for key in ("chosen", "rejected"):
+        check_messages(row[key], "completion", where)
 
 
 @dataclass(frozen=True)
@@ -81,11 +72,7 @@ def load_preference_dir(directory: str | Path, *, min_pairs: int = 2) -> Prefere
 
 
 def preference_hash(directory: str | Path) -> str:
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        digest.update(split.encode())
-        digest.update((Path(directory) / split / PREFERENCES_FILE).read_bytes())
-    return digest.hexdigest()
+    return content_hash((split, Path(directory) / split / PREFERENCES_FILE) for split in SPLITS)
 
 
 def drop_long_pairs(

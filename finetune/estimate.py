@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, TrainingArguments
 from finetune.errors import UserError
 
 GIB = 1024**3
@@ -57,11 +57,11 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        get = (
-            config.get
-            if isinstance(config, dict)
-            else lambda key, default=None: getattr(config, key, default)
-        )
+        def get(key: str, default: Any = None) -> Any:
+            if isinstance(config, dict):
+                return config.get(key, default)
+            return getattr(config, key, default)
+
         try:
             hidden = int(get("hidden_size"))
             heads = int(get("num_attention_heads"))
@@ -147,7 +147,7 @@ def lora_modules(config: FinetuneConfig) -> list[str]:
     return [name for name in config.lora_target_modules if name in DECODER_LINEARS]
 
 
-def optimizer_name(config: FinetuneConfig, on_cuda: bool) -> str:
+def optimizer_name(config: TrainingArguments, on_cuda: bool) -> str:
     if config.optim != "auto":
         return config.optim
     return "paged_adamw_8bit" if on_cuda else "adamw_torch"

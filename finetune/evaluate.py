@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune.answer_quality import AnswerStats, answer_stats, stats_table
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
+from finetune.config import FinetuneConfig
 from finetune.errors import UserError
 from finetune.knowledge import ContextLoss, KnowledgeAnswer, KnowledgeQuestion, KnowledgeReport
+from finetune.report import RESOLVED_CONFIG_FILE
+from finetune.run import ADAPTER_DIR, base_model, distinct_questions, require_run_dir
 
 PROMPTS_DIR = Path(__file__).with_name("prompts")
 DEFAULT_PROMPTS = PROMPTS_DIR / "ski_prompts.json"
@@ -93,18 +95,6 @@ def _parse_markdown(text: str) -> list[Prompt]:
             prompts.append(Prompt(heading["id"], heading["kind"], "\n".join(body).strip()))
         heading, body = match, []
     return prompts
-
-
-def render_prompts_markdown(prompts: Sequence[Prompt]) -> str:
-    """The Markdown form of a prompt set (``load_prompts`` reads it back identically)."""
-    parts = [
-        "# Ski prompt set\n",
-        "Questions both models answer in `python -m finetune evaluate`. Each section is "
-        "`## kind: id`; kinds are short, long and off-topic.\n",
-    ]
-    for prompt in prompts:
-        parts.append(f"## {prompt.kind}: {prompt.id}\n\n{prompt.question.strip()}\n")
-    return "\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -254,13 +244,13 @@ class EvaluationReport:
         prompt_stats = self.prompt_stats()
         if prompt_stats:
             lines += ["## Answers to the prompt set\n", *stats_table(prompt_stats), ""]
-        for answer in self.answers:
+        for prompted in self.answers:
             lines += [
-                f"## {answer.id} ({answer.kind})\n",
-                blockquote(answer.question),
+                f"## {prompted.id} ({prompted.kind})\n",
+                blockquote(prompted.question),
                 "| Base | Finetuned |",
                 "| --- | --- |",
-                f"| {table_cell(answer.base)} | {table_cell(answer.finetuned)} |\n",
+                f"| {table_cell(prompted.base)} | {table_cell(prompted.finetuned)} |\n",
             ]
         return "\n".join(lines)
 
@@ -539,7 +529,6 @@ def evaluate_run(
     """
     from finetune.data import drop_long_rows, load_dataset_dir
     from finetune.modeling import load_for_inference
-    from finetune.train import ADAPTER_DIR, distinct_questions
 
     run = require_run_dir(run_dir)
     if max_rows < 0 or max_new_tokens < 1 or questions < 0 or (k is not None and k < 1):
@@ -561,7 +550,7 @@ def evaluate_run(
     splits = load_dataset_dir(config.dataset)
 
     model, tokenizer = load_for_inference(
-        config.model, run / ADAPTER_DIR, load_in_4bit=config.load_in_4bit
+        base_model(run / ADAPTER_DIR), run / ADAPTER_DIR, load_in_4bit=config.load_in_4bit
     )
     rows = drop_long_rows(tokenizer, splits.test[: max_rows or None], config.max_length).kept
     if not rows:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from finetune.chat import chat_format, encode_prompt, render_prompt
+from finetune.chat import chat_format, decode_text, encode_prompt
 from finetune.modeling import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME
 
 if TYPE_CHECKING:
@@ -53,11 +53,6 @@ class GenerationSettings:
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=tokenizer)
         return kwargs
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> str:
-    """The templated prompt text of the normalized conversation (for people to read)."""
-    return render_prompt(tokenizer, messages)
 
 
 def encode_chats(
@@ -127,7 +122,7 @@ def generate_answers(
     stop_ids = set(chat_format(tokenizer).stop_token_ids)
     answers = []
     for row in new_tokens.tolist():
-        text = tokenizer.decode(row, skip_special_tokens=True)
+        text = decode_text(tokenizer, row, skip_special_tokens=True)
         ended = bool(stop_ids.intersection(row)) or any(stop in text for stop in stops)
         answers.append(GeneratedText(strip_stop_strings(text, stops), ended))
     return answers

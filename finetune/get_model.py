@@ -164,7 +164,11 @@ def get_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as scratch:
         scratch_dir = Path(scratch)
-        source = local if local is not None else fetch_gguf(KNOWN_MODELS[name], scratch_dir)
+        if local is None:
+            assert name is not None  # exactly one of name and gguf_file, checked above
+            source = fetch_gguf(KNOWN_MODELS[name], scratch_dir)
+        else:
+            source = local
         staged = convert_gguf(source, scratch_dir / "model", target)
         if target.exists():
             target.rmdir()  # an empty directory (checked above)

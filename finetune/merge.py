@@ -11,23 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
 from finetune.errors import UserError
+from finetune.run import ADAPTER_DIR, base_model, require_run_dir
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
     """Write the merged model and the run's tokenizer (with its chat template) to ``out_dir``."""
-    from finetune.train import ADAPTER_DIR
-
     out = Path(out_dir).expanduser()
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run = require_run_dir(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} is not empty or not a directory: choose a new --out directory")
-    config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
 
     import torch
 
@@ -35,7 +32,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat1
 
     tokenizer = load_tokenizer(run / ADAPTER_DIR)
     base = load_base_model(
-        config.model,
+        base_model(run / ADAPTER_DIR),
         quant=QuantOptions(load_in_4bit=False),
         device="cpu",
         dtype=getattr(torch, dtype),

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from finetune.errors import UserError
 
@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # torch is imported lazily: settings errors must not wait for
     import torch
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 # The base model every default points at: training's `model`, the bot's BASE_MODEL.
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -183,7 +181,7 @@ def load_base_model(
     model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     if not device.startswith("cuda") and not quant.load_in_4bit:
         model.to(device)
-    return model
+    return cast("PreTrainedModel", model)  # the Auto class builds the one its config names
 
 
 def keep_4bit_layers_differentiable(model: Any) -> int:
@@ -200,7 +198,7 @@ def keep_4bit_layers_differentiable(model: Any) -> int:
     (tests/test_qlora_gradients.py). Call it before the model's first forward.
     """
     try:
-        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.nn.modules import Linear4bit
     except ImportError:  # no bitsandbytes: no 4-bit layers either
         return 0
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
@@ -217,7 +215,8 @@ def attach_new_adapter(model: PreTrainedModel, lora_config: Any) -> PeftModel:
     from peft import get_peft_model
 
     keep_4bit_layers_differentiable(model)
-    return get_peft_model(model, lora_config, adapter_name=TRAINING_ADAPTER_NAME)
+    peft_model: PeftModel = get_peft_model(model, lora_config, adapter_name=TRAINING_ADAPTER_NAME)
+    return peft_model
 
 
 def save_adapter(
@@ -317,9 +316,8 @@ def load_for_inference(
         adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
     )
     tokenizer = load_tokenizer(tokenizer_source)
-    model = load_base_model(base, quant=QuantOptions(load_in_4bit=load_in_4bit), device=device)
-    if adapter:
-        model = load_adapter(model, adapter)
+    plain = load_base_model(base, quant=QuantOptions(load_in_4bit=load_in_4bit), device=device)
+    model = load_adapter(plain, adapter) if adapter else plain
     model.eval()
     return model, tokenizer
 

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+RESOLVED_CONFIG_FILE = "config.yaml"  # the run's config, every default filled in
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 SAMPLES_FILE = "samples.md"

@@ -13,8 +13,12 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 DEFAULT_CORPUS = Path(__file__).with_name("data") / "ski_corpus.txt"
 
@@ -100,7 +104,6 @@ TEMPLATES = {
         unk=None,
     ),
 }
-SPECIAL_TOKENS = list(TEMPLATES["mistral"].special_tokens)  # ids 0, 1, 2 as in Mistral
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,9 @@ class TinyModelSpec:
                 )
 
 
-def train_tokenizer(corpus: str, vocab_size: int, template: str = "mistral"):
+def train_tokenizer(
+    corpus: str, vocab_size: int, template: str = "mistral"
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE (no unknown characters ever) with the template family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

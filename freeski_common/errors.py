@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -41,7 +41,7 @@ def cli_entry(func: F | None = None, *, interrupted: str = "interrupted") -> F |
 
     def wrap(entry: F) -> F:
         @functools.wraps(entry)
-        def wrapper(*args, **kwargs):
+        def wrapper(*args: Any, **kwargs: Any) -> int | None:
             try:
                 return entry(*args, **kwargs)
             except UserError as exc:
@@ -51,6 +51,8 @@ def cli_entry(func: F | None = None, *, interrupted: str = "interrupted") -> F |
                 print(interrupted, file=sys.stderr)
                 return EXIT_INTERRUPTED
 
-        return wrapper  # type: ignore[return-value]
+        # functools.wraps gives the wrapper entry's name and signature at run time;
+        # the type system cannot express that it is still an ``F``.
+        return cast(F, wrapper)
 
     return wrap(func) if func is not None else wrap

@@ -25,6 +25,7 @@ from finetune.chat import (
 from finetune.data import load_dataset_dir
 from finetune.generation import GenerationSettings, encode_chats, generate_texts
 from finetune.modeling import QuantOptions, load_base_model, load_for_inference, load_tokenizer
+from tests.finetune_runs import assert_trains_the_answer_and_its_end, training_batch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -101,34 +102,13 @@ def test_training_labels_teach_the_end_of_turn_token(
     template_model: tuple[str, Path], tmp_path: Path
 ):
     """What trl feeds the model: the answer, then the template's end-of-turn token, are trained."""
-    from trl import SFTConfig, SFTTrainer
-
-    from finetune.data import to_hf_dataset
-
     _, model_dir = template_model
     tokenizer = load_tokenizer(model_dir)
-    end_id = chat_format(tokenizer).end_of_turn_id
     rows = load_dataset_dir(FIXTURE).train[:2]
-    model = load_base_model(model_dir, quant=QuantOptions(load_in_4bit=False), device="cpu")
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(
-            output_dir=str(tmp_path),
-            use_cpu=True,
-            bf16=False,
-            activation_checkpointing=False,
-            report_to="none",
-        ),
-        train_dataset=to_hf_dataset(rows),
-        processing_class=tokenizer,
+    batch = training_batch(model_dir, rows, tmp_path)
+    assert_trains_the_answer_and_its_end(
+        tokenizer, rows, batch, chat_format(tokenizer).end_of_turn_id
     )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    for row, labels in zip(rows, batch["labels"], strict=True):
-        trained = [label for label in labels.tolist() if label != -100]
-        assert end_id in trained
-        answer = trained[: trained.index(end_id)]
-        assert tokenizer.decode(answer).strip() == row["completion"][0]["content"]
-        assert tokenizer.decode(trained[trained.index(end_id) + 1 :]).strip() == ""
 
 
 # Turn markers of every supported template, typed into a message to forge a turn.

@@ -22,7 +22,8 @@ from crawl.newschoolers import NewschoolersSite
 from crawl.sample_site import SAMPLE_FORUM_DIR, serve_forum
 from crawl.store import Store
 from finetune.__main__ import main
-from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+from finetune.config import FinetuneConfig
+from finetune.report import RESOLVED_CONFIG_FILE
 
 pytestmark = pytest.mark.timeout(300)
 KNOWLEDGE = SAMPLE_FORUM_DIR.parent / "knowledge.jsonl"

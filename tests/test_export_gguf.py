@@ -17,7 +17,8 @@ from finetune.errors import UserError
 
 def make_run(root: Path, model_dir: Path, adapter_dir: Path) -> Path:
     """A run directory as training leaves it: config.yaml naming the base, adapter/ beside it."""
-    from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig
+    from finetune.config import FinetuneConfig
+    from finetune.report import RESOLVED_CONFIG_FILE
 
     run = root / "run"
     shutil.copytree(adapter_dir, run / "adapter")

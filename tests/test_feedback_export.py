@@ -182,3 +182,42 @@ def test_a_usage_mistake_is_one_line(capsys: pytest.CaptureFixture[str]):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: argument --min-votes") and "\n" not in error
     assert error.endswith("(see python -m bot feedback export --help)")
+
+
+def test_pairs_between_any_two_models_export_the_majoritys_side(tmp_path: Path):
+    v1 = AdapterRef("runs/v1/adapter", "v1v1v1v1v1v1v1v1")
+    v2 = AdapterRef("runs/v2/adapter", "v2v2v2v2v2v2v2v2")
+    path = tmp_path / "feedback.sqlite"
+    with FeedbackStore(path) as store:
+        outcomes = {
+            "v2 wins?": ("b", "b", "a"),
+            "v1 wins?": ("a", "a", "tie"),
+            "tied?": ("tie", "tie", "a"),
+            "shown base first?": ("b",),
+        }
+        for question, choices in outcomes.items():
+            first, second = ("base", "v2") if question == "shown base first?" else ("v1", "v2")
+            pair_id = store.record_pair(
+                answer(
+                    first, f"{first} says {question}", question, v1 if first == "v1" else CURRENT
+                ),
+                answer(second, f"{second} says {question}", question, v2),
+            )
+            for n, choice in enumerate(choices):
+                store.vote_pair(pair_id, f"discord:{n}", choice)  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    stats = export_feedback(path, out, ExportOptions(test_fraction=0))
+    prefs = {r["prompt"][-1]["content"]: r for r in rows(out, "preferences.jsonl")}
+    assert set(prefs) == {"v2 wins?", "v1 wins?", "shown base first?"}
+    won = prefs["v2 wins?"]
+    assert won["chosen"] == [{"role": "assistant", "content": "v2 says v2 wins?"}]
+    assert won["rejected"] == [{"role": "assistant", "content": "v1 says v2 wins?"}]
+    assert won["winner"] == "v2" and won["votes"] == {"a": 1, "b": 2, "tie": 0, "both_bad": 0}
+    assert won["sides"]["a"] == {"model": "v1", "adapter_hash": v1.hash}
+    assert prefs["v1 wins?"]["chosen"][0]["content"] == "v1 says v1 wins?"
+    assert prefs["shown base first?"]["rejected"][0]["content"] == "base says shown base first?"
+    assert stats["preferences"]["dropped"] == {"tie": 1}  # a "tie" majority is no preference
+    assert stats["preferences"]["winners"] == {"v1": 1, "v2": 2}
+    # --adapter-hash keeps the pairs that adapter answered in, on either side.
+    only_v1 = export_feedback(path, tmp_path / "v1", ExportOptions(adapter_hash=v1.hash))
+    assert only_v1["pairs"] == 3

@@ -159,8 +159,9 @@ def test_unknown_answers_and_pairs_raise(store: FeedbackStore) -> None:
 
 
 def test_bad_values_are_refused(store: FeedbackStore) -> None:
-    with pytest.raises(InvalidRecord, match="variant"):
-        store.record_answer(record(variant="other"))
+    for name in ("V2", "v 2", "", "x" * 33, "v2/../base"):
+        with pytest.raises(InvalidRecord, match=r"variant .* is not a model name"):
+            store.record_answer(record(variant=name))
     with pytest.raises(InvalidRecord, match="answer_id"):
         store.record_answer(record(answer_id="has:colon"))
     with pytest.raises(InvalidRecord, match="end with the user"):
@@ -288,3 +289,234 @@ def test_feedback_db_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert feedback_db_from_env() == Path("~/votes.sqlite").expanduser()
     monkeypatch.setenv("FEEDBACK_DB", "off")
     assert feedback_db_from_env() is None
+
+
+# ---- several adapters: any two served names in a pair ----------------------------------
+
+V1 = AdapterRef("runs/v1/adapter", "1111aaaa")
+V2 = AdapterRef("runs/v2/adapter", "2222bbbb")
+
+
+def test_a_pair_is_any_two_served_models_and_a_vote_picks_a_side_a_tie_or_both_bad(
+    store: FeedbackStore,
+) -> None:
+    pair_id = store.record_pair(
+        record("v1", "Narrow waist.", adapter=V1), record("v2", "Soft flex.", adapter=V2)
+    )
+    pair = store.get_pair(pair_id)
+    assert (pair.a.variant, pair.a.adapter, pair.b.variant, pair.b.adapter) == ("v1", V1, "v2", V2)
+    for voter, choice in enumerate(("a", "b", "b", "tie", "both_bad")):
+        outcome = store.vote_pair(pair_id, f"discord:{voter}", choice)  # type: ignore[arg-type]
+    assert outcome.counts == PairCounts(a=1, b=2, both_bad=1, tie=1)
+    assert store.vote_pair(pair_id, "discord:3", "a").previous == "tie"
+    with pytest.raises(InvalidRecord, match="names neither model of this pair"):
+        store.vote_pair(pair_id, "discord:9", "base")  # neither side is base
+    with pytest.raises(InvalidRecord, match="choice"):
+        store.vote_pair(pair_id, "discord:9", "v1")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRecord, match="two models"):
+        store.record_pair(record("v1", adapter=V1), record("v1", adapter=V1))
+
+
+def test_base_and_finetuned_votes_resolve_to_their_side_whichever_it_is(
+    store: FeedbackStore,
+) -> None:
+    """Today's buttons say base / finetuned; the store keeps sides, and answers in their words."""
+    shown_first = store.record_pair(record("finetuned"), record("base", "Any wax."))
+    first = store.vote_pair(shown_first, "discord:1", "base")
+    assert first.counts == PairCounts(a=0, b=1)  # base was side b here
+    again = store.vote_pair(shown_first, "discord:1", "finetuned")
+    assert (again.previous, again.counts) == ("base", PairCounts(a=1, b=0))
+    today = store.record_pair(record("base", "Any wax."), record("finetuned"))
+    store.vote_pair(today, "discord:1", "finetuned")
+    counts = store.vote_pair(today, "discord:2", "both_bad").counts
+    assert (counts.base, counts.finetuned, counts.both_bad) == (0, 1, 1)
+    assert store.get_pair(today).finetuned.variant == "finetuned"
+
+
+def test_answers_streamed_one_by_one_are_paired_as_shown(store: FeedbackStore) -> None:
+    v2 = store.record_answer(record("v2", adapter=V2, answer_id="chatcmpl-v2"))
+    base = store.record_answer(record("base", "Any wax.", answer_id="chatcmpl-base"))
+    pair_id = store.pair_recorded(v2, base)
+    assert store.pair_recorded(v2, base) == pair_id  # idempotent
+    with pytest.raises(InvalidRecord, match="other way round"):
+        store.pair_recorded(base, v2)
+    pair = store.get_pair(pair_id)
+    assert (pair.a.answer_id, pair.b.answer_id) == (v2, base)
+    with pytest.raises(InvalidRecord, match="base answer and a finetuned"):
+        store.pair_answers(v2, base)  # the web page's base/finetuned body stays strict
+
+
+def test_summary_counts_an_adapters_votes_against_base_with_ties_as_half(
+    store: FeedbackStore,
+) -> None:
+    versus_base = store.record_pair(
+        record("base", "Any wax.", adapter=V2), record("v2", adapter=V2)
+    )
+    for voter, choice in enumerate(("b", "b", "a", "tie", "both_bad")):
+        store.vote_pair(versus_base, f"discord:{voter}", choice)  # type: ignore[arg-type]
+    versus_v1 = store.record_pair(record("v1", adapter=V1), record("v2", adapter=V2))
+    store.vote_pair(versus_v1, "discord:1", "b")  # not a vote against base
+    summary = store.summary(V2)
+    assert (summary.finetuned, summary.base, summary.tie, summary.both_bad) == (2, 1, 1, 1)
+    assert summary.decided == 4 and summary.win_rate == pytest.approx(2.5 / 4)
+    assert summary.pairs_voted == 1
+    assert store.summary(V1).decided == 0
+    assert [p.pair_id for p in store.pairs(adapter_hash=V1.hash)] == [versus_v1]
+
+
+def test_the_schema_checks_served_names_and_sides_itself(store: FeedbackStore) -> None:
+    """A writer that skips AnswerRecord.validate still cannot store a name the board can't show."""
+    db = sqlite3.connect(store.path)
+    columns = (
+        "answer_id, created_at, source, conversation, text, variant, model, settings, thread_key"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute(
+            f"INSERT INTO answers ({columns}) VALUES ('x', 0, 'api', '[]', '', 'V2!', 'm', '{{}}', 't')"
+        )
+    with pytest.raises(sqlite3.IntegrityError):  # a pair id needs a side
+        db.execute(
+            f"INSERT INTO answers ({columns}, pair_id) VALUES"
+            " ('x', 0, 'api', '[]', '', 'v2', 'm', '{}', 't', 'p-1')"
+        )
+    db.close()
+
+
+def test_provenance_stamps_each_served_name_with_its_own_adapter() -> None:
+    from bot.feedback.provenance import Provenance
+
+    one = Provenance("tiny", ADAPTER)
+    assert one.record(QUESTION, "x", "base", "api").adapter == ADAPTER  # as before
+    several = one.with_adapter("base", AdapterRef()).with_adapter("v1", V1).with_adapter("v2", V2)
+    assert several.record(QUESTION, "x", "v2", "api").adapter == V2
+    assert several.record(QUESTION, "x", "base", "api").adapter == AdapterRef()
+    retrained = AdapterRef("runs/v2/adapter", "2222cccc")
+    assert several.with_adapter("v2", retrained).adapter_for("v2") == retrained
+    assert several.without_adapter("v1").adapter_for("v1") == ADAPTER
+
+
+# ---- schema 2 → 3 -------------------------------------------------------------------------
+
+# The store as version 2 wrote it, with a /compare pair, its votes and a rated answer.
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE answers (
+    answer_id    TEXT PRIMARY KEY,
+    created_at   REAL NOT NULL,
+    source       TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    text         TEXT NOT NULL,
+    variant      TEXT NOT NULL CHECK (variant IN ('base', 'finetuned')),
+    model        TEXT NOT NULL,
+    adapter_path TEXT,
+    adapter_hash TEXT,
+    settings     TEXT NOT NULL,
+    pair_id      TEXT,
+    thread_key   TEXT NOT NULL,
+    sources      TEXT NOT NULL DEFAULT '[]'
+);
+CREATE UNIQUE INDEX answers_pair_variant ON answers (pair_id, variant)
+    WHERE pair_id IS NOT NULL;
+CREATE INDEX answers_adapter ON answers (adapter_hash);
+CREATE TABLE answer_votes (
+    answer_id  TEXT NOT NULL REFERENCES answers (answer_id) ON DELETE CASCADE,
+    voter      TEXT NOT NULL,
+    rating     TEXT NOT NULL CHECK (rating IN ('up', 'down')),
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (answer_id, voter)
+);
+CREATE TABLE pair_votes (
+    pair_id    TEXT NOT NULL,
+    voter      TEXT NOT NULL,
+    choice     TEXT NOT NULL CHECK (choice IN ('base', 'finetuned', 'both_bad')),
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (pair_id, voter)
+);
+INSERT INTO meta VALUES ('schema_version', '2');
+INSERT INTO answers VALUES
+    ('a-base', 1, 'discord', '[{"role": "user", "content": "wax?"}]', 'Any wax.', 'base',
+     'tiny', 'runs/a/adapter', 'aaaa1111', '{}', 'p-old', 't', '[]'),
+    ('a-fine', 1, 'discord', '[{"role": "user", "content": "wax?"}]', 'Warm wax.', 'finetuned',
+     'tiny', 'runs/a/adapter', 'aaaa1111', '{}', 'p-old', 't', '[]'),
+    ('a-solo', 2, 'api', '[{"role": "user", "content": "skins?"}]', 'Nylon.', 'finetuned',
+     'tiny', 'runs/a/adapter', 'aaaa1111', '{}', NULL, 'u', '[]');
+INSERT INTO pair_votes VALUES ('p-old', 'v1', 'finetuned', 1), ('p-old', 'v2', 'finetuned', 1),
+    ('p-old', 'v3', 'base', 1), ('p-old', 'v4', 'both_bad', 1);
+INSERT INTO answer_votes VALUES ('a-solo', 'v1', 'up', 2), ('a-fine', 'v2', 'down', 2);
+"""
+
+
+SALT = b"schema two salt."
+
+
+def schema_2_store(path: Path) -> Path:
+    """SCHEMA_2 with its voters v1..v4 stored as version 2 stored them: hashed with SALT."""
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_2)
+        for table in ("pair_votes", "answer_votes"):
+            for n in range(1, 5):
+                db.execute(
+                    f"UPDATE {table} SET voter = ? WHERE voter = ?",
+                    (hash_voter(f"discord:{n}", SALT), f"v{n}"),
+                )
+    db.close()
+    return path
+
+
+def test_a_schema_2_store_is_migrated_with_every_vote_kept(tmp_path: Path) -> None:
+    path = schema_2_store(tmp_path / "feedback.sqlite")
+    with FeedbackStore(path, salt=SALT) as store:
+        old = store.get_pair("p-old")
+        assert (old.a.answer_id, old.b.answer_id) == ("a-base", "a-fine")
+        assert old.counts == PairCounts(base=1, finetuned=2, both_bad=1)
+        assert store.answer_counts("a-solo") == AnswerCounts(up=1, down=0)
+        assert store.answer_counts("a-fine") == AnswerCounts(up=0, down=1)  # not cascaded away
+        # Today's Discord buttons on that old message still count, in their own words.
+        changed = store.vote_pair("p-old", "discord:3", "finetuned")
+        assert changed.previous == "base" and changed.counts == PairCounts(0, 3, 1)
+        assert store.summary(ADAPTER).win_rate == 1.0
+        # And the migrated store takes what version 2 refused.
+        pair_id = store.record_pair(record("base"), record("v2", adapter=V2))
+        store.vote_pair(pair_id, "discord:1", "tie")
+    with sqlite3.connect(path) as db:
+        (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+    db.close()
+    assert version == "3"
+    assert {"answers_pair_side", "answers_adapter"} <= indexes
+    assert "answers_pair_variant" not in indexes
+
+
+def test_a_failed_migration_leaves_the_store_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    from bot.feedback import store as store_module
+
+    path = schema_2_store(tmp_path / "feedback.sqlite")
+    steps = store_module.MIGRATIONS[2]
+    monkeypatch.setitem(store_module.MIGRATIONS, 2, (*steps[:-1], "SELECT no_such_function()"))
+    with pytest.raises(sqlite3.OperationalError):
+        FeedbackStore(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta").fetchone() == ("2",)
+        assert db.execute(
+            "SELECT COUNT(*) FROM pair_votes WHERE choice = 'finetuned'"
+        ).fetchone() == (2,)
+        assert db.execute("SELECT COUNT(*) FROM answer_votes").fetchone() == (2,)
+    db.close()
+    monkeypatch.undo()
+    with FeedbackStore(path) as store:  # and the next start migrates it
+        assert store.get_pair("p-old").counts.finetuned == 2
+
+
+def test_a_store_from_a_newer_bot_is_refused_in_one_line(tmp_path: Path) -> None:
+    from bot.feedback.records import UnusableStore
+
+    path = tmp_path / "feedback.sqlite"
+    FeedbackStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.close()
+    with pytest.raises(UnusableStore, match=r"newer version of the bot .* upgrade the bot"):
+        FeedbackStore(path)

@@ -81,9 +81,11 @@ def test_bad_command_lines_are_user_errors(argv: list[str], expected: str):
     "text, expected",
     [
         ("lerning_rate: 1e-4\n", "unknown key 'lerning_rate' (did you mean learning_rate?)"),
-        ("max_steps: 1.5\n", "max_steps=1.5 is not valid: expected a whole number"),
+        ("max_steps: 1.5\n", "max_steps=1.5 is not valid: input should be a valid integer"),
         ("packing: maybe\n", "Truthy value expected"),
-        ("lr_scheduler_type: 5\n", "expected one of linear, cosine"),
+        ("lr_scheduler_type: 5\n", "lr_scheduler_type=5 is not valid: input should be 'linear'"),
+        ("lora_target_modules: q_proj\n", "lora_target_modules='q_proj' is not valid"),
+        ("lora_dropout: 1.5\n", "lora_dropout=1.5 must be in [0, 1)"),
         ("- a list\n", "must hold key: value pairs"),
         ("max_steps: [1\n", "is not valid YAML"),
     ],
@@ -93,6 +95,13 @@ def test_bad_yaml_files_are_user_errors(tmp_path: Path, text: str, expected: str
     with pytest.raises(UserError) as info:
         parse_config(["--config", str(path)])
     assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_saved_config_is_checked_like_a_new_one(tmp_path: Path):
+    saved = write_yaml(tmp_path, "max_steps: ten\n")
+    with pytest.raises(UserError, match=f"^{saved}: max_steps='ten' is not valid"):
+        FinetuneConfig.load(saved)
 
 
 @pytest.mark.parametrize("name", ["tiny-cpu.yaml", "mistral-7b-8gb.yaml", "mistral-7b-24gb.yaml"])
@@ -131,6 +140,18 @@ def test_shipped_dpo_configs_parse_and_round_trip(tmp_path: Path, name: str):
     saved = tmp_path / "config.yaml"
     config.save(saved)
     assert DpoConfig.load(saved) == config
+
+
+def test_a_dpo_run_saved_with_the_old_lora_keys_still_loads(tmp_path: Path):
+    """DPO configs used to carry (and ignore) the SFT keys: runs saved then must still resume."""
+    from finetune.dpo_config import DpoConfig, parse_dpo_config
+
+    config = parse_dpo_config(["--config", str(CONFIGS / "dpo-tiny-cpu.yaml")])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml() + "lora_r: 16\npacking: false\ncheck_memory: true\n")
+    assert DpoConfig.load(saved) == config
+    with pytest.raises(UserError, match="unknown option --lora-r"):
+        parse_dpo_config(["--lora-r", "16"])  # a new DPO run is told, not ignored
 
 
 def test_dpo_keys_are_known_to_dpo_only(tmp_path: Path):

@@ -8,7 +8,8 @@ import pytest
 
 from finetune.data import drop_long_rows, load_dataset_dir, read_rows, token_length
 from finetune.errors import UserError
-from finetune.modeling import QuantOptions, load_base_model, load_tokenizer
+from finetune.modeling import load_tokenizer
+from tests.finetune_runs import assert_trains_the_answer_and_its_end, training_batch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dataset"
 GOOD = {
@@ -86,43 +87,10 @@ def test_long_rows_are_counted_not_truncated(tiny_model_dir: Path):
 
 def test_labels_cover_the_completion_and_its_eos_only(tiny_model_dir: Path, tmp_path: Path):
     """What trl actually feeds the model: prompt tokens are -100, the answer and EOS are trained."""
-    from trl import SFTConfig, SFTTrainer
-
-    from finetune.data import to_hf_dataset
-
     tokenizer = load_tokenizer(tiny_model_dir)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id, "padding with EOS would mask it out"
     rows = load_dataset_dir(FIXTURE).train[:2]
-    model = load_base_model(tiny_model_dir, quant=QuantOptions(load_in_4bit=False), device="cpu")
-    trainer = SFTTrainer(
-        model=model,
-        args=SFTConfig(
-            output_dir=str(tmp_path),
-            use_cpu=True,
-            bf16=False,
-            activation_checkpointing=False,
-            report_to="none",
-        ),
-        train_dataset=to_hf_dataset(rows),
-        processing_class=tokenizer,
-    )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"], strict=True):
-        ids, labels = ids.tolist(), labels.tolist()
-        real = len(
-            tokenizer.apply_chat_template(
-                row["prompt"] + row["completion"], tokenize=True, return_dict=True
-            )["input_ids"]
-        )
-        prompt_len = len(
-            tokenizer.apply_chat_template(
-                row["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True
-            )["input_ids"]
-        )
+    batch = training_batch(tiny_model_dir, rows, tmp_path)
+    assert_trains_the_answer_and_its_end(tokenizer, rows, batch, tokenizer.eos_token_id)
+    for ids in batch["input_ids"].tolist():  # the template's BOS, once: never a second
         assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
-        assert all(label == -100 for label in labels[:prompt_len])
-        assert labels[prompt_len:real] == ids[prompt_len:real]
-        assert labels[real - 1] == tokenizer.eos_token_id  # the EOS is trained
-        assert all(label == -100 for label in labels[real:])  # padding is not
-        completion = tokenizer.decode(ids[prompt_len:real], skip_special_tokens=True)
-        assert completion.strip() == row["completion"][0]["content"]

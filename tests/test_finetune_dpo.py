@@ -17,8 +17,10 @@ from bot.feedback.records import AdapterRef, AnswerRecord
 from bot.feedback.store import FeedbackStore
 from finetune.__main__ import main as finetune_main
 from finetune.fingerprint import adapter_weights_hash
+from tests.finetune_runs import REPO, SHORT_RUN
 
 pytestmark = pytest.mark.timeout(600)
+
 
 GOOD = [
     "Use a warm wax and a structure brush.",
@@ -58,43 +60,25 @@ def build_preferences(tmp: Path, pairs: int = 12, test_fraction: float = 0.25) -
     return out
 
 
-@pytest.fixture(scope="module")
-def dpo_config(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dpo-config") / "dpo.yaml"
-    path.write_text(
-        "\n".join(
-            [
-                f"model: {tiny_model_dir}",
-                "max_steps: 2",
-                "per_device_train_batch_size: 4",
-                "gradient_accumulation_steps: 1",
-                "learning_rate: 1.0e-3",
-                "gradient_checkpointing: false",
-                "logging_steps: 1",
-                "eval_steps: 2",
-                "save_steps: 2",
-                "max_length: 128",
-                "num_samples: 1",
-                "sample_max_new_tokens: 8",
-                "beta: 0.1",
-            ]
-        )
-        + "\n"
-    )
-    return path
+# The shipped config, which names no model, cut down to seconds; the adapter's base is a
+# freshly built tiny model, not the config's example path, so DPO must find it from the adapter.
+DPO_CONFIG = [
+    "--config",
+    str(REPO / "configs" / "dpo-tiny-cpu.yaml"),
+    *SHORT_RUN,
+    "--max-steps",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
-def dpo_run(
-    dpo_config: Path, tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict:
+def dpo_run(tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("dpo")
     dataset = build_preferences(tmp)
     run_dir = tmp / "run-dpo"
     args = [
         "dpo",
-        "--config",
-        str(dpo_config),
+        *DPO_CONFIG,
         "--adapter",
         str(tiny_adapter_dir),
         "--dataset",
@@ -113,6 +97,17 @@ def dpo_run(
         "first_manifest": first,
         "first_adapter": first_adapter,
     }
+
+
+def test_dpo_trains_on_the_base_its_adapter_was_trained_on(dpo_run: dict, tiny_model_dir):
+    from finetune.dpo_config import DpoConfig
+    from finetune.run import base_model
+
+    manifest = json.loads((dpo_run["run_dir"] / "manifest.json").read_text())
+    assert manifest["base_model"] == str(tiny_model_dir)
+    assert DpoConfig.load(dpo_run["run_dir"] / "config.yaml").model == str(tiny_model_dir)
+    # and what evaluate, merge and export read for the DPO run is that base too
+    assert base_model(dpo_run["run_dir"] / "adapter") == str(tiny_model_dir)
 
 
 def test_the_run_directory_is_complete_and_names_its_parent(dpo_run: dict, tiny_adapter_dir):
@@ -168,14 +163,27 @@ def run_refused(args: list[str], capsys) -> str:
     return err
 
 
+def test_a_model_other_than_the_adapters_base_is_refused(
+    tiny_adapter_dir: Path, tiny_model_dir: Path, tmp_path: Path, capsys
+):
+    dataset = build_preferences(tmp_path, pairs=4)
+    args = ["dpo", *DPO_CONFIG, "--adapter", str(tiny_adapter_dir), "--dataset", str(dataset)]
+    err = run_refused(
+        [*args, "--model", ".demo/tiny-model", "--output-dir", str(tmp_path / "r")], capsys
+    )
+    assert f"is not the base {tiny_adapter_dir} was trained on ('{tiny_model_dir}')" in err
+    assert "drop model from the config" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_empty_or_unsplittable_preference_set_is_refused(
-    dpo_config: Path, tiny_adapter_dir: Path, tmp_path: Path, capsys
+    tiny_adapter_dir: Path, tmp_path: Path, capsys
 ):
     empty = tmp_path / "empty"
     for split in ("train", "test"):
         (empty / split).mkdir(parents=True)
         (empty / split / "preferences.jsonl").write_text("")
-    common = ["dpo", "--config", str(dpo_config), "--adapter", str(tiny_adapter_dir)]
+    common = ["dpo", *DPO_CONFIG, "--adapter", str(tiny_adapter_dir)]
     err = run_refused(
         [*common, "--dataset", str(empty), "--output-dir", str(tmp_path / "r1")], capsys
     )

@@ -25,12 +25,11 @@ import pytest
 from finetune.__main__ import main as finetune_main
 from finetune.dpo_data import load_preference_dir
 from finetune.report import read_metrics
+from tests.finetune_runs import FIXTURE, REPO, SHORT_RUN
 from tests.test_finetune_dpo import build_preferences
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "fixtures" / "dataset"
 PROCESSES = 2
 PER_DEVICE = 4
 
@@ -112,22 +111,9 @@ def test_sft_with_two_processes_trains_resumes_and_writes_one_run(
         str(FIXTURE),
         "--output-dir",
         str(run_dir),
+        *SHORT_RUN,
         "--per-device-train-batch-size",
         str(PER_DEVICE),
-        "--max-length",
-        "128",
-        "--logging-steps",
-        "1",
-        "--eval-steps",
-        "2",
-        "--save-steps",
-        "2",
-        "--eval-max-rows",
-        "4",
-        "--num-samples",
-        "1",
-        "--sample-max-new-tokens",
-        "4",
     ]
     first = launch(tmp_path, record, *args, "--max-steps", "2")
     assert first.stdout.count("run written to") == 1  # the main process reports, alone
@@ -173,30 +159,15 @@ def test_dpo_with_two_processes_splits_the_pairs_and_writes_one_run(
         "dpo",
         "--config",
         str(REPO / "configs" / "dpo-tiny-cpu.yaml"),
-        "--model",
-        str(tiny_model_dir),
         "--adapter",
         str(tiny_adapter_dir),
         "--dataset",
         str(dataset),
         "--output-dir",
         str(run_dir),
+        *SHORT_RUN,
         "--per-device-train-batch-size",
         str(PER_DEVICE),
-        "--max-length",
-        "128",
-        "--logging-steps",
-        "1",
-        "--eval-steps",
-        "2",
-        "--save-steps",
-        "2",
-        "--eval-max-rows",
-        "4",
-        "--num-samples",
-        "1",
-        "--sample-max-new-tokens",
-        "4",
     ]
     done = launch(tmp_path, record, *args, "--max-steps", "2")
     assert done.stdout.count("DPO run written to") == 1

@@ -8,9 +8,8 @@ import pytest
 from finetune.config import FinetuneConfig, parse_config
 from finetune.errors import UserError
 from finetune.report import read_metrics
+from tests.finetune_runs import FIXTURE, REPO, SHORT_RUN
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "fixtures" / "dataset"
 RUN_FILES = (
     "adapter/adapter_config.json",
     "adapter/adapter_model.safetensors",
@@ -36,24 +35,13 @@ def tiny_config(model_dir: Path, run_dir: Path, *extra: str) -> FinetuneConfig:
             str(FIXTURE),
             "--output-dir",
             str(run_dir),
+            *SHORT_RUN,
             "--max-steps",
             "4",
             "--per-device-train-batch-size",
             "4",
-            "--max-length",
-            "128",
-            "--logging-steps",
-            "1",
-            "--eval-steps",
-            "2",
-            "--save-steps",
-            "2",
-            "--eval-max-rows",
-            "4",
             "--num-samples",
             "2",
-            "--sample-max-new-tokens",
-            "8",
             *extra,
         ]
     )
@@ -121,14 +109,21 @@ def test_saved_adapter_reloads_and_reproduces_the_samples(trained_run: Path, tin
 
 
 def test_an_existing_run_is_not_overwritten(trained_run: Path, tiny_model_dir: Path):
-    from finetune.train import prepare_run_dir
+    from finetune.run import prepare_run_dir
+    from finetune.train import SFT_FROZEN_ON_RESUME
 
     with pytest.raises(UserError, match="already holds a run: pass --resume"):
-        prepare_run_dir(tiny_config(tiny_model_dir, trained_run))
+        prepare_run_dir(tiny_config(tiny_model_dir, trained_run), SFT_FROZEN_ON_RESUME)
     with pytest.raises(UserError, match="--resume cannot change lora_r"):
-        prepare_run_dir(tiny_config(tiny_model_dir, trained_run, "--resume", "--lora-r", "4"))
+        prepare_run_dir(
+            tiny_config(tiny_model_dir, trained_run, "--resume", "--lora-r", "4"),
+            SFT_FROZEN_ON_RESUME,
+        )
     with pytest.raises(UserError, match="nothing to resume"):
-        prepare_run_dir(tiny_config(tiny_model_dir, trained_run.parent / "empty", "--resume"))
+        prepare_run_dir(
+            tiny_config(tiny_model_dir, trained_run.parent / "empty", "--resume"),
+            SFT_FROZEN_ON_RESUME,
+        )
 
 
 def test_a_start_that_never_reached_a_checkpoint_can_start_again(
@@ -137,20 +132,21 @@ def test_a_start_that_never_reached_a_checkpoint_can_start_again(
     """Stopped before checkpoint-1 (Ctrl-C, a model that would not load): config.yaml and an
     empty checkpoints/ are all there is. --resume says there is nothing to resume, so
     starting again without it must work, not send the operator back to --resume."""
-    from finetune.train import prepare_run_dir
+    from finetune.run import prepare_run_dir
+    from finetune.train import SFT_FROZEN_ON_RESUME
 
     run_dir = tmp_path / "false-start"
     config = tiny_config(tiny_model_dir, run_dir)
-    assert prepare_run_dir(config) is None
+    assert prepare_run_dir(config, SFT_FROZEN_ON_RESUME) is None
     config.save(run_dir / "config.yaml")
     (run_dir / "checkpoints").mkdir()  # the Trainer creates it at once
     with pytest.raises(UserError, match="nothing to resume"):
-        prepare_run_dir(tiny_config(tiny_model_dir, run_dir, "--resume"))
-    assert prepare_run_dir(config) is None
+        prepare_run_dir(tiny_config(tiny_model_dir, run_dir, "--resume"), SFT_FROZEN_ON_RESUME)
+    assert prepare_run_dir(config, SFT_FROZEN_ON_RESUME) is None
 
     (run_dir / "adapter").mkdir()  # a finished run whose checkpoints were cleaned up
     with pytest.raises(UserError, match="already holds a run"):
-        prepare_run_dir(config)
+        prepare_run_dir(config, SFT_FROZEN_ON_RESUME)
 
 
 def test_the_same_run_twice_ends_bit_for_bit_the_same(
@@ -283,7 +279,7 @@ def test_evaluate_and_merge(trained_run: Path, tmp_path: Path):
 
 
 def test_samples_use_each_question_once():
-    from finetune.train import distinct_questions
+    from finetune.run import distinct_questions
 
     def row(question: str, answer: str) -> dict:
         return {
@@ -324,3 +320,17 @@ def test_resume_refuses_a_different_dataset(
     with pytest.raises(UserError, match="--resume with different data"):
         train(config)
     assert (run / "dataset.sha256").read_text().strip() != ""
+
+
+def test_a_run_names_its_base_through_one_function(tmp_path: Path):
+    """DPO, evaluate, merge and export all ask ``base_model``: the run's config, else peft's record."""
+    from finetune.run import base_model
+
+    adapter = tmp_path / "loose" / "adapter"
+    adapter.mkdir(parents=True)
+    with pytest.raises(UserError, match=r"no adapter_config\.json"):
+        base_model(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "hub/a"}))
+    assert base_model(adapter) == "hub/a"
+    (adapter.parent / "config.yaml").write_text("model: /models/b\n")
+    assert base_model(adapter) == "/models/b"

@@ -17,17 +17,15 @@ import dataclasses
 import hmac
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from bot.api.protocol import ApiError
 from bot.serving.engine import EngineStatus
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 

@@ -8,10 +8,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from bot.api.access import bearer_auth, public_status, same_origin_only
 from bot.api.feedback import ApiFeedback, FeedbackRoute
@@ -47,7 +48,6 @@ from bot.serving.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Told of every finished answer: completion id, the messages answered, the answer, max_tokens.
 OnAnswer = Callable[[str, Sequence[Message], Answer, int | None], None]
 

@@ -108,12 +108,9 @@ class WebVoters:
             # A header, not response.set_cookie: aiohttp has written out its cookies by now.
             cookie = SimpleCookie()
             cookie[COOKIE] = self.issue()
-            cookie[COOKIE].update(
-                {
-                    "max-age": str(COOKIE_MAX_AGE_S),
-                    "path": "/",
-                    "httponly": True,
-                    "samesite": "Lax",
-                }
-            )
-            response.headers.add(hdrs.SET_COOKIE, cookie[COOKIE].OutputString())
+            morsel = cookie[COOKIE]
+            morsel["max-age"] = str(COOKIE_MAX_AGE_S)
+            morsel["path"] = "/"
+            morsel["httponly"] = True  # a flag: written bare when set
+            morsel["samesite"] = "Lax"
+            response.headers.add(hdrs.SET_COOKIE, morsel.OutputString())

@@ -46,7 +46,9 @@ class ReplyChains:
         self.cache_size = cache_size
         self._known: OrderedDict[int, _Known] = OrderedDict()
 
-    def remember(self, message_id: int, *, from_bot: bool, content: str, parent_id: int | None):
+    def remember(
+        self, message_id: int, *, from_bot: bool, content: str, parent_id: int | None
+    ) -> None:
         self._known[message_id] = _Known(from_bot, content, parent_id)
         self._known.move_to_end(message_id)
         while len(self._known) > self.cache_size:

@@ -48,7 +48,7 @@ class FreeskiBot(commands.Bot):
         self.engine = engine
         self.edit_interval_s = edit_interval_s
         self.shutdown_grace_s = shutdown_grace_s
-        self.tree.on_error = self._on_app_command_error
+        self.tree.error(self._on_app_command_error)
         self._answers: AnswerCog | None = None
         self.feedback: DiscordFeedback | None = None  # vote buttons; None when FEEDBACK_DB is off
         self._closing = False

@@ -35,6 +35,7 @@ from bot.discord_bot.replies import (
     MessageReply,
     ReplyTarget,
     ThrottledEdits,
+    view_here,
 )
 from bot.discord_bot.settings import BotSettings
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
@@ -374,7 +375,6 @@ async def _show_comparison(
 
     ``view`` (the preference buttons) goes under the last part.
     """
-    extra = {"view": view} if view is not None else {}
     texts = {"base": base.text.strip(), "finetuned": finetuned.text.strip()}
     texts = {label: text or "_(empty answer)_" for label, text in texts.items()}
     sources = sources_block(finetuned.sources or base.sources)  # the same passages: shown once
@@ -382,18 +382,18 @@ async def _show_comparison(
         embed = discord.Embed(title=_shorten(question, 256), colour=discord.Colour.blue())
         for label, text in texts.items():
             embed.add_field(name=label, value=text, inline=True)
-        if sources:
-            extra["content"] = sources
-        await interaction.edit_original_response(embed=embed, **extra)
+        await interaction.edit_original_response(
+            content=sources or discord.utils.MISSING, embed=embed, view=view_here(view)
+        )
         return
     parts = [p for label, text in texts.items() for p in split_message(f"**{label}**\n{text}")]
     parts = with_sources(parts, sources)
     # embed=None: no streamed preview is left above the parts
     await interaction.edit_original_response(
-        content=parts[0], embed=None, **(extra if len(parts) == 1 else {})
+        content=parts[0], embed=None, view=view_here(view, here=len(parts) == 1)
     )
     for number, part in enumerate(parts[1:], start=2):
-        await interaction.followup.send(part, **(extra if number == len(parts) else {}))
+        await interaction.followup.send(part, view=view_here(view, here=number == len(parts)))
 
 
 def _status_embed(engine: Engine) -> discord.Embed:

@@ -62,7 +62,9 @@ OFF = "Voting is switched off on this bot right now."
 FAILED = "Sorry, your vote could not be saved. The error was logged."
 
 
-class VoteButton(discord.ui.DynamicItem[discord.ui.Button], template=VOTE_TEMPLATE):
+class VoteButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=VOTE_TEMPLATE
+):
     """👍/👎 on one answer, or one of "Base is better" / "Finetuned is better" / "Both bad".
 
     The class counts nothing itself: each :class:`DiscordFeedback` makes the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from bot.serving.context import trim_oldest_first
 from bot.serving.engine import Message
@@ -98,7 +98,7 @@ def chain_to_messages(chain: Iterable[ChainMessage], *, max_chars: int) -> list[
         content = (strip_sources(message.content) if message.from_bot else message.content).strip()
         if not content:
             continue
-        role = "assistant" if message.from_bot else "user"
+        role: Literal["user", "assistant"] = "assistant" if message.from_bot else "user"
         if turns and turns[-1]["role"] == role:
             turns[-1] = {"role": role, "content": turns[-1]["content"] + "\n\n" + content}
         else:

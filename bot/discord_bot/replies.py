@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 
 STREAMING_MARK = " …"
 
+# discord.py's "no view given": unlike None, it leaves a message's components as they are.
+NO_VIEW: discord.ui.View = discord.utils.MISSING
+
+
+def view_here(view: discord.ui.View | None, *, here: bool = True) -> discord.ui.View:
+    """``view`` on the message it belongs on (``here``), else no view at all."""
+    return view if view is not None and here else NO_VIEW
+
 
 class ReplyTarget(Protocol):
     """Where an answer is shown: a reply to a mention, or an interaction's response."""
@@ -50,11 +58,10 @@ class MessageReply:
         self.message: discord.Message | None = None
 
     async def show(self, content: str, view: discord.ui.View | None = None) -> None:
-        extra = {"view": view} if view is not None else {}
         if self.message is None:
-            self.message = await self.question.reply(content, **extra)
+            self.message = await self.question.reply(content, view=view_here(view))
         else:
-            self.message = await self.message.edit(content=content, **extra)
+            self.message = await self.message.edit(content=content, view=view_here(view))
 
     async def finish(
         self, parts: list[str], view: discord.ui.View | None = None
@@ -63,8 +70,7 @@ class MessageReply:
         assert self.message is not None
         sent = [self.message]
         for number, part in enumerate(parts[1:], start=2):
-            extra = {"view": view} if view is not None and number == len(parts) else {}
-            sent.append(await sent[-1].reply(part, **extra))
+            sent.append(await sent[-1].reply(part, view=view_here(view, here=number == len(parts))))
         return sent
 
 
@@ -80,11 +86,13 @@ class InteractionReply:
     async def finish(
         self, parts: list[str], view: discord.ui.View | None = None
     ) -> list[discord.Message]:
-        first = {"view": view} if view is not None and len(parts) == 1 else {}
-        sent = [await self.interaction.edit_original_response(content=parts[0], **first)]
+        first = view_here(view, here=len(parts) == 1)
+        sent: list[discord.Message] = [
+            await self.interaction.edit_original_response(content=parts[0], view=first)
+        ]
         for number, part in enumerate(parts[1:], start=2):
-            extra = {"view": view} if view is not None and number == len(parts) else {}
-            sent.append(await self.interaction.followup.send(part, wait=True, **extra))
+            last = view_here(view, here=number == len(parts))
+            sent.append(await self.interaction.followup.send(part, wait=True, view=last))
         return sent
 
 

@@ -16,18 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
+from bot.feedback.leaderboard import Leaderboard, read_leaderboard
 from bot.feedback.records import (
     AdapterRef,
     AnswerCounts,
     AnswerRecord,
     AnswerVote,
-    Choice,
     FeedbackSummary,
     PairCounts,
     PairVote,
     Rating,
     StoredAnswer,
     StoredPair,
+    VoteChoice,
 )
 from bot.feedback.store import FeedbackStore
 
@@ -68,9 +69,14 @@ class AsyncFeedbackStore:
         return await self._run(self.store.record_answer, record)
 
     async def record_pair(
-        self, base: AnswerRecord, finetuned: AnswerRecord, pair_id: str | None = None
+        self, a: AnswerRecord, b: AnswerRecord, pair_id: str | None = None
     ) -> str:
-        return await self._run(self.store.record_pair, base, finetuned, pair_id)
+        return await self._run(self.store.record_pair, a, b, pair_id)
+
+    async def pair_recorded(
+        self, a_answer_id: str, b_answer_id: str, pair_id: str | None = None
+    ) -> str:
+        return await self._run(self.store.pair_recorded, a_answer_id, b_answer_id, pair_id)
 
     async def pair_answers(
         self, base_answer_id: str, finetuned_answer_id: str, pair_id: str | None = None
@@ -82,7 +88,7 @@ class AsyncFeedbackStore:
     async def vote_answer(self, answer_id: str, voter: str, rating: Rating) -> AnswerVote:
         return await self._run(self.store.vote_answer, answer_id, voter, rating)
 
-    async def vote_pair(self, pair_id: str, voter: str, choice: Choice) -> PairVote:
+    async def vote_pair(self, pair_id: str, voter: str, choice: VoteChoice) -> PairVote:
         return await self._run(self.store.vote_pair, pair_id, voter, choice)
 
     async def answer_counts(self, answer_id: str) -> AnswerCounts:
@@ -100,15 +106,19 @@ class AsyncFeedbackStore:
     async def summary(self, adapter: AdapterRef | None = None) -> FeedbackSummary:
         return await self._run(self.store.summary, adapter)
 
+    async def leaderboard(self) -> Leaderboard:
+        """The community's leaderboard; ``.against_base()`` is each adapter's row for ``/status``."""
+        return await self._run(read_leaderboard, self.store)
+
     def record_answer_soon(self, record: AnswerRecord) -> None:
         """Queue ``record_answer`` without waiting; a failure is logged, not raised."""
         self._track(self._submit(self.store.record_answer, record))
 
     def record_pair_soon(
-        self, base: AnswerRecord, finetuned: AnswerRecord, pair_id: str | None = None
+        self, a: AnswerRecord, b: AnswerRecord, pair_id: str | None = None
     ) -> None:
         """Queue ``record_pair`` without waiting; a failure is logged, not raised."""
-        self._track(self._submit(self.store.record_pair, base, finetuned, pair_id))
+        self._track(self._submit(self.store.record_pair, a, b, pair_id))
 
     async def close(self) -> None:
         """Finish queued writes, then close the database."""

@@ -1,18 +1,26 @@
-"""``python -m bot feedback export``: the feedback store as trl preference datasets.
+"""``python -m bot feedback``: the votes as trl preference datasets, or as a leaderboard.
 
 python -m bot feedback export --db data/feedback.sqlite --out data/preferences \\
     [--adapter-hash H] [--min-votes N] [--test-fraction F] [--seed S]
+python -m bot feedback leaderboard --db data/feedback.sqlite [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from bot.feedback.export import ExportOptions, export_feedback
-from bot.feedback.store import DEFAULT_FEEDBACK_DB
+from bot.feedback.leaderboard import read_leaderboard
+from bot.feedback.store import DEFAULT_FEEDBACK_DB, FeedbackStore
 from freeski_common.cli import ArgumentParser
-from freeski_common.errors import cli_entry
+from freeski_common.errors import UserError, cli_entry
+
+# The leaderboard reads; it never hashes a voter, so it needs (and creates) no salt file.
+_READ_ONLY_SALT = b"the leaderboard does not hash voters"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,12 +59,24 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--seed", type=int, default=defaults.seed, help="split seed (default: %(default)s)"
     )
+    board = commands.add_parser(
+        "leaderboard",
+        help="per model: answers and 👍/👎, head-to-head win rates, a Bradley-Terry ranking",
+        description="Which model the community prefers: every served model (name and weights) "
+        "with its 👍/👎 rate, each pair of models with wins, losses, ties and 'both bad' "
+        "(win rate: a tie counts half, 'both bad' left out; 95%% Wilson intervals), and a "
+        "Bradley-Terry ranking over all pairs.",
+    )
+    board.add_argument("--db", default=DEFAULT_FEEDBACK_DB, help="the feedback store")
+    board.add_argument("--json", action="store_true", help="print JSON for machines")
     return root
 
 
 @cli_entry
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(argv)
+    if args.command == "leaderboard":
+        return _leaderboard(args.db, as_json=args.json)
     options = ExportOptions(
         adapter_hash=args.adapter_hash,
         min_votes=args.min_votes,
@@ -74,5 +94,18 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _dropped(section: dict) -> str:
+def _leaderboard(db: str, *, as_json: bool) -> int:
+    path = Path(db).expanduser()
+    if not path.is_file():
+        raise UserError(f"--db {path}: no such file (the bot creates it at FEEDBACK_DB)")
+    with FeedbackStore(path, salt=_READ_ONLY_SALT) as store:
+        board = read_leaderboard(store)
+    if as_json:
+        print(json.dumps(board.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(board.to_text(), end="")
+    return 0
+
+
+def _dropped(section: dict[str, Any]) -> str:
     return ", ".join(f"{why} {n}" for why, n in section["dropped"].items()) or "none"

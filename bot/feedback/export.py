@@ -4,9 +4,11 @@
 (``prompt`` / ``chosen`` / ``rejected``) for ``DPOTrainer``; ``ratings.jsonl``
 rows are its unpaired format (``prompt`` / ``completion`` / ``label``) for
 KTO-style trainers. The prompt is the conversation exactly as the model saw
-it, system prompt included. Each pair is decided by its majority; ties, "both
-bad" majorities and pairs with fewer than ``min_votes`` votes are left out
-and counted in ``stats.json``, like everything else that is dropped.
+it, system prompt included. A pair may be any two served models (base vs an
+adapter, or two adapters): the side its majority voted for is ``chosen``, the
+other ``rejected``. Split or "tie" majorities, "both bad" majorities and
+pairs with fewer than ``min_votes`` votes are left out and counted in
+``stats.json``, like everything else that is dropped.
 
 The split is by thread, as for the crawl dataset: a conversation's rows all
 land on the same side, in both files, decided by a seeded hash of its thread
@@ -24,12 +26,11 @@ from typing import Any
 from bot.feedback.records import CHOICES, StoredAnswer, StoredPair
 from bot.feedback.store import FeedbackStore
 from crawl.dataset import _write_atomically, split_threads
+from finetune.dpo_data import PREFERENCES_FILE, SPLITS
 from freeski_common.errors import UserError
 
-PREFERENCES_FILE = "preferences.jsonl"
 RATINGS_FILE = "ratings.jsonl"
 STATS_FILE = "stats.json"
-SPLITS = ("train", "test")
 # Export reads; it never hashes a voter, so it needs (and creates) no salt file.
 _READ_ONLY_SALT = b"feedback export does not hash voters"
 
@@ -43,8 +44,8 @@ class ExportOptions:
 
 
 def preference_row(pair: StoredPair, min_votes: int) -> tuple[dict[str, Any] | None, str | None]:
-    """The pair as a trl preference row, or None and why it was dropped."""
-    counts = asdict(pair.counts)
+    """The pair as a trl preference row (the majority's side chosen), or None and why it was dropped."""
+    counts = {choice: pair.counts.of(choice) for choice in CHOICES}
     total = sum(counts.values())
     if total == 0:
         return None, "no_votes"
@@ -52,29 +53,30 @@ def preference_row(pair: StoredPair, min_votes: int) -> tuple[dict[str, Any] | N
         return None, "too_few_votes"
     top = max(counts.values())
     leaders = [choice for choice in CHOICES if counts[choice] == top]
-    if len(leaders) > 1:
+    if len(leaders) > 1 or leaders == ["tie"]:
         return None, "tie"
     (winner,) = leaders
     if winner == "both_bad":
         return None, "both_bad"
-    if pair.base.conversation != pair.finetuned.conversation:
+    if pair.a.conversation != pair.b.conversation:
         return None, "prompt_mismatch"  # e.g. a web page that kept two separate histories
-    chosen, rejected = (
-        (pair.finetuned, pair.base) if winner == "finetuned" else (pair.base, pair.finetuned)
-    )
+    chosen, rejected = (pair.a, pair.b) if winner == "a" else (pair.b, pair.a)
     if not chosen.text.strip() or not rejected.text.strip():
         return None, "empty_answer"
     if chosen.text.strip() == rejected.text.strip():
         return None, "identical_answers"
     return {
-        "prompt": pair.base.conversation,
+        "prompt": pair.a.conversation,
         "chosen": [{"role": "assistant", "content": chosen.text}],
         "rejected": [{"role": "assistant", "content": rejected.text}],
-        "winner": winner,
+        "winner": chosen.variant,
         "votes": counts,
+        "sides": {
+            side: {"model": answer.variant, "adapter_hash": answer.adapter.hash}
+            for side, answer in (("a", pair.a), ("b", pair.b))
+        },
         "pair_id": pair.pair_id,
-        "thread_key": pair.finetuned.thread_key,
-        "adapter_hash": pair.finetuned.adapter.hash,
+        "thread_key": pair.b.thread_key,
     }, None
 
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from bot.serving.engine import Message
@@ -88,7 +89,7 @@ def load_or_create_salt(path: Path) -> bytes:
     return salt
 
 
-def conversation_key(conversation: list[Message] | tuple[Message, ...]) -> str:
+def conversation_key(conversation: Sequence[Message]) -> str:
     """Default thread key: a hash of the first user message, the root of the conversation."""
     first = next((m["content"] for m in conversation if m["role"] == "user"), "")
     return hashlib.sha256(first.strip().encode()).hexdigest()[:16]

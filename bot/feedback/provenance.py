@@ -7,27 +7,55 @@ end so a Discord vote and an API vote on the same adapter land in one bucket.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bot.feedback.ids import new_answer_id
 from bot.feedback.records import AdapterRef, AnswerRecord, Source, source_refs
-from bot.serving.engine import Message, Variant
+from bot.serving.engine import Message
 from bot.serving.settings import EngineSettings
 
 
 @dataclass(frozen=True)
 class Provenance:
+    """The base model, the adapters by served name, and the settings of this process.
+
+    ``adapter`` is what a process serving one adapter stamps on every answer
+    (base answers included, as before several adapters were served);
+    ``adapters`` names each served adapter's ref (and ``base`` no adapter)
+    when several are served, and wins over ``adapter`` for the names it holds.
+    """
+
     model: str
     adapter: AdapterRef
     settings: dict[str, Any] = field(default_factory=dict)
+    adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
+
+    def adapter_for(self, name: str) -> AdapterRef:
+        """The adapter behind served name ``name``."""
+        return self.adapters.get(name, self.adapter)
+
+    def with_adapter(self, name: str, adapter: AdapterRef) -> Provenance:
+        """This provenance with ``name`` (re-)pointed at ``adapter``: after a load or a promotion.
+
+        Hash the new weights first (:meth:`AdapterRef.from_path`), off the event
+        loop; the store then keeps the re-pointed name's votes apart.
+        """
+        return dataclasses.replace(self, adapters={**self.adapters, name: adapter})
+
+    def without_adapter(self, name: str) -> Provenance:
+        """This provenance once ``name`` is unloaded."""
+        return dataclasses.replace(
+            self, adapters={k: v for k, v in self.adapters.items() if k != name}
+        )
 
     def record(
         self,
         conversation: Sequence[Message],
         text: str,
-        variant: Variant,
+        variant: str,
         source: Source,
         *,
         answer_id: str | None = None,
@@ -35,14 +63,19 @@ class Provenance:
         thread_key: str | None = None,
         sources: Sequence[Any] = (),
     ) -> AnswerRecord:
-        """The record of one answer; ``sources`` are the passages shown with it."""
+        """The record of one answer served as ``variant``; ``sources`` are the passages shown.
+
+        ``variant`` is the served name: ``base``, or the adapter's own name (an
+        answer asked of the alias ``finetuned`` is recorded under the adapter
+        it resolved to, so a promotion never mixes two adapters' votes).
+        """
         return AnswerRecord(
             conversation=list(conversation),
             text=text,
             variant=variant,
             model=self.model,
             source=source,
-            adapter=self.adapter,
+            adapter=self.adapter_for(variant),
             settings=self.settings,
             answer_id=answer_id or new_answer_id(),
             pair_id=pair_id,

@@ -13,17 +13,30 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.feedback.ids import adapter_weights_hash, new_answer_id
-from bot.serving.engine import VARIANTS, Message, Variant
+from bot.serving.engine import Message
+from freeski_common.errors import UserError
 
 Source = Literal["discord", "api"]
 SOURCES: tuple[Source, ...] = ("discord", "api")
 Rating = Literal["up", "down"]
 RATINGS: tuple[Rating, ...] = ("up", "down")
-Choice = Literal["base", "finetuned", "both_bad"]
-CHOICES: tuple[Choice, ...] = ("base", "finetuned", "both_bad")
+# The two answers of a pair are its sides: ``a`` is the first one shown (``base`` in every
+# pair recorded before several adapters were served), ``b`` the second.
+Side = Literal["a", "b"]
+SIDES: tuple[Side, ...] = ("a", "b")
+# What a pair vote stores: a side, a tie (both as good), or both bad.
+Choice = Literal["a", "b", "tie", "both_bad"]
+CHOICES: tuple[Choice, ...] = ("a", "b", "tie", "both_bad")
+# What a voter may also say: the name of a side, as the buttons and the web page did when
+# every pair was base (side a) vs finetuned (side b). Resolved to that pair's side.
+VoteChoice = Literal["a", "b", "tie", "both_bad", "base", "finetuned"]
+VOTE_CHOICES: tuple[VoteChoice, ...] = (*CHOICES, "base", "finetuned")
 
 # Answer and pair ids travel inside Discord custom_ids and URLs: no separators, 64 chars at most.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A served model's name: ``base``, ``finetuned`` (the default adapter's alias) or an
+# adapter's name, as the API's ``model`` field and Discord's options spell it.
+NAME_PATTERN = re.compile(r"^[a-z0-9._-]{1,32}$")
 
 
 class FeedbackError(Exception):
@@ -35,7 +48,14 @@ class UnknownAnswer(FeedbackError, LookupError):
 
 
 class UnknownPair(FeedbackError, LookupError):
-    """No complete base/finetuned pair with that id is stored."""
+    """No complete pair (both answers) with that id is stored."""
+
+
+class UnusableStore(FeedbackError, ValueError, UserError):
+    """The file is no feedback store, or one written by a newer version of the bot.
+
+    A :class:`UserError` too: a command line given such a file says so in one line.
+    """
 
 
 class InvalidRecord(FeedbackError, ValueError):
@@ -67,8 +87,10 @@ class AdapterRef:
 class AnswerRecord:
     """One answer as it was shown, with everything needed to learn from a vote on it.
 
-    ``answer_id`` is chosen by the caller (a completion id on the API) or
-    generated here, so a front end knows it before the write lands and can put
+    ``variant`` is the name the answer was served under: ``base``, or the
+    adapter's own name (``v2``); ``finetuned`` is what was recorded before
+    several adapters were served, and stays valid. ``answer_id`` is chosen by
+    the caller (a completion id on the API) or generated here, so a front end knows it before the write lands and can put
     it in a button at once. ``thread_key`` groups answers of one conversation
     for the train/test split; by default it is derived from the
     conversation's first user message.
@@ -76,7 +98,7 @@ class AnswerRecord:
 
     conversation: Sequence[Message]
     text: str
-    variant: Variant
+    variant: str
     model: str
     source: Source
     adapter: AdapterRef = field(default_factory=AdapterRef)
@@ -92,8 +114,7 @@ class AnswerRecord:
         check_id(self.answer_id, "answer_id")
         if self.pair_id is not None:
             check_id(self.pair_id, "pair_id")
-        if self.variant not in VARIANTS:
-            raise InvalidRecord(f"variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        check_name(self.variant, "variant")
         if self.source not in SOURCES:
             raise InvalidRecord(f"source {self.source!r} is not one of {', '.join(SOURCES)}")
         if not self.conversation or self.conversation[-1].get("role") != "user":
@@ -111,11 +132,46 @@ class AnswerCounts:
     down: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PairCounts:
-    base: int = 0
-    finetuned: int = 0
-    both_bad: int = 0
+    """The votes on one pair: for side a, for side b, ties, both bad.
+
+    ``base`` and ``finetuned`` are the names sides a and b had in every pair
+    before several adapters were served; they stay accepted (as arguments and
+    attributes) so callers written then keep working.
+    """
+
+    a: int
+    b: int
+    both_bad: int
+    tie: int
+
+    def __init__(
+        self,
+        a: int = 0,
+        b: int = 0,
+        both_bad: int = 0,
+        tie: int = 0,
+        *,
+        base: int | None = None,
+        finetuned: int | None = None,
+    ) -> None:
+        object.__setattr__(self, "a", a if base is None else base)
+        object.__setattr__(self, "b", b if finetuned is None else finetuned)
+        object.__setattr__(self, "both_bad", both_bad)
+        object.__setattr__(self, "tie", tie)
+
+    @property
+    def base(self) -> int:
+        return self.a
+
+    @property
+    def finetuned(self) -> int:
+        return self.b
+
+    def of(self, choice: Choice) -> int:
+        count: int = getattr(self, choice)
+        return count
 
 
 @dataclass(frozen=True)
@@ -130,7 +186,7 @@ class AnswerVote:
 class PairVote:
     """The result of a preference vote: the voter's previous choice and the new counts."""
 
-    previous: Choice | None
+    previous: VoteChoice | None  # said as the vote was: a side's name if the vote named one
     counts: PairCounts
 
 
@@ -143,7 +199,7 @@ class StoredAnswer:
     source: Source
     conversation: list[Message]
     text: str
-    variant: Variant
+    variant: str
     model: str
     adapter: AdapterRef
     settings: dict[str, Any]
@@ -155,20 +211,33 @@ class StoredAnswer:
 
 @dataclass(frozen=True)
 class StoredPair:
-    """A base/finetuned pair and its preference votes."""
+    """A pair (side a's answer, side b's) and its preference votes."""
 
     pair_id: str
-    base: StoredAnswer
-    finetuned: StoredAnswer
+    a: StoredAnswer
+    b: StoredAnswer
     counts: PairCounts
+
+    @property
+    def base(self) -> StoredAnswer:
+        """Side a: the base answer in every pair recorded as base vs finetuned."""
+        return self.a
+
+    @property
+    def finetuned(self) -> StoredAnswer:
+        """Side b: the finetuned answer in every pair recorded as base vs finetuned."""
+        return self.b
 
 
 @dataclass(frozen=True)
 class FeedbackSummary:
     """What ``/status`` and the metrics show for one adapter (or for all answers).
 
-    ``win_rate`` is finetuned votes over base + finetuned votes ("both bad"
-    votes count in neither); ``decided`` is that denominator, None rate when 0.
+    The pair counts are over pairs of the adapter against ``base``: ``base``
+    votes went to the base answer, ``finetuned`` to the adapter's. ``win_rate``
+    is the adapter's share with a tie counted as half a win; "both bad" votes
+    count in neither, and ``decided`` (wins, losses and ties) is the
+    denominator, None rate when 0. The leaderboard counts the same way.
     """
 
     answers: int
@@ -178,14 +247,55 @@ class FeedbackSummary:
     base: int
     finetuned: int
     both_bad: int
+    tie: int = 0
 
     @property
     def decided(self) -> int:
-        return self.base + self.finetuned
+        return self.base + self.finetuned + self.tie
 
     @property
     def win_rate(self) -> float | None:
-        return self.finetuned / self.decided if self.decided else None
+        return (self.finetuned + self.tie / 2) / self.decided if self.decided else None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One entry of the leaderboard: a served name and the weights behind it.
+
+    ``weights`` is the adapter's weights hash (None for ``base``, and for an
+    adapter whose weights could not be read): a name re-pointed at retrained
+    weights is another model, and its votes are kept apart.
+    """
+
+    name: str
+    weights: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``v2@1a2b3c4d``: the name, and a short hash when there are weights."""
+        return f"{self.name}@{self.weights[:8]}" if self.weights else self.name
+
+
+@dataclass(frozen=True)
+class ModelVotes:
+    """One model's answers and the 👍/👎 votes on them, as the store counts them."""
+
+    model: ModelRef
+    answers: int
+    up: int
+    down: int
+
+
+@dataclass(frozen=True)
+class PairTally:
+    """Every pair vote between two models, seen from ``a``: its wins, losses, ties, both bad."""
+
+    a: ModelRef
+    b: ModelRef
+    a_wins: int = 0
+    b_wins: int = 0
+    ties: int = 0
+    both_bad: int = 0
 
 
 def source_refs(passages: Sequence[Any]) -> list[dict[str, Any]]:
@@ -207,6 +317,14 @@ def source_refs(passages: Sequence[Any]) -> list[dict[str, Any]]:
         }
         for p in passages
     ]
+
+
+def check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise InvalidRecord(
+            f"{what} {value!r} is not a model name: 1-32 lowercase letters, digits, '.', '_' or '-'"
+        )
+    return value
 
 
 def check_id(value: str, name: str) -> str:

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from bot.serving.adapters import FINETUNED
 from bot.serving.engine import (
@@ -46,6 +46,8 @@ from crawl.layout import LAYOUT, render_question
 from crawl.search import Passage, Retriever, query_terms
 from finetune.grounding import Grounding, read_grounding
 from freeski_common.errors import UserError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +223,8 @@ class GroundedEngine(EngineWrapper):
         self,
         messages: Sequence[Message],
         passages: list[Passage],
-        ask: Callable[[list[Message]], Awaitable[Any]],
-    ) -> tuple[Any, list[Passage]]:
+        ask: Callable[[list[Message]], Awaitable[T]],
+    ) -> tuple[T, list[Passage]]:
         """Ask with all ``passages``, then with one fewer each time the prompt is too long."""
         while True:
             prompt = grounded_messages(messages, passages) if passages else list(messages)

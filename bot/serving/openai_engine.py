@@ -467,7 +467,9 @@ class OpenAIEngine:
     ) -> AsyncStream[ChatCompletionChunk]:
         """One attempt: the stream, once the server has accepted the request."""
         try:
-            chunks = await client.chat.completions.create(**request)
+            chunks: AsyncStream[ChatCompletionChunk] = await client.chat.completions.create(
+                **request
+            )
         except openai.APIStatusError as error:
             self._reachable = True
             metrics.ERRORS.labels(f"http_{error.status_code}").inc()

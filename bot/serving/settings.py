@@ -63,7 +63,7 @@ def log_level_from_env() -> LogLevel:
     level = (env_str("LOG_LEVEL", "INFO") or "INFO").upper()
     if level not in LOG_LEVELS:
         raise UserError(f"LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
-    return level  # type: ignore[return-value]
+    return level
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class EngineSettings:
         if top_p > 1.0:
             raise UserError(f"TOP_P={top_p} is too large: it must be between 0 and 1")
         return cls(
-            backend=backend,  # type: ignore[arg-type]
+            backend=backend,
             base_model=base_model,
             adapter_path=adapter_path,
             adapters=adapters,

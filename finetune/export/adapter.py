@@ -40,7 +40,8 @@ class LoraPair:
         return int(self.a.shape[0])
 
     def delta(self) -> np.ndarray:
-        return self.scaling * (self.b @ self.a)
+        product: np.ndarray = self.b @ self.a
+        return self.scaling * product
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Adapter:
         return pair.b * (pair.scaling * pair.rank / self.alpha)
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
     """PEFT's own rule: a pattern key matches a module name ending in it (after a dot)."""
     from peft.utils.other import get_pattern_key
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
 
@@ -56,7 +56,7 @@ class BaseModel:
     """A llama-architecture checkpoint on disk, read lazily."""
 
     directory: Path
-    config: dict
+    config: dict[str, Any]  # config.json
     tensor_files: dict[str, Path] = field(repr=False)
 
     @property
@@ -112,7 +112,8 @@ class BaseModel:
         from safetensors import safe_open
 
         with safe_open(self.tensor_files[name], framework="pt") as handle:
-            return handle.get_tensor(name).to(torch.float32).numpy()
+            tensor: np.ndarray = handle.get_tensor(name).to(torch.float32).numpy()
+            return tensor
 
     def gguf_name(self, hf_name: str) -> str:
         """llama.cpp's name for a checkpoint tensor (``model.norm.weight`` → ``output_norm.weight``)."""
@@ -152,7 +153,8 @@ def permute_heads(rows: np.ndarray, n_heads: int) -> np.ndarray:
     if per_head * n_heads != rows.shape[0] or per_head % 2:
         raise UserError(f"{rows.shape[0]} rows cannot split into {n_heads} heads of even size")
     grouped = rows.reshape(n_heads, 2, per_head // 2, *rows.shape[1:])
-    return grouped.swapaxes(1, 2).reshape(rows.shape)
+    reordered: np.ndarray = grouped.swapaxes(1, 2).reshape(rows.shape)
+    return reordered
 
 
 def _tensor_index(directory: Path) -> dict[str, Path]:

@@ -34,8 +34,12 @@ class TurnText:
     default_system: str | None = None  # what the template writes when no system message is given
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prompt: bool
+) -> str:
+    from finetune.chat import render_text
+
+    return render_text(tokenizer, messages, add_generation_prompt=prompt)
 
 
 def _cut_after(text: str, marker: str) -> tuple[str, str] | None:
@@ -146,7 +150,7 @@ def modelfile_text(
     system: str | None,
     merged: bool = False,
 ) -> str:
-    from finetune.chat import chat_format
+    from finetune.chat import chat_format, token_text
     from finetune.generation import GenerationSettings
 
     fmt = chat_format(tokenizer)
@@ -165,7 +169,7 @@ def modelfile_text(
     system = system or (turns.default_system if turns else None)
     if system:
         lines.append(f'SYSTEM """{system}"""')
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in fmt.stop_token_ids]
+    stops = [token_text(tokenizer, i) for i in fmt.stop_token_ids]
     for stop in dict.fromkeys([*stops, *fmt.stop_strings]):
         lines.append(f"PARAMETER stop {_quoted(stop)}")
     lines += [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from finetune.export.writer import DTYPES, PlannedTensor, weight_kind, write_ggu
 
 if TYPE_CHECKING:
     import gguf
+    import numpy as np
     from transformers import PreTrainedTokenizerBase
 
 BASE_FILE = "base.gguf"
@@ -51,7 +53,7 @@ def _file_type(dtype: str) -> int:
 
 def _model_metadata(
     base: BaseModel, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path, dtype: str, name: str
-):
+) -> Callable[[gguf.GGUFWriter], None]:
     def setup(writer: gguf.GGUFWriter) -> None:
         import gguf
 
@@ -81,7 +83,7 @@ def _model_metadata(
     return setup
 
 
-def _adapter_metadata(adapter: Adapter, name: str):
+def _adapter_metadata(adapter: Adapter, name: str) -> Callable[[gguf.GGUFWriter], None]:
     def setup(writer: gguf.GGUFWriter) -> None:
         import gguf
 
@@ -101,7 +103,7 @@ def base_tensors(base: BaseModel, dtype: str, pairs: dict[str, LoraPair]) -> lis
         shape = base.shape(name)
         pair = pairs.get(name.removesuffix(".weight"))
 
-        def load(name: str = name, pair: LoraPair | None = pair):
+        def load(name: str = name, pair: LoraPair | None = pair) -> np.ndarray:
             weight = base.read(name)
             if pair is not None:
                 weight = weight + pair.delta()  # in HF row order, before the Q/K reorder
@@ -117,10 +119,13 @@ def adapter_tensors(base: BaseModel, adapter: Adapter) -> list[PlannedTensor]:
     for pair in adapter.pairs:
         name = base.gguf_name(f"{pair.module}.weight")
 
-        def load_b(pair: LoraPair = pair):
+        def load_a(pair: LoraPair = pair) -> np.ndarray:
+            return pair.a
+
+        def load_b(pair: LoraPair = pair) -> np.ndarray:
             return base.to_llama_rows(pair.module, adapter.b_for_llama_cpp(pair))
 
-        planned.append(PlannedTensor(f"{name}.lora_a", pair.a.shape, "f16", lambda p=pair: p.a))
+        planned.append(PlannedTensor(f"{name}.lora_a", pair.a.shape, "f16", load_a))
         planned.append(PlannedTensor(f"{name}.lora_b", pair.b.shape, "f16", load_b))
     return planned
 
@@ -162,8 +167,7 @@ def export_run(
     system: str | None = None,
     progress: bool = True,
 ) -> ExportResult:
-    from finetune.config import RESOLVED_CONFIG_FILE, FinetuneConfig, require_run_dir
-    from finetune.train import ADAPTER_DIR
+    from finetune.run import ADAPTER_DIR, base_model, require_run_dir
 
     start = time.monotonic()
     out = Path(out_dir).expanduser()
@@ -172,10 +176,9 @@ def export_run(
     run = require_run_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: choose a directory for --out")
-    config = FinetuneConfig.load(run / RESOLVED_CONFIG_FILE)
     adapter_dir = run / ADAPTER_DIR
     adapter = read_adapter(adapter_dir)
-    base = open_base(config.model)
+    base = open_base(base_model(adapter_dir))
     _check_fits(base, adapter)
 
     from finetune.export.modelfile import modelfile_text, readme_text

@@ -45,8 +45,8 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None, where: Path) -> str:
 def _adds_token(tokenizer: PreTrainedTokenizerBase, token_id: int | None, first: bool) -> bool:
     if token_id is None:
         return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    ids: list[int] = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare: list[int] = tokenizer("a", add_special_tokens=False)["input_ids"]
     if len(ids) == len(bare):
         return False
     return (ids[0] if first else ids[-1]) == token_id
@@ -69,13 +69,16 @@ def write_tokenizer(
             "llama.cpp's llama models take byte-level or SentencePiece-style BPE"
         )
     added = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[gguf.TokenType] = []
+    scores: list[float] | None = None  # SentencePiece-style vocabularies only
     if model.get("byte_fallback"):
         # SentencePiece-style (Mistral, Llama 2): gguf's reader of tokenizer.json gives
         # llama.cpp's text, score and type for each token.
         hf_vocab = gguf.LlamaHfVocab(tokenizer_dir)
-        tokens, scores, types = [], [], []
+        scores = []
         for text, score, token_type in hf_vocab.all_tokens():
-            tokens.append(text)
+            tokens.append(text.decode("utf-8"))  # gguf encoded it from tokenizer.json's text
             scores.append(score)
             types.append(token_type)
         writer.add_tokenizer_model("llama")
@@ -83,7 +86,6 @@ def write_tokenizer(
     else:
         pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), tokenizer_dir)
         by_id = {i: token for token, i in tokenizer.get_vocab().items()}
-        tokens, types, scores = [], [], None
         for i in range(max(vocab_size, max(by_id) + 1)):
             token = by_id.get(i)
             if token is None:
