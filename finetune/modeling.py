@@ -494,10 +494,48 @@ def attach_adapter(model: Any, name: str, weights: AdapterWeights) -> PeftModel:
     try:
         _fill_adapter(model, name, weights)
     except BaseException:
-        model.delete_adapter(name)
+        detach_adapter(model, name)
         raise
+    _share_originals(model)
     model.eval()
     return model
+
+
+def detach_adapter(model: Any, name: str) -> None:
+    """Delete adapter ``name`` from ``model``; the inverse of :func:`attach_adapter`.
+
+    The originals :func:`_share_originals` entered are taken out for peft's
+    ``delete_adapter`` (which would take them for copies) and put back after.
+    """
+    for wrapper in _module_copies(model):
+        copies = wrapper.modules_to_save
+        for shared in [n for n in copies if copies[n] is wrapper.original_module]:
+            del copies[shared]
+    model.delete_adapter(name)
+    _share_originals(model)
+
+
+def _module_copies(model: Any) -> list[Any]:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _share_originals(model: Any) -> None:
+    """Let every adapter without its own copy of a ``modules_to_save`` module use the original.
+
+    peft routes a mixed batch's rows through such a module by adapter name
+    and fails on a name that has no copy there (an adapter that did not
+    train ``lm_head`` beside one that did); the original module is exactly
+    what those rows should run through, so it is entered under their names.
+    Only the per-row path reads these entries: a batch of one adapter goes by
+    peft's own record of which adapters have a copy.
+    """
+    names = list(model.peft_config)
+    for wrapper in _module_copies(model):
+        for name in names:
+            if name not in wrapper.modules_to_save:
+                wrapper.modules_to_save[name] = wrapper.original_module
 
 
 def _fill_adapter(model: Any, name: str, weights: AdapterWeights) -> None:
@@ -541,7 +579,7 @@ def _fill_adapter(model: Any, name: str, weights: AdapterWeights) -> None:
         module._parameters[parameter] = torch.nn.Parameter(
             tensor.to(device=device, dtype=dtype), requires_grad=False
         )
-    empty = [n for n, p in base.named_parameters() if p.device.type == "meta" and f".{name}" in n]
+    empty = [n for n, p in base.named_parameters() if p.device.type == "meta" and f".{name}." in n]
     if empty:
         raise UserError(f"the adapter at {weights.path} lacks weights for {empty[0]}")
 

@@ -668,9 +668,7 @@ def test_a_sampling_setting_that_breaks_the_kernel_ends_its_row_alone(tokenizer:
     """A temperature so small the logits overflow makes sampling raise for the whole batch;
     only that row ends."""
     model = ScriptedModel(word_token(tokenizer))
-    worker = InferenceWorker(
-        model, tokenizer, generation=GenerationSettings(), batch_wait_s=0.5
-    )
+    worker = InferenceWorker(model, tokenizer, generation=GenerationSettings(), batch_wait_s=0.5)
     results = Results(expected=2)
     broken, fine = (
         request(results.keep("broken"), max_new_tokens=6),

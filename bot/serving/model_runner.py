@@ -37,6 +37,7 @@ from finetune.modeling import (
     AdapterWeights,
     adapter_mismatch,
     attach_adapter,
+    detach_adapter,
 )
 
 if TYPE_CHECKING:
@@ -330,7 +331,7 @@ class ModelRunner:
         remaining = [n for n in self.adapter_names if n != name]
         if getattr(self.model, "active_adapter", None) == name and remaining:
             self.model.set_adapter(remaining[0])
-        self.model.delete_adapter(name)
+        detach_adapter(self.model, name)
 
     # ---- tokens and endings -------------------------------------------------------------
 
