@@ -630,10 +630,25 @@ class ChunkStream:
         ).dump()
 
 
-def models_body(models: Mapping[str, Variant], created: int) -> dict[str, Any]:
-    """``GET /v1/models``: every name the API answers to, and which served name it is."""
+def models_body(
+    served: ServedModels, models: Mapping[str, Variant], created: int
+) -> dict[str, Any]:
+    """``GET /v1/models``: every name the API answers to, and which served name answers it.
+
+    ``root`` is the adapter behind an alias (``finetuned``'s is the default
+    adapter); ``parent`` is ``base`` for every adapter, as vLLM lists LoRA modules.
+    """
+
+    def root(variant: Variant) -> str:
+        return served.default or variant if variant == FINETUNED else variant
+
     cards = [
-        ModelCard(id=name, created=created, root=variant, parent=None if variant == BASE else BASE)
+        ModelCard(
+            id=name,
+            created=created,
+            root=root(variant),
+            parent=None if variant == BASE else BASE,
+        )
         for name, variant in models.items()
     ]
     return ModelList(data=cards).dump()

@@ -184,7 +184,9 @@ class ChatApi:
         return model_names(self._engine.models(), self._engine_settings)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(models_body(self._models(), self._created))
+        served = self._engine.models()
+        names = model_names(served, self._engine_settings)
+        return web.json_response(models_body(served, names, self._created))
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 only while the engine is loaded and its loop goes round (its heartbeat)."""
