@@ -289,3 +289,29 @@ async def test_an_engine_that_cannot_change_its_adapters_says_so_in_a_400() -> N
             answer = await response.json()
     assert response.status == 400
     assert "scripted" in answer["error"]["message"]
+
+
+def test_a_pair_vote_on_two_adapters_shows_in_their_results_against_base(
+    server: ApiProcess, client: OpenAI
+) -> None:
+    def answer_id(model: str) -> str:
+        return client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=4, temperature=0
+        ).id
+
+    base, v1 = answer_id("base"), answer_id("v1")
+    status, body = post(server, "feedback", {"a_answer_id": base, "b_answer_id": v1, "choice": "b"})
+    assert status == 200, body
+    assert body["models"] == {"a": "base", "b": "v1"}
+    assert body["counts"] == {"a": 0, "b": 1, "tie": 0, "both_bad": 0}
+
+    request = urllib.request.Request(
+        f"{server.url}/adapters", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        listed = {card["lora_name"]: card for card in json.loads(response.read())["data"]}
+    assert listed["v1"]["vs_base"]["wins"] == 1 and listed["v1"]["vs_base"]["win_rate"] == 1.0
+    low, high = listed["v1"]["vs_base"]["interval_95"]
+    assert 0 < low < high == 1.0
+    assert "vs_base" not in listed["v3"], "no votes yet"
+    assert [n for n, card in listed.items() if card["default"]] == ["v2"]

@@ -50,6 +50,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bot.feedback.leaderboard import HeadToHead
 from bot.serving.adapters import BASE, FINETUNED, ServedModels
 from bot.serving.context import ConversationError, lone_surrogate_at, normalize_conversation
 from bot.serving.engine import (
@@ -372,6 +373,10 @@ def _first_problem(invalid: ValidationError) -> ApiError:
     return ApiError(400, f"'{param}': {message}." if param else f"{message}.", param=param or None)
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
 # ---- runtime adapter updates (vLLM's LoRA routes) -------------------------------------
 
 
@@ -405,6 +410,32 @@ def parse_body(shape: type[M], body: Any) -> M:
         raise _first_problem(invalid) from None
 
 
+class VersusBase(BaseModel):
+    """An adapter's results against ``base`` in the community's votes (the leaderboard's row).
+
+    A tie counts half a win; "both bad" is counted but left out of the win rate.
+    """
+
+    wins: int
+    losses: int
+    ties: int
+    both_bad: int
+    win_rate: float | None
+    interval_95: tuple[float, float] | None  # Wilson score interval of the win rate
+
+    @classmethod
+    def of(cls, h: HeadToHead) -> VersusBase:
+        interval = h.interval
+        return cls(
+            wins=h.wins,
+            losses=h.losses,
+            ties=h.ties,
+            both_bad=h.both_bad,
+            win_rate=h.win_rate,
+            interval_95=(interval.low, interval.high) if interval is not None else None,
+        )
+
+
 class AdapterCard(BaseModel):
     """One served adapter: its name, where it was read, its weights' hash, whether it is the default."""
 
@@ -413,6 +444,8 @@ class AdapterCard(BaseModel):
     lora_path: str
     weights_hash: str | None
     default: bool
+    # GET /v1/adapters with a feedback store: its results against base (None: no votes yet).
+    vs_base: VersusBase | None = Field(None, exclude_if=_unset)
 
 
 class AdapterList(BaseModel):
@@ -426,14 +459,20 @@ class AdapterList(BaseModel):
         return self.model_dump(mode="json")
 
 
-def adapters_body(served: ServedModels) -> dict[str, Any]:
-    """The served adapters, the default marked, as every adapter route answers."""
+def adapters_body(
+    served: ServedModels, vs_base: Mapping[str, HeadToHead] | None = None
+) -> dict[str, Any]:
+    """The served adapters, the default marked, as every adapter route answers; with
+    ``vs_base`` (the leaderboard's rows by name), each one's results against base."""
     cards = [
         AdapterCard(
             lora_name=adapter.name,
             lora_path=adapter.path,
             weights_hash=adapter.weights_hash,
             default=adapter.name == served.default,
+            vs_base=VersusBase.of(vs_base[adapter.name])
+            if vs_base is not None and adapter.name in vs_base
+            else None,
         )
         for adapter in served.adapters
     ]
@@ -441,10 +480,6 @@ def adapters_body(served: ServedModels) -> dict[str, Any]:
 
 
 # ---- responses --------------------------------------------------------------------------
-
-
-def _unset(value: object) -> bool:
-    return value is None
 
 
 class Usage(BaseModel):

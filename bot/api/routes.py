@@ -224,7 +224,11 @@ def create_app(
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
-    AdapterRoutes(engine, enabled=settings.runtime_adapter_updates).install(app)
+    AdapterRoutes(
+        engine,
+        enabled=settings.runtime_adapter_updates,
+        leaderboard=feedback.store.leaderboard if feedback else None,
+    ).install(app)
     FeedbackRoute(feedback, settings).install(app)
     add_webchat_routes(app, feedback=feedback is not None)
     return app

@@ -33,7 +33,6 @@ from bot.feedback.records import (
     Choice,
     FeedbackError,
     FeedbackSummary,
-    ModelRef,
     PairVote,
     Rating,
     UnknownAnswer,
@@ -236,16 +235,12 @@ class DiscordFeedback:
         """
         board = await self.store.leaderboard()
         now = {a.name: a.weights_hash for a in served.adapters}
-
-        def serving(model: ModelRef) -> bool:
-            return model.name in now and now[model.name] in (None, model.weights)
-
         votes = [
             f"{s.model.label}: {s.up} 👍 / {s.down} 👎 on {s.answers} answers"
             for s in board.standings
-            if s.model.name == BASE or serving(s.model)
+            if s.model.name == BASE or now.get(s.model.name, "") in (None, s.model.weights)
         ]
-        results = [f"{h.model.label}: {_rate(h)}" for h in board.against_base() if serving(h.model)]
+        results = [f"{h.model.label}: {_rate(h)}" for h in board.against_base_of(now).values()]
         return {
             "Votes": "\n".join(votes) or "no answers recorded yet",
             "Vs base": "\n".join(results) or "no comparisons with base yet",
