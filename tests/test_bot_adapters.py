@@ -8,12 +8,9 @@ by the leaderboard as ``python -m bot feedback leaderboard`` reads it.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
-import os
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,72 +20,15 @@ from bot.discord_bot import admin
 from bot.discord_bot.served import comparison
 from bot.feedback.leaderboard import read_leaderboard
 from bot.feedback.store import FeedbackStore
-from bot.serving.adapters import BASE, FINETUNED, ServedAdapter, ServedModels
-from bot.serving.engine import AdapterRejected, Answer, Message, UnknownModel, Variant
+from bot.serving.adapters import ServedAdapter, ServedModels
 from tests.discord_world import World, bot_settings, discord_world
 from tests.fake_discord import ADMIN_ROLE_ID, FakeDiscord, custom_ids, user_payload
-from tests.scripted_engine import ScriptedEngine
+from tests.scripted_adapters import ScriptedAdapters, weights_of
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
 ADMIN_ID = 930000000000000001
 _user_ids = itertools.count(930000000000000100)
-
-
-def weights_of(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()
-
-
-class ScriptedAdapters(ScriptedEngine):
-    """The scripted engine serving named adapters, loadable, unloadable and promotable.
-
-    An adapter's answer is the scripted words under its own name (``finetuned``
-    answers as the default adapter), and carries the adapter, as a local
-    engine's answers do.
-    """
-
-    def __init__(self, names: Sequence[str], default: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.served = ServedModels(tuple(self._adapter(n, f"runs/{n}") for n in names), default)
-
-    @staticmethod
-    def _adapter(name: str, path: str) -> ServedAdapter:
-        return ServedAdapter(name, path, weights_of(name))
-
-    def models(self) -> ServedModels:
-        return self.served
-
-    async def generate(
-        self, messages: Sequence[Message], *, variant: Variant = FINETUNED, **kwargs: Any
-    ) -> Answer:
-        if variant not in self.served.names:
-            raise UnknownModel(f"no model is served as {variant!r}")
-        adapter = self.served.adapter(variant)
-        answer = await super().generate(
-            messages, variant=adapter.name if adapter else BASE, **kwargs
-        )
-        return dataclasses.replace(answer, variant=variant, adapter=adapter)
-
-    async def load_adapter(self, name: str, path: str | os.PathLike[str]) -> ServedAdapter:
-        if name in self.served.names:
-            raise AdapterRejected(f"an adapter named {name!r} is already served")
-        adapter = self._adapter(name, str(path))
-        self.served = dataclasses.replace(self.served, adapters=(*self.served.adapters, adapter))
-        return adapter
-
-    async def unload_adapter(self, name: str) -> None:
-        if self.served.adapter(name) is None or name in (BASE, FINETUNED):
-            raise UnknownModel(f"no adapter is served as {name!r}")
-        if name == self.served.default:
-            raise AdapterRejected(f"{name!r} is the default adapter: make another the default")
-        adapters = tuple(a for a in self.served.adapters if a.name != name)
-        self.served = dataclasses.replace(self.served, adapters=adapters)
-
-    async def set_default(self, name: str) -> ServedModels:
-        if self.served.adapter(name) is None or name in (BASE, FINETUNED):
-            raise UnknownModel(f"no adapter is served as {name!r}")
-        self.served = dataclasses.replace(self.served, default=name)
-        return self.served
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
