@@ -315,3 +315,31 @@ def test_a_pair_vote_on_two_adapters_shows_in_their_results_against_base(
     assert 0 < low < high == 1.0
     assert "vs_base" not in listed["v3"], "no votes yet"
     assert [n for n, card in listed.items() if card["default"]] == ["v2"]
+
+
+async def test_a_bot_on_the_openai_backend_asks_this_api_for_adapters_by_name() -> None:
+    """INFERENCE_BACKEND=openai with ADAPTERS: the names go through as the server's model names."""
+    from bot.serving.adapters import parse_adapters
+    from bot.serving.openai_engine import OpenAIEngine
+    from bot.serving.settings import EngineSettings
+    from tests.scripted_adapters import ScriptedAdapters
+
+    served = ScriptedAdapters(["v1", "v2"], "v2")
+    await served.start()
+    async with serve_app(create_app(served, ApiSettings())) as url:
+        settings = EngineSettings(
+            backend="openai",
+            openai_base_url=f"{url}/v1",
+            adapters=parse_adapters("v1=runs/v1/adapter,v2=runs/v2/adapter"),
+            default_adapter="v2",
+            temperature=0.0,
+        )
+        bot = OpenAIEngine(settings)
+        await bot.start()
+        try:
+            assert bot.models().names == ("base", "finetuned", "v1", "v2")
+            a, b = await bot.compare(QUESTION, models=("v1", "finetuned"))
+        finally:
+            await bot.close()
+    assert (a.text.split()[0], b.text.split()[0]) == ("v1:", "v2:")
+    assert sorted(variant for variant, *_ in served.requests) == ["v1", "v2"]
