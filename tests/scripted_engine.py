@@ -27,6 +27,7 @@ from bot.serving.engine import (
     OnText,
     RuntimeUpdatesUnsupported,
     Sampling,
+    UnknownModel,
     Variant,
 )
 
@@ -91,6 +92,8 @@ class ScriptedEngine:
     ) -> Answer:
         if not self.ready:
             raise EngineUnavailable("The scripted engine is stopped.")
+        if variant not in self.models().names:
+            raise UnknownModel(f"no model is served as {variant!r}")
         self.requests.append((variant, list(messages), max_new_tokens))
         self.samplings.append(sampling)
         if self.failures:

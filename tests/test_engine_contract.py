@@ -31,10 +31,10 @@ from prometheus_client import REGISTRY
 from bot.api.routes import create_app
 from bot.api.settings import ApiSettings
 from bot.serving.context import SystemPrompted, normalize_conversation
-from bot.serving.engine import VARIANTS, Engine, EngineError, Message, Sampling
+from bot.serving.engine import VARIANTS, Engine, EngineError, Message, Sampling, UnknownModel
 from bot.serving.factory import around, build_engine
 from bot.serving.grounding import GroundedEngine
-from bot.serving.metrics import CountedEngine
+from bot.serving.metrics import UNKNOWN_MODEL, CountedEngine, outcome_of
 from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
 from bot.serving.settings import EngineSettings
 from tests.fake_openai import FakeOpenAIServer
@@ -206,6 +206,24 @@ async def test_variants_differ_and_compare_equals_each_alone(engine: Engine) -> 
     assert [a.variant for a in compared] == ["base", "finetuned"]
     assert [a.text for a in compared] == [base.text, finetuned.text]
     assert streamed == {"base": base.text, "finetuned": finetuned.text}
+
+
+async def test_models_name_what_answers_and_another_name_is_refused(engine: Engine) -> None:
+    models = engine.models()
+    assert models.names[:2] == ("base", "finetuned")
+    assert models.adapter("base") is None
+    assert models.adapter("finetuned") is not None
+    refused = outcome_of(UnknownModel("no such model"))
+    unknown_before = answers_counted(UNKNOWN_MODEL, refused)
+    with pytest.raises(UnknownModel):
+        await engine.generate(QUESTION, variant="no-such-model", max_new_tokens=2)
+    assert answers_counted("no-such-model", refused) == 0, "made-up names make no metrics"
+    assert answers_counted(UNKNOWN_MODEL, refused) == unknown_before + 1
+    base = await engine.generate(QUESTION, variant="base", max_new_tokens=6)
+    finetuned = await engine.generate(QUESTION, variant="finetuned", max_new_tokens=6)
+    first, second = await engine.compare(QUESTION, models=("finetuned", "base"), max_new_tokens=6)
+    assert (first.variant, first.text) == ("finetuned", finetuned.text)
+    assert (second.variant, second.text) == ("base", base.text)
 
 
 async def test_concurrent_questions_each_get_their_own_answer(engine: Engine) -> None:

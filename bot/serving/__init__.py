@@ -4,9 +4,11 @@ Front ends (the Discord bot, the HTTP API, the console) talk to an
 :class:`~bot.serving.engine.Engine` and nothing else. Two implementations:
 
 - :class:`~bot.serving.local_engine.LocalEngine` over the
-  :mod:`~bot.serving.worker` — one thread owns one quantized model, base and
-  finetuned rows batched together; the worker schedules, its
-  :mod:`~bot.serving.model_runner` runs each step;
+  :mod:`~bot.serving.worker` — one thread owns one quantized model and its
+  named adapters (:mod:`~bot.serving.adapters`), rows of any of them batched
+  together; the worker schedules and loads or unloads adapters between steps,
+  its :mod:`~bot.serving.model_runner` runs each step, applying each row's
+  adapter with :mod:`~bot.serving.batched_lora`;
 - :class:`~bot.serving.openai_engine.OpenAIEngine` — any OpenAI-compatible
   server (vLLM with the adapter as a LoRA module, or another Freeski bot).
 

@@ -114,6 +114,9 @@ class RecentRate:
         return sum(tokens for _, tokens in self._events) / span
 
 
+UNKNOWN_MODEL = "unknown"  # the label of answers asked of a name that is not served
+
+
 class CountedEngine(EngineWrapper):
     """An :class:`~bot.serving.engine.Engine` that counts every request once, at the boundary.
 
@@ -144,7 +147,7 @@ class CountedEngine(EngineWrapper):
                 grounding=grounding,
             )
         except (Exception, asyncio.CancelledError) as error:
-            ANSWERS.labels(variant, outcome_of(error)).inc()
+            ANSWERS.labels(self._label(variant), outcome_of(error)).inc()
             raise
         self._count(answer)
         return answer
@@ -170,11 +173,16 @@ class CountedEngine(EngineWrapper):
             )
         except (Exception, asyncio.CancelledError) as error:
             for variant in models:
-                ANSWERS.labels(variant, outcome_of(error)).inc()
+                ANSWERS.labels(self._label(variant), outcome_of(error)).inc()
             raise
         self._count(first)
         self._count(second)
         return first, second
+
+    def _label(self, model: Variant) -> str:
+        """A metric label for ``model``: a served name, or "unknown" for any other, so a
+        client asking for made-up names cannot grow the metrics without bound."""
+        return model if model in self.inner.models().names else UNKNOWN_MODEL
 
     def _count(self, answer: Answer) -> None:
         ANSWERS.labels(answer.variant, outcome_of(answer)).inc()

@@ -26,6 +26,7 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from bot.serving.batch import DecodeBatch
+from bot.serving.batched_lora import BatchedLora
 from bot.serving.context import ConversationError, lone_surrogate_at, trim_oldest_first
 from bot.serving.engine import AdapterRejected, EngineError, InvalidRequest, Message, Sampling
 from bot.serving.row_text import RowText
@@ -110,6 +111,10 @@ class ModelRunner:
         self._adapter_off: contextlib.AbstractContextManager[Any] | None = None  # held while off
         self._names_hooks: contextlib.AbstractContextManager[Any] | None = None
         self._held_names: list[str] | None = None
+        # The adapters stacked for batched LoRA: built at the first pass after they change;
+        # False when a layout is not covered (peft routes then).
+        self._batched: BatchedLora | Literal[False] | None = None
+        self._batched_names: list[str] | None = None
         self._overhead: float | None = None  # the template's tokens per turn, once measured
 
     # ---- rows ---------------------------------------------------------------------------
@@ -250,22 +255,42 @@ class ModelRunner:
     # ---- adapter routing ----------------------------------------------------------------
 
     def _route_adapters(self, names: list[str], kwargs: dict[str, Any]) -> None:
-        """Route each row to its adapter, paying for per-row routing only in mixed batches.
+        """Route each row to its adapter.
 
-        A pass whose rows share one name runs with that adapter simply active,
-        or with adapters off for the base; a mixed pass gives peft one name per
-        row. Both cost a walk over every module of the model to set up (14 ms
-        for the tiny bench model on 2 CPU cores; a GPU decoding step's worth
-        for a 7B model), so both are held across steps and changed only when
-        the batch's rows change.
+        With batched LoRA (:mod:`bot.serving.batched_lora`), peft's adapters
+        are off and hooks add each row's adapter, in one gathered product per
+        layer whatever the mix. Otherwise a pass whose rows share one name
+        runs with that adapter simply active, or with adapters off for the
+        base, and a mixed pass gives peft one name per row. Turning adapters
+        off or on and peft's per-row hooks each cost a walk over every module
+        (14 ms for the tiny bench model on 2 CPU cores; a GPU decoding step's
+        worth for a 7B model), so all are held across steps and changed only
+        when the batch's rows change.
         """
         if not hasattr(self.model, "peft_config"):
             return
         distinct = set(names)
+        batched = self._batched_lora()
+        if batched:  # adapters off in peft's layers; the hooks add each row's own
+            self._enable_adapters(False)
+            if distinct == {BASE_ADAPTER_NAME}:
+                batched.release()
+                self._batched_names = None
+            elif names != self._batched_names:
+                batched.hold(names, self.model.device)
+                self._batched_names = names
+            return
         self._enable_adapters(distinct != {BASE_ADAPTER_NAME})
         if len(distinct) == 1 and BASE_ADAPTER_NAME not in distinct:
             self._activate(names[0])
         self._hold_adapter_names(names if len(distinct) > 1 else None, kwargs)
+
+    def _batched_lora(self) -> BatchedLora | None:
+        if self._batched is None:
+            self._batched = BatchedLora.build(self.model, self.adapter_names) or False
+            if not self._batched:
+                log.info("an adapter's layout is not covered by batched LoRA: peft routes rows")
+        return self._batched or None
 
     def _activate(self, name: str) -> None:
         """Make ``name`` the active adapter; a no-op while it already is (always, with one)."""
@@ -304,6 +329,9 @@ class ModelRunner:
     def restore(self) -> None:
         """Leave the model's adapters as they were given: on, with no per-row hooks held."""
         self._hold_adapter_names(None, {})
+        if self._batched:
+            self._batched.release()
+        self._batched_names = None
         self._enable_adapters(True)
 
     # ---- adapters joining and leaving ---------------------------------------------------
@@ -321,6 +349,7 @@ class ModelRunner:
         if mismatch:
             raise AdapterRejected(f"the adapter at {weights.path} cannot serve here: {mismatch}")
         self.restore()
+        self._batched = None
         active = getattr(self.model, "active_adapter", None)
         self.model = attach_adapter(self.model, name, weights)
         self.model.set_adapter(active if isinstance(active, str) else name)
@@ -328,6 +357,7 @@ class ModelRunner:
     def detach(self, name: str) -> None:
         """Delete adapter ``name`` (no row runs on it any more) and free its weights."""
         self.restore()
+        self._batched = None
         remaining = [n for n in self.adapter_names if n != name]
         if getattr(self.model, "active_adapter", None) == name and remaining:
             self.model.set_adapter(remaining[0])
