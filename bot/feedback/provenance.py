@@ -97,17 +97,20 @@ class Provenance:
         resolved to, with the hash the engine read its weights under, so an
         adapter loaded or promoted at runtime is told apart without rebuilding
         this provenance. An engine that cannot hash the weights (an
-        OpenAI-compatible server's) leaves the hash to the configured copy.
+        OpenAI-compatible server's) leaves the hash to a configured local copy
+        (``ADAPTER_PATH`` beside ``INFERENCE_BACKEND=openai``), if there is one.
         """
         served = answer.adapter
         name = served.name if served is not None else answer.variant
         record = self.record(
             conversation, answer.text, name, source, answer_id=answer_id, sources=answer.sources
         )
-        if served is not None and served.weights_hash is not None:
-            adapter = AdapterRef(path=served.path, hash=served.weights_hash)
-            record = dataclasses.replace(record, adapter=adapter)
-        return record
+        if served is None:
+            return record
+        adapter = AdapterRef(path=served.path, hash=served.weights_hash)
+        if served.weights_hash is None and record.adapter.hash is not None:
+            adapter = record.adapter  # a local copy of the remote adapter, hashed at start
+        return dataclasses.replace(record, adapter=adapter)
 
 
 def provenance_for(settings: EngineSettings) -> Provenance:
