@@ -368,3 +368,41 @@ def test_batched_lora_computes_what_peft_does_for_every_row(
     # adapters move by 5; the base rows are exact.
     torch.testing.assert_close(together, torch.cat(expected), atol=1e-3, rtol=0)
     assert torch.equal(together[0], expected[0][0])
+
+
+async def test_an_openai_compatible_server_is_asked_by_the_adapters_names():
+    """With INFERENCE_BACKEND=openai the names pass through as the server's model names
+    (vLLM's --lora-modules v1=… v2=…); loading is that server's, so the engine refuses it."""
+    from bot.serving.adapters import parse_adapters
+    from bot.serving.engine import RuntimeUpdatesUnsupported
+    from bot.serving.openai_engine import OpenAIEngine, RetryPolicy
+    from tests.fake_openai import FakeOpenAIServer
+
+    served = {"base-model-id": "base", "v1": "v1", "v2": "v2"}
+    async with FakeOpenAIServer(models=served) as server:
+        engine = OpenAIEngine(
+            EngineSettings(
+                backend="openai",
+                openai_base_url=server.url,
+                base_model_name="base-model-id",
+                adapters=parse_adapters("v1=v1,v2=v2"),
+                default_adapter="v2",
+                **GREEDY,
+            ),
+            retry=RetryPolicy(attempts=1),
+        )
+        await engine.start()
+        try:
+            assert engine.models().names == ("base", "finetuned", "v1", "v2")
+            assert engine.models().default == "v2"
+            for name, expected in (("v1", "v1"), ("finetuned", "v2"), ("base", "base-model-id")):
+                answer = await engine.generate(QUESTION, variant=name)
+                assert (answer.variant, server.requests[-1]["model"]) == (name, expected)
+            asked = len(server.requests)
+            with pytest.raises(UnknownModel):
+                await engine.generate(QUESTION, variant="v3")
+            assert len(server.requests) == asked, "refused before the server is asked"
+            with pytest.raises(RuntimeUpdatesUnsupported, match="load it there"):
+                await engine.load_adapter("v3", "runs/v3/adapter")
+        finally:
+            await engine.close()

@@ -70,6 +70,7 @@ class BatchedLora:
         slots = {name: i + 1 for i, name in enumerate(names)}
         layers: dict[Any, _Stacked] = {}
         copies: dict[Any, _Copies] = {}
+        module: Any
         for module in model.modules():
             if isinstance(module, ModulesToSaveWrapper):
                 own = module.modules_to_save
@@ -90,7 +91,7 @@ class BatchedLora:
                 or any(not isinstance(module.lora_A[n], torch.nn.Linear) for n in present)
             ):
                 return None
-            weight = module.lora_A[present[0]].weight if present else None
+            weight: Any = module.lora_A[present[0]].weight if present else None
             if weight is None:
                 continue
             r_max = max(module.r[n] for n in present)

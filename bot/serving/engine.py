@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # (bot/serving/adapters.py). Requests pick one; answers say which they were asked of.
 Variant = str
 # The two names every engine with an adapter answers to: /compare's default pair.
-VARIANTS: tuple[Variant, ...] = (BASE, FINETUNED)
+VARIANTS: tuple[Variant, Variant] = (BASE, FINETUNED)
 MAX_STOP_STRINGS = 4  # per request, as the OpenAI API allows
 # How an answer ended: by itself, at its token budget, or stopped (shutdown, caller gone).
 FinishReason = Literal["stop", "length", "cancelled"]

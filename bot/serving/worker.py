@@ -268,9 +268,9 @@ class InferenceWorker:
             raise UnknownModel(
                 "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
             )
-        raise UnknownModel(
-            f"no model is served as {model!r}: ask one of {', '.join(self.served_names())}"
-        )
+        served = [BASE, FINETUNED] if self._default else [BASE]
+        served += self.served_names()
+        raise UnknownModel(f"no model is served as {model!r}: ask one of {', '.join(served)}")
 
     def served_names(self) -> list[str]:
         """The adapters that take requests now (loaded, not being unloaded), in load order."""
@@ -491,17 +491,17 @@ class InferenceWorker:
                 in_use.update(r.adapter for r in self._batch.rows)
             unused = [n for n in self._unloading if n not in in_use]
         for name in unused:
-            error: BaseException | None = None
+            failure: BaseException | None = None
             try:
                 self.runner.detach(name)
-            except Exception as exc:  # the adapter stays off for requests either way
+            except Exception as exc:
                 log.exception("unloading adapter %s failed", name)
-                error = exc
+                failure = exc
             with self._cond:
                 on_done = self._unloading.pop(name)
-                if error is None:
+                if failure is None:
                     self._adapters.remove(name)
-            on_done(error)
+            on_done(failure)
 
     def _refuse_adapter_changes(self) -> None:
         """The loop has ended: adapter changes still waiting will not happen."""
