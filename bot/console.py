@@ -3,8 +3,10 @@
 For operators trying a model before wiring Discord, and for the offline demo.
 Each line is a question to the finetuned model (the base model when no
 adapter is loaded); ``/compare QUESTION`` asks both, ``/base QUESTION`` the
-base only, ``/status`` says whether answers are grounded on the forum
-(``FORUM_DB``), ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) leaves.
+base only, ``/models`` lists the served models and ``/model NAME`` sends the
+next lines to another one (an adapter by its name), ``/status`` says whether
+answers are grounded on the forum (``FORUM_DB``), ``/reset`` forgets the
+conversation, ``/quit`` (or Ctrl-D) leaves.
 A grounded answer is followed by its sources: thread title, link and excerpt.
 """
 
@@ -15,13 +17,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
+from bot.serving.adapters import BASE, FINETUNED
 from bot.serving.engine import Engine, EngineError, Message, Variant
 from bot.serving.settings import EngineSettings
 
 if TYPE_CHECKING:
     from crawl.search import Passage
 
-HELP = "Ask a question, or: /compare QUESTION, /base QUESTION, /status, /reset, /quit"
+HELP = (
+    "Ask a question, or: /compare QUESTION, /base QUESTION, /models, /model NAME, "
+    "/status, /reset, /quit"
+)
 
 
 class ConsoleChat:
@@ -31,6 +37,7 @@ class ConsoleChat:
         self.engine = engine
         self.out = out
         self.history: list[Message] = []
+        self.model: Variant | None = None  # what plain lines ask; None: the default
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -56,11 +63,30 @@ class ConsoleChat:
         elif command == "/compare":
             await self._compare(rest.strip())
         elif command == "/base":
-            await self._ask(rest.strip(), "base")
+            await self._ask(rest.strip(), BASE)
+        elif command == "/models":
+            self._write(self._models_text())
+        elif command == "/model":
+            self._choose(rest.strip())
         else:
-            default: Variant = "finetuned" if self.engine.status().adapter else "base"
-            await self._ask(line.strip(), default)
+            await self._ask(line.strip(), self.model or self._default())
         return True
+
+    def _default(self) -> Variant:
+        return FINETUNED if self.engine.models().default is not None else BASE
+
+    def _models_text(self) -> str:
+        served = self.engine.models()
+        marks = {FINETUNED: f" (= {served.default})", served.default: " (default)"}
+        return "".join(f"  {name}{marks.get(name, '')}\n" for name in served.names)
+
+    def _choose(self, name: str) -> None:
+        served = self.engine.models()
+        if name not in served.names:
+            self._write(f"no model called {name!r}: pick one of {', '.join(served.names)}\n")
+            return
+        self.model = name
+        self._write(f"(asking {name} from now on)\n")
 
     async def _ask(self, question: str, variant: Variant) -> None:
         if not question:

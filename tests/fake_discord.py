@@ -38,6 +38,7 @@ GUILD_ID = 900000000000000003
 CHANNEL_ID = 900000000000000004
 USER_ID = 900000000000000005
 OTHER_CHANNEL_ID = 900000000000000006
+ADMIN_ROLE_ID = 900000000000000007  # a guild role, "ski-admins", no member holds by default
 EVERYONE_PERMISSIONS = str(discord.Permissions.all().value)
 
 
@@ -201,7 +202,9 @@ class FakeDiscord:
             {"id": str(message_id), "channel_id": str(channel_id), "guild_id": str(GUILD_ID)},
         )
 
-    def _interaction(self, kind: int, user: dict[str, Any] | None) -> dict[str, Any]:
+    def _interaction(
+        self, kind: int, user: dict[str, Any] | None, roles: list[int] | None = None
+    ) -> dict[str, Any]:
         interaction = {
             "id": str(self.next_id()),
             "application_id": str(APP_ID),
@@ -211,7 +214,10 @@ class FakeDiscord:
             "guild_id": str(GUILD_ID),
             "channel_id": str(CHANNEL_ID),
             "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID)},
-            "member": {**member_payload(user or self.user), "permissions": EVERYONE_PERMISSIONS},
+            "member": {
+                **member_payload(user or self.user, roles),
+                "permissions": EVERYONE_PERMISSIONS,
+            },
             "app_permissions": EVERYONE_PERMISSIONS,
             "locale": "en-US",
             "guild_locale": "en-US",
@@ -224,22 +230,58 @@ class FakeDiscord:
         return interaction
 
     async def slash_command(
-        self, name: str, options: dict[str, str] | None = None, *, user: dict | None = None
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user: dict | None = None,
+        roles: list[int] | None = None,
     ) -> dict[str, Any]:
-        """A user runs ``/name`` in the guild channel; returns the interaction payload."""
-        command = next(c for c in self.commands.get(f"guild:{GUILD_ID}", []) if c["name"] == name)
-        interaction = self._interaction(2, user)
-        interaction["data"] = {
-            "id": command["id"],
-            "name": name,
-            "type": 1,
-            "guild_id": str(GUILD_ID),
-            "options": [
-                {"name": key, "type": 3, "value": value} for key, value in (options or {}).items()
-            ],
-        }
+        """A user (holding ``roles``) runs ``/name`` in the guild channel; returns the interaction.
+
+        ``name`` may name a subcommand (``"adapters load"``); ``options`` are
+        sent typed as Discord sends them (a bool as a boolean option).
+        """
+        interaction = self._interaction(2, user, roles)
+        interaction["data"] = self._command_data(name, options or {})
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
+
+    async def autocomplete(
+        self, name: str, options: dict[str, Any], focused: str, *, user: dict | None = None
+    ) -> list[dict[str, Any]]:
+        """A user types into option ``focused`` of ``/name``; the choices the bot offers."""
+        interaction = self._interaction(4, user)
+        interaction["data"] = self._command_data(name, options, focused=focused)
+        await self.dispatch("INTERACTION_CREATE", interaction)
+        callback = await self.wait_for(lambda: self.callback_for(interaction))
+        assert callback.body["type"] == 8, callback.body
+        choices: list[dict[str, Any]] = callback.body["data"]["choices"]
+        return choices
+
+    def _command_data(
+        self, name: str, options: dict[str, Any], *, focused: str | None = None
+    ) -> dict[str, Any]:
+        top, *sub = name.split()
+        command = next(c for c in self.commands.get(f"guild:{GUILD_ID}", []) if c["name"] == top)
+        sent = [
+            {
+                "name": key,
+                "type": 5 if isinstance(value, bool) else 3,
+                "value": value,
+                **({"focused": True} if key == focused else {}),
+            }
+            for key, value in options.items()
+        ]
+        if sub:  # a subcommand carries the options
+            sent = [{"name": sub[0], "type": 1, "options": sent}]
+        return {
+            "id": command["id"],
+            "name": top,
+            "type": 1,
+            "guild_id": str(GUILD_ID),
+            "options": sent,
+        }
 
     async def click(
         self, message_id: int | str, custom_id: str, *, user: dict[str, Any] | None = None
@@ -396,6 +438,8 @@ class FakeDiscord:
         kind = body.get("type")
         data = body.get("data") or {}
         interaction = self.interactions.get(interaction_id, {})
+        if kind == 8:  # autocomplete choices: no message
+            return web.Response(status=204)
         if kind in (6, 7) and "message" in interaction:  # update the clicked message in place
             message = self.messages[int(interaction["message"]["id"])]
             if kind == 7:
@@ -524,7 +568,18 @@ class FakeDiscord:
                     "managed": False,
                     "mentionable": False,
                     "flags": 0,
-                }
+                },
+                {
+                    "id": str(ADMIN_ROLE_ID),
+                    "name": "ski-admins",
+                    "permissions": "0",
+                    "position": 1,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": False,
+                    "mentionable": False,
+                    "flags": 0,
+                },
             ],
             "channels": [
                 {**channel, "id": str(CHANNEL_ID), "name": "ski-talk"},

@@ -19,6 +19,7 @@ from bot.discord_bot.settings import BotSettings
 from bot.serving.settings import EngineSettings
 from freeski_common.errors import UserError
 from tests.fake_discord import GUILD_ID, FakeDiscord
+from tests.scripted_adapters import ScriptedAdapters
 from tests.scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,6 +81,17 @@ async def test_console_chat_answers_compares_and_keeps_the_conversation():
         "and tomorrow",
     ]
     assert not engine.ready, "the engine is closed when the chat ends"
+
+
+async def test_console_lists_the_served_models_and_asks_the_one_chosen():
+    engine = ScriptedAdapters(["v1", "v2"], "v2")
+    lines = iter(["/models", "/model v9", "/model v1", "wax?", "/quit"])
+    out = io.StringIO()
+    await run_console(EngineSettings(), engine=engine, read_line=lambda: next(lines), out=out)
+    text = out.getvalue()
+    assert "  base\n  finetuned (= v2)\n  v1\n  v2 (default)\n" in text
+    assert "no model called 'v9': pick one of base, finetuned, v1, v2" in text
+    assert "[v1] v1: wax? end." in text
 
 
 async def test_sigterm_disconnects_and_returns_0(monkeypatch: pytest.MonkeyPatch):

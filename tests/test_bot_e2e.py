@@ -29,6 +29,7 @@ from tests.fake_discord import (
 )
 from tests.scripted_engine import ScriptedEngine, scripted_words
 
+SIDES = (("A", "base"), ("B", "finetuned"))  # /compare's default sides, not blind
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
 RATE_LIMIT = 3
@@ -67,10 +68,14 @@ async def final_reply_to(fake: FakeDiscord, message_id: str, timeout: float = 10
 
 async def test_commands_are_registered_in_the_guild_only(world: World):
     names = {c["name"] for c in world.fake.commands[f"guild:{GUILD_ID}"]}
-    assert names == {"ask", "compare", "status"}
+    assert names == {"adapters", "ask", "compare", "status"}
     assert "global" not in world.fake.commands, "a guild and a global sync show commands twice"
     compare = next(c for c in world.fake.commands[f"guild:{GUILD_ID}"] if c["name"] == "compare")
-    assert [o["name"] for o in compare["options"]] == ["question"]
+    options = {o["name"]: o for o in compare["options"]}
+    assert list(options) == ["question", "a", "b", "blind"]
+    assert options["a"]["autocomplete"] and options["b"]["autocomplete"]
+    ask = next(c for c in world.fake.commands[f"guild:{GUILD_ID}"] if c["name"] == "ask")
+    assert [(o["name"], o.get("autocomplete")) for o in ask["options"]][1] == ("model", True)
 
 
 async def test_a_mention_is_answered_in_a_streamed_reply(world: World):
@@ -108,8 +113,8 @@ async def test_compare_defers_then_shows_both_variants(world: World):
     assert callback.body["type"] == 5, "the first response must be a deferral"
     fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
     assert fields == {
-        "base": expected_answer(question, "base"),
-        "finetuned": expected_answer(question, "finetuned"),
+        "A: base": expected_answer(question, "base"),
+        "B: finetuned": expected_answer(question, "finetuned"),
     }
 
 
@@ -125,7 +130,7 @@ async def test_compare_streams_both_answers_live_into_its_embed(world: World):
     ]
     previews, final = edits[:-1], edits[-1]
     assert previews, "the answers appeared only at the end"
-    expected = {v: expected_answer(question, v) for v in ("base", "finetuned")}
+    expected = {f"{side}: {v}": expected_answer(question, v) for side, v in SIDES}
     for preview in previews:
         assert preview["title"] == final["title"]
         for field in preview["fields"]:
@@ -140,7 +145,7 @@ async def test_compare_streams_both_answers_live_into_its_embed(world: World):
 
 async def test_ask_streams_the_chosen_variant(world: World):
     interaction = await world.fake.slash_command(
-        "ask", {"question": "Best goggles?", "variant": "base"}
+        "ask", {"question": "Best goggles?", "model": "base"}
     )
     token = interaction["token"]
     want = expected_answer("Best goggles?", "base")

@@ -28,6 +28,7 @@ from tests.scripted_engine import ScriptedEngine
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
 DISCORD_ACK_DEADLINE_S = 3.0
+PAIR = ["a", "b", "tie", "both_bad"]
 _user_ids = itertools.count(940000000000000000)
 
 
@@ -182,19 +183,28 @@ async def test_compare_carries_preference_buttons_and_status_shows_the_win_rate(
         )
     )
     ids = custom_ids(message)
-    assert [cid.rsplit(":", 1)[1] for cid in ids] == ["base", "finetuned", "both_bad"]
-    assert len({cid.split(":")[2] for cid in ids}) == 1, "one pair id on all three"
+    assert [cid.rsplit(":", 1)[1] for cid in ids] == ["a", "b", "tie", "both_bad"]
+    assert len({cid.split(":")[2] for cid in ids}) == 1, "one pair id on all four"
     labels = [c["label"] for row in message["components"] for c in row["components"]]
-    assert labels == ["Base is better", "Finetuned is better", "Both bad"]
+    assert labels == ["A is better", "B is better", "Tie", "Both bad"]
+    shown = [f["name"] for f in message["embeds"][0]["fields"]]
+    assert shown == ["A: base", "B: finetuned"], "not blind: each side under its model's name"
 
-    for choice in ("finetuned", "finetuned", "base", "both_bad"):
-        _, text = await click(
-            world.fake, message, ids[["base", "finetuned", "both_bad"].index(choice)], new_user()
-        )
+    voters = [new_user() for _ in range(4)]
+    for choice, voter in zip(("b", "b", "a", "both_bad"), voters, strict=True):
+        _, text = await click(world.fake, message, ids[PAIR.index(choice)], voter)
         assert text.startswith("Thanks, counted")
-    assert "base 1, finetuned 2, both bad 1" in text
+    assert "A was **base**, B was **finetuned**" in text
+    assert "A (base) 1, B (finetuned) 2, tie 0, both bad 1" in text
 
     pair_id = ids[0].split(":")[2]
+    # A button of a pair shown before sides existed names its model: it counts as that side.
+    legacy = f"fb:p:{pair_id}:finetuned"
+    message["components"][0]["components"].append(
+        {"type": 2, "style": 2, "label": "Finetuned is better", "custom_id": legacy}
+    )
+    _, text = await click(world.fake, message, legacy, voters[0])
+    assert text.startswith("Already counted “Finetuned is better”")
     with votes(world) as store:
         pair = store.get_pair(pair_id)
         assert pair.counts == PairCounts(base=1, finetuned=2, both_bad=1)
@@ -212,8 +222,10 @@ async def test_compare_carries_preference_buttons_and_status_shows_the_win_rate(
         )
     )
     fields = {f["name"]: f["value"] for f in shown["embeds"][0]["fields"]}
-    assert fields["Finetuned vs base"].startswith("67% of 3 votes")
-    assert fields["Votes (this adapter)"].startswith("1 👍 / 1 👎")
+    hash_ = adapter_weights_hash(world.settings.engine.adapter_path)[:8]
+    assert fields["Vs base"].startswith(f"finetuned@{hash_}: 67% of 3 votes (95% ")
+    assert fields["Votes"].splitlines()[0].startswith("base: 0 👍 / 0 👎")
+    assert fields["Votes"].splitlines()[1].startswith(f"finetuned@{hash_}: 1 👍 / 1 👎")
 
 
 async def test_an_unknown_answer_gets_a_polite_private_note(world: World):

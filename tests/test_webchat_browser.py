@@ -33,6 +33,7 @@ from bot.feedback.store import FeedbackStore
 from bot.serving.engine import EngineBusy, EngineStatus, EngineTimeout
 from tests.browser import chromium, open_page
 from tests.loopback import bot_api, serve_app
+from tests.scripted_adapters import ScriptedAdapters
 from tests.scripted_engine import ScriptedEngine
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -480,4 +481,37 @@ async def test_without_an_adapter_only_the_base_model_is_offered(
         await ask(page, "first day on skis")
         await answered(page, "base")
     assert [variant for variant, *_ in engine.requests] == ["base"]
+    assert errors.errors == []
+
+
+async def test_with_several_adapters_a_picker_chooses_the_one_that_answers(
+    context: BrowserContext, tmp_path: Path
+) -> None:
+    page, errors = await open_page(context)
+    engine = ScriptedAdapters(["v1", "v2"], "v2")
+    store = await AsyncFeedbackStore.open(tmp_path / "feedback.sqlite")
+    feedback = ApiFeedback(store, Provenance("scripted-base", AdapterRef(), {}))
+    try:
+        async with scripted_api(engine, feedback=feedback) as url:
+            await page.goto(url)
+            picker = page.get_by_label("Adapter")
+            await expect(picker).to_have_value("v2")  # the default, listed by /v1/models
+            options = picker.locator("option")
+            await expect(options).to_have_text(["v1", "v2 (default)"])
+            await picker.select_option("v1")
+            await page.get_by_label("Compare").check()
+            await ask(page, "park or pipe")
+            ids = {variant: await answered(page, variant) for variant in ("base", "finetuned")}
+            await expect(answer(page, "finetuned").locator(".label")).to_have_text("v1")
+            await expect(answer(page, "finetuned").locator(".body")).to_contain_text("v1:")
+            await page.get_by_role("button", name="v1 is better").click()
+            await expect(page.locator(".turn > .votes .vote-status")).to_have_text(
+                "Thanks, vote recorded."
+            )
+            pair = await store.get_pair((await store.get_answer(ids["base"])).pair_id or "")
+            assert (pair.a.variant, pair.b.variant) == ("base", "v1")
+            assert pair.counts.b == 1
+    finally:
+        await store.close()
+    assert [variant for variant, *_ in engine.requests][-2:] in (["base", "v1"], ["v1", "base"])
     assert errors.errors == []

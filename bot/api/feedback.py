@@ -28,6 +28,7 @@ from bot.feedback.provenance import Provenance, provenance_for
 from bot.feedback.records import (
     FeedbackError,
     InvalidRecord,
+    PairCounts,
     StoredAnswer,
     UnknownAnswer,
     UnknownPair,
@@ -51,11 +52,32 @@ class AnswerVoteBody(BaseModel):
 
 
 class PairVoteBody(BaseModel):
-    """Which of two answers to the same question is better (compare mode)."""
+    """Which of two answers to the same question is better: side ``a`` (shown first) or ``b``.
+
+    The answers may be of any two models (``base`` vs ``v2``, ``v1`` vs ``v2``).
+    """
+
+    a_answer_id: Id
+    b_answer_id: Id
+    choice: Literal["a", "b", "tie", "both_bad"]
+
+
+class BaseFinetunedVoteBody(BaseModel):
+    """The pair vote as pages before several adapters sent it: base first, by model name."""
 
     base_answer_id: Id
     finetuned_answer_id: Id
     choice: Literal["base", "finetuned", "both_bad"]
+
+    def sides(self) -> PairVoteBody:
+        side = {"base": "a", "finetuned": "b"}.get(self.choice, self.choice)
+        return PairVoteBody.model_validate(
+            {
+                "a_answer_id": self.base_answer_id,
+                "b_answer_id": self.finetuned_answer_id,
+                "choice": side,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -81,14 +103,7 @@ class ApiFeedback:
         """Queue an answer for the store; one stopped by a shutdown is not worth a vote."""
         if answer.finish_reason == "cancelled":
             return
-        record = self.provenance.record(
-            messages,
-            answer.text,
-            answer.variant,
-            "api",
-            answer_id=completion_id,
-            sources=answer.sources,
-        )
+        record = self.provenance.of_answer(messages, answer, "api", answer_id=completion_id)
         cap = record.settings.get("max_new_tokens")
         if max_tokens is not None and (cap is None or max_tokens < cap):
             record = dataclasses.replace(
@@ -141,11 +156,15 @@ class FeedbackRoute:
                         "counts": {"up": result.counts.up, "down": result.counts.down},
                     }
                 )
-            base = await store.get_answer(vote.base_answer_id)
-            finetuned = await store.get_answer(vote.finetuned_answer_id)
-            if _question(base) != _question(finetuned):
+            said = vote.choice
+            legacy = isinstance(vote, BaseFinetunedVoteBody)
+            if isinstance(vote, BaseFinetunedVoteBody):
+                vote = vote.sides()
+            a = await store.get_answer(vote.a_answer_id)
+            b = await store.get_answer(vote.b_answer_id)
+            if _question(a) != _question(b):
                 raise InvalidRecord("the two answers are not answers to the same question")
-            pair_id = await store.pair_answers(base.answer_id, finetuned.answer_id)
+            pair_id = await store.pair_recorded(a.answer_id, b.answer_id)
             pair = await store.vote_pair(pair_id, voter, vote.choice)
         except (UnknownAnswer, UnknownPair) as error:
             raise ApiError(
@@ -156,15 +175,28 @@ class FeedbackRoute:
         return web.json_response(
             {
                 "pair_id": pair_id,
-                "choice": vote.choice,
-                "previous": pair.previous,
-                "counts": {
-                    "base": pair.counts.base,
-                    "finetuned": pair.counts.finetuned,
-                    "both_bad": pair.counts.both_bad,
-                },
+                "choice": said,
+                "previous": _as_said(pair.previous, legacy=legacy),
+                "models": {"a": a.variant, "b": b.variant},
+                "counts": _counts(pair.counts, legacy=legacy),
             }
         )
+
+
+def _counts(counts: PairCounts, *, legacy: bool) -> dict[str, int]:
+    """The pair's votes, keyed as the vote named sides: by letter, or (legacy) base/finetuned."""
+    if legacy:
+        return {"base": counts.base, "finetuned": counts.finetuned, "both_bad": counts.both_bad}
+    return {"a": counts.a, "b": counts.b, "tie": counts.tie, "both_bad": counts.both_bad}
+
+
+def _as_said(previous: str | None, *, legacy: bool) -> str | None:
+    """The voter's previous choice in the words of this vote: a side letter, or base/finetuned."""
+    if previous is None:
+        return None
+    if legacy:
+        return {"a": "base", "b": "finetuned"}.get(previous, previous)
+    return {"base": "a", "finetuned": "b"}.get(previous, previous)
 
 
 def _question(answer: StoredAnswer) -> str:
@@ -175,15 +207,21 @@ async def _json_body(request: web.Request) -> Any:
     return decode_json_body(await request.read())
 
 
-def _parse_vote(body: Any) -> AnswerVoteBody | PairVoteBody:
-    """One of the two vote shapes; the first problem names its field."""
+def _parse_vote(body: Any) -> AnswerVoteBody | PairVoteBody | BaseFinetunedVoteBody:
+    """One of the vote shapes; the first problem names its field."""
     if not isinstance(body, dict) or not ({"rating", "choice"} & body.keys()):
         raise ApiError(
             400,
             "Send {'answer_id', 'rating': 'up'|'down'} or "
-            "{'base_answer_id', 'finetuned_answer_id', 'choice': 'base'|'finetuned'|'both_bad'}.",
+            "{'a_answer_id', 'b_answer_id', 'choice': 'a'|'b'|'tie'|'both_bad'}.",
         )
-    shape = AnswerVoteBody if "rating" in body else PairVoteBody
+    shape: type[AnswerVoteBody | PairVoteBody | BaseFinetunedVoteBody]
+    if "rating" in body:
+        shape = AnswerVoteBody
+    elif "base_answer_id" in body or "finetuned_answer_id" in body:
+        shape = BaseFinetunedVoteBody
+    else:
+        shape = PairVoteBody
     try:
         return shape.model_validate(body)
     except ValidationError as error:

@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import (
@@ -50,6 +50,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bot.feedback.leaderboard import HeadToHead
+from bot.serving.adapters import BASE, FINETUNED, ServedModels
 from bot.serving.context import ConversationError, lone_surrogate_at, normalize_conversation
 from bot.serving.engine import (
     MAX_STOP_STRINGS,
@@ -274,18 +276,27 @@ class ChatRequest:
     sampling: Sampling = field(default_factory=Sampling)
 
 
-def model_names(engine_settings: EngineSettings | None = None) -> dict[str, Variant]:
-    """Every model name the API answers to.
+def model_names(
+    served: ServedModels, engine_settings: EngineSettings | None = None
+) -> dict[str, Variant]:
+    """Every model name the API answers to now, and the served name each one asks the engine for.
 
-    ``base`` and ``finetuned`` always; also the names an
+    The engine's names (``base``, ``finetuned`` while an adapter is the
+    default, every adapter's own name), read on each request since adapters
+    come and go at runtime; also the names an
     :class:`~bot.serving.openai_engine.OpenAIEngine` is configured to ask a vLLM server
     for, so a bot set up for vLLM works unchanged against this API.
     """
-    names: dict[str, Variant] = {"base": "base", "finetuned": "finetuned"}
+    names: dict[str, Variant] = {name: name for name in served.names}
     if engine_settings is not None:
-        names.setdefault(engine_settings.base_model_name, "base")
-        names.setdefault(engine_settings.base_model, "base")
-        names.setdefault(engine_settings.finetuned_model_name, "finetuned")
+        aliases = {
+            engine_settings.base_model_name: BASE,
+            engine_settings.base_model: BASE,
+            engine_settings.finetuned_model_name: FINETUNED,
+        }
+        for alias, name in aliases.items():
+            if name in names:
+                names.setdefault(alias, name)
     return names
 
 
@@ -358,15 +369,117 @@ def _first_problem(invalid: ValidationError) -> ApiError:
         return ApiError(404, f"The model {problem['msg']}.", param=param, code="model_not_found")
     message = "must be an object" if problem["type"] == "model_type" else problem["msg"]
     if param == "model" and problem["type"] in ("missing", "string_too_short"):
-        message = "is required: use 'base' or 'finetuned'"
+        message = "is required: use a name GET /v1/models lists, such as 'base'"
     return ApiError(400, f"'{param}': {message}." if param else f"{message}.", param=param or None)
-
-
-# ---- responses --------------------------------------------------------------------------
 
 
 def _unset(value: object) -> bool:
     return value is None
+
+
+# ---- runtime adapter updates (vLLM's LoRA routes) -------------------------------------
+
+
+class LoadLoraAdapterRequest(_Model):
+    """The body of ``POST /v1/load_lora_adapter``, as vLLM takes it.
+
+    ``lora_path`` is a directory holding an adapter (``adapter_config.json``
+    and its weights), absolute or relative to the server's working directory.
+    """
+
+    lora_name: StrictStr = Field(min_length=1)
+    lora_path: StrictStr = Field(min_length=1)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class LoraNameRequest(_Model):
+    """The body of ``POST /v1/unload_lora_adapter`` and ``POST /v1/set_default_adapter``."""
+
+    lora_name: StrictStr = Field(min_length=1)
+
+
+def parse_body(shape: type[M], body: Any) -> M:
+    """``body`` as ``shape``; the first problem is a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    try:
+        return shape.model_validate(body)
+    except ValidationError as invalid:
+        raise _first_problem(invalid) from None
+
+
+class VersusBase(BaseModel):
+    """An adapter's results against ``base`` in the community's votes (the leaderboard's row).
+
+    A tie counts half a win; "both bad" is counted but left out of the win rate.
+    """
+
+    wins: int
+    losses: int
+    ties: int
+    both_bad: int
+    win_rate: float | None
+    interval_95: tuple[float, float] | None  # Wilson score interval of the win rate
+
+    @classmethod
+    def of(cls, h: HeadToHead) -> VersusBase:
+        interval = h.interval
+        return cls(
+            wins=h.wins,
+            losses=h.losses,
+            ties=h.ties,
+            both_bad=h.both_bad,
+            win_rate=h.win_rate,
+            interval_95=(interval.low, interval.high) if interval is not None else None,
+        )
+
+
+class AdapterCard(BaseModel):
+    """One served adapter: its name, where it was read, its weights' hash, whether it is the default."""
+
+    object: Literal["lora_adapter"] = "lora_adapter"
+    lora_name: str
+    lora_path: str
+    weights_hash: str | None
+    default: bool
+    # GET /v1/adapters with a feedback store: its results against base (None: no votes yet).
+    vs_base: VersusBase | None = Field(None, exclude_if=_unset)
+
+
+class AdapterList(BaseModel):
+    """What the adapter routes answer with: the adapters served after the change."""
+
+    object: Literal["list"] = "list"
+    default: str | None  # the adapter behind "finetuned"
+    data: list[AdapterCard]
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def adapters_body(
+    served: ServedModels, vs_base: Mapping[str, HeadToHead] | None = None
+) -> dict[str, Any]:
+    """The served adapters, the default marked, as every adapter route answers; with
+    ``vs_base`` (the leaderboard's rows by name), each one's results against base."""
+    cards = [
+        AdapterCard(
+            lora_name=adapter.name,
+            lora_path=adapter.path,
+            weights_hash=adapter.weights_hash,
+            default=adapter.name == served.default,
+            vs_base=VersusBase.of(vs_base[adapter.name])
+            if vs_base is not None and adapter.name in vs_base
+            else None,
+        )
+        for adapter in served.adapters
+    ]
+    return AdapterList(default=served.default, data=cards).dump()
+
+
+# ---- responses --------------------------------------------------------------------------
 
 
 class Usage(BaseModel):
@@ -467,7 +580,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "freeski-bot"
-    root: Variant  # which variant answers under this name
+    root: Variant  # the served name that answers under this one (an alias's target)
+    # vLLM's field: the model an adapter is applied to ("base"); None for the base itself.
+    parent: str | None = None
 
 
 class ModelList(BaseModel):
@@ -550,7 +665,25 @@ class ChunkStream:
         ).dump()
 
 
-def models_body(models: Mapping[str, Variant], created: int) -> dict[str, Any]:
-    """``GET /v1/models``: every name the API answers to, and which variant it is."""
-    cards = [ModelCard(id=name, created=created, root=variant) for name, variant in models.items()]
+def models_body(
+    served: ServedModels, models: Mapping[str, Variant], created: int
+) -> dict[str, Any]:
+    """``GET /v1/models``: every name the API answers to, and which served name answers it.
+
+    ``root`` is the adapter behind an alias (``finetuned``'s is the default
+    adapter); ``parent`` is ``base`` for every adapter, as vLLM lists LoRA modules.
+    """
+
+    def root(variant: Variant) -> str:
+        return served.default or variant if variant == FINETUNED else variant
+
+    cards = [
+        ModelCard(
+            id=name,
+            created=created,
+            root=root(variant),
+            parent=None if variant == BASE else BASE,
+        )
+        for name, variant in models.items()
+    ]
     return ModelList(data=cards).dump()

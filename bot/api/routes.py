@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bot.api.access import bearer_auth, public_status, same_origin_only
+from bot.api.adapters import AdapterRoutes
 from bot.api.feedback import ApiFeedback, FeedbackRoute
 from bot.api.protocol import (
     ApiError,
@@ -40,6 +41,7 @@ from bot.serving.engine import (
     InvalidRequest,
     Message,
     RequestTooLong,
+    UnknownModel,
     Variant,
 )
 from bot.serving.ratelimit import RateLimiter
@@ -59,13 +61,13 @@ class ChatApi:
         self,
         engine: Engine,
         settings: ApiSettings,
-        models: Mapping[str, Variant],
+        engine_settings: EngineSettings | None = None,
         on_answer: OnAnswer | None = None,
     ) -> None:
         self._engine = engine
         self._on_answer = on_answer
         self._settings = settings
-        self._models = dict(models)
+        self._engine_settings = engine_settings
         self._created = int(time.time())
         self._rate_limit = RateLimiter(settings.rate_limit_per_minute)
 
@@ -95,7 +97,7 @@ class ChatApi:
             ) from None
         chat = parse_chat_request(
             decode_json_body(raw),
-            models=self._models,
+            models=self._models(),
             max_tokens_cap=self._settings.max_tokens_cap,
             max_messages=self._settings.max_messages,
         )
@@ -177,8 +179,14 @@ class ChatApi:
         if self._on_answer is not None:
             self._on_answer(completion_id, chat.messages, answer, chat.max_tokens)
 
+    def _models(self) -> dict[str, Variant]:
+        """The names answered now: asked of the engine each time, as adapters come and go."""
+        return model_names(self._engine.models(), self._engine_settings)
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(models_body(self._models, self._created))
+        served = self._engine.models()
+        names = model_names(served, self._engine_settings)
+        return web.json_response(models_body(served, names, self._created))
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 only while the engine is loaded and its loop goes round (its heartbeat)."""
@@ -204,9 +212,7 @@ def create_app(
 
     With ``feedback``, answers are recorded and ``POST /v1/feedback`` takes votes on them.
     """
-    api = ChatApi(
-        engine, settings, model_names(engine_settings), feedback.record if feedback else None
-    )
+    api = ChatApi(engine, settings, engine_settings, feedback.record if feedback else None)
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[
@@ -218,6 +224,11 @@ def create_app(
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
+    AdapterRoutes(
+        engine,
+        enabled=settings.runtime_adapter_updates,
+        leaderboard=feedback.store.leaderboard if feedback else None,
+    ).install(app)
     FeedbackRoute(feedback, settings).install(app)
     add_webchat_routes(app, feedback=feedback is not None)
     return app
@@ -240,7 +251,9 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return ApiError(400, str(error), code="context_length_exceeded").response()
     except EngineRejected as error:  # the inference server's 4xx, passed on as one
         return ApiError(400, str(error), code="rejected_by_backend").response()
-    except InvalidRequest as error:  # the asker's to fix; other requests go on
+    except UnknownModel as error:  # vLLM's answer to a name not served (or just unloaded)
+        return ApiError(404, str(error), code="model_not_found").response()
+    except InvalidRequest as error:  # the asker's to fix; refused adapter changes too
         return ApiError(400, str(error)).response()
     except EngineError as error:
         return ApiError(500, str(error), type="server_error").response()

@@ -92,7 +92,8 @@ async def serve(
             await engine.start()
             host, port = runner.addresses[0][:2]
             url = f"http://{host}:{port}/v1"
-            log.info("serving %s at %s (SIGINT or SIGTERM stops)", ", ".join(model_names()), url)
+            names = model_names(engine.models())
+            log.info("serving %s at %s (SIGINT or SIGTERM stops)", ", ".join(names), url)
             log.info("web chat: open http://%s:%s/ in a browser", host, port)
             await stop.wait()
             log.info("stopping: finishing in-flight requests")
@@ -119,7 +120,7 @@ async def _open_feedback(path: Path, engine_settings: EngineSettings | None) -> 
 def _parse_args(argv: Sequence[str] | None, defaults: ApiSettings) -> argparse.Namespace:
     parser = ArgumentParser(
         prog="python -m bot api",
-        description="Serve the OpenAI-compatible chat API (models 'base' and 'finetuned').",
+        description="Serve the OpenAI-compatible chat API (models 'base', 'finetuned' and each adapter).",
     )
     parser.add_argument(
         "--host", default=defaults.host, help="address to listen on (API_HOST; default %(default)s)"

@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord_bot.admin import AdapterAdmin
 from bot.discord_bot.commands import AnswerCog
 from bot.discord_bot.feedback_views import DiscordFeedback
 from bot.discord_bot.settings import BotSettings
@@ -73,6 +74,7 @@ class FreeskiBot(commands.Bot):
             edit_interval_s=self.edit_interval_s,
         )
         await self.add_cog(self._answers)
+        await self.add_cog(AdapterAdmin(self.engine, self.settings))
         if self.settings.guild_id is not None:
             # A guild sync is visible at once; a global one can take up to an hour.
             guild = discord.Object(id=self.settings.guild_id)

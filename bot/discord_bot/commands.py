@@ -1,5 +1,9 @@
 """What the bot does: answer mentions, DMs and replies, and the /ask, /compare, /status commands.
 
+``/ask`` and ``/compare`` pick any served model by name (autocompleted from
+the engine's list); ``/compare`` can be blind, hiding which model wrote which
+side until the vote (``COMPARE_BLIND`` or ``blind:true``).
+
 Every handler checks the allow lists, the question length and the asker's
 rate limit first, streams its answer through the :class:`~bot.serving.engine.Engine`
 and turns any failure into a short message for the user and a log line with
@@ -13,7 +17,6 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
 
 import discord
 from discord import app_commands
@@ -37,7 +40,9 @@ from bot.discord_bot.replies import (
     ThrottledEdits,
     view_here,
 )
+from bot.discord_bot.served import Sides, comparison, name_choices, unknown
 from bot.discord_bot.settings import BotSettings
+from bot.serving.adapters import BASE, FINETUNED, ServedModels
 from bot.serving.engine import Answer, Engine, EngineError, Message, Variant
 from bot.serving.ratelimit import RateLimiter
 
@@ -131,34 +136,62 @@ class AnswerCog(commands.Cog):
     # ---- slash commands ----------------------------------------------------------------
 
     @app_commands.command(name="ask", description="Ask the ski bot a question")
-    @app_commands.describe(question="Your question", variant="Which model answers")
+    @app_commands.describe(
+        question="Your question", model="Which model answers (default: the finetuned one)"
+    )
     async def ask(
-        self,
-        interaction: discord.Interaction,
-        question: str,
-        variant: Literal["finetuned", "base"] = "finetuned",
+        self, interaction: discord.Interaction, question: str, model: str | None = None
     ) -> None:
         async with self._guarded(interaction.id, "/ask", _responder(interaction)):
-            refusal = self._refusal(interaction.user, interaction.channel, question)
+            name = model or self._default_variant()
+            refusal = self._refusal(interaction.user, interaction.channel, question) or unknown(
+                self.engine.models(), name
+            )
             if refusal is not None:
                 await interaction.response.send_message(refusal, ephemeral=True)
                 return
             await interaction.response.defer(thinking=True)
-            await self._stream(InteractionReply(interaction), self._question(question), variant)
+            await self._stream(InteractionReply(interaction), self._question(question), name)
 
-    @app_commands.command(name="compare", description="Base and finetuned answers side by side")
-    @app_commands.describe(question="Your question")
-    async def compare(self, interaction: discord.Interaction, question: str) -> None:
+    @ask.autocomplete("model")
+    async def _ask_model(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return name_choices(self.engine.models(), current)
+
+    @app_commands.command(name="compare", description="Two models' answers side by side")
+    @app_commands.describe(
+        question="Your question",
+        a="One model (default: base)",
+        b="The other model (default: the finetuned one)",
+        blind="Hide which model wrote which answer until you vote",
+    )
+    async def compare(
+        self,
+        interaction: discord.Interaction,
+        question: str,
+        a: str = BASE,
+        b: str = FINETUNED,
+        blind: bool | None = None,
+    ) -> None:
         async with self._guarded(interaction.id, "/compare", _responder(interaction)):
             refusal = self._refusal(interaction.user, interaction.channel, question)
-            if refusal is not None:
-                await interaction.response.send_message(refusal, ephemeral=True)
+            sides = comparison(
+                self.engine.models(),
+                a,
+                b,
+                blind=self.settings.compare_blind if blind is None else blind,
+            )
+            if refusal is not None or isinstance(sides, str):
+                await interaction.response.send_message(refusal or str(sides), ephemeral=True)
                 return
             await interaction.response.defer(thinking=True)  # Discord wants an ack within 3 s
             messages = self._question(question)
-            live = LiveComparison(interaction, question, interval_s=self.edit_interval_s)
+            live = LiveComparison(interaction, question, sides, interval_s=self.edit_interval_s)
             try:
-                base, finetuned = await self.engine.compare(messages, on_text=live.feed)
+                first, second = await self.engine.compare(
+                    messages, models=sides.names, on_text=live.feed
+                )
             except asyncio.CancelledError:
                 await live.stop()
                 if not self.accepting:  # shutting down: don't leave the user "thinking…"
@@ -168,11 +201,18 @@ class AnswerCog(commands.Cog):
                 await live.stop()
             view = None
             if self.feedback is not None and "cancelled" not in (
-                base.finish_reason,
-                finetuned.finish_reason,
+                first.finish_reason,
+                second.finish_reason,
             ):
-                view = self.feedback.pair_view_for(messages, base, finetuned)
-            await _show_comparison(interaction, question, base, finetuned, view=view)
+                view = self.feedback.pair_view_for(messages, first, second)
+            await _show_comparison(interaction, question, sides, (first, second), view=view)
+
+    @compare.autocomplete("a")
+    @compare.autocomplete("b")
+    async def _compare_model(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return name_choices(self.engine.models(), current)
 
     @app_commands.command(name="status", description="Model, queue and throughput of the bot")
     async def status(self, interaction: discord.Interaction) -> None:
@@ -183,8 +223,9 @@ class AnswerCog(commands.Cog):
                 return
             embed = _status_embed(self.engine)
             if self.feedback is not None:
-                for name, value in (await self.feedback.status_rows()).items():
-                    embed.add_field(name=name, value=value, inline=True)
+                rows = await self.feedback.status_rows(self.engine.models())
+                for name, value in rows.items():
+                    embed.add_field(name=name, value=_shorten(value, EMBED_FIELD_LIMIT))
             await interaction.response.send_message(embed=embed, ephemeral=True)
 
     # ---- shared parts ------------------------------------------------------------------
@@ -193,7 +234,8 @@ class AnswerCog(commands.Cog):
         return [{"role": "user", "content": question.strip()}]
 
     def _default_variant(self) -> Variant:
-        return "finetuned" if self.engine.status().adapter else "base"
+        """What a mention and a plain /ask are answered by: the default adapter, else the base."""
+        return FINETUNED if self.engine.models().default is not None else BASE
 
     async def _stream(
         self, target: ReplyTarget, messages: list[Message], variant: Variant
@@ -334,11 +376,17 @@ class LiveComparison:
     """
 
     def __init__(
-        self, interaction: discord.Interaction, question: str, *, interval_s: float = 1.0
+        self,
+        interaction: discord.Interaction,
+        question: str,
+        sides: Sides,
+        *,
+        interval_s: float = 1.0,
     ) -> None:
         self.interaction = interaction
         self.question = question
-        self.texts: dict[Variant, str] = {"base": "", "finetuned": ""}
+        self.labels = dict(zip(sides.names, sides.labels, strict=True))
+        self.texts: dict[Variant, str] = dict.fromkeys(sides.names, "")
         self._edits = ThrottledEdits(self._show, interval_s=interval_s)
 
     def feed(self, variant: Variant, delta: str) -> None:
@@ -349,9 +397,11 @@ class LiveComparison:
     def embed(self) -> discord.Embed:
         room = EMBED_FIELD_LIMIT - len(STREAMING_MARK)
         embed = discord.Embed(title=_shorten(self.question, 256), colour=discord.Colour.blue())
-        for label, text in self.texts.items():
+        for name, text in self.texts.items():
             embed.add_field(
-                name=label, value=(text.strip()[:room] + STREAMING_MARK).strip(), inline=True
+                name=self.labels[name],
+                value=(text.strip()[:room] + STREAMING_MARK).strip(),
+                inline=True,
             )
         return embed
 
@@ -366,18 +416,21 @@ class LiveComparison:
 async def _show_comparison(
     interaction: discord.Interaction,
     question: str,
-    base: Answer,
-    finetuned: Answer,
+    sides: Sides,
+    answers: tuple[Answer, Answer],
     *,
     view: discord.ui.View | None = None,
 ) -> None:
     """One embed with the two answers side by side when they fit, else two labelled parts.
 
-    ``view`` (the preference buttons) goes under the last part.
+    Side A first, each under its label (its model's name, or only "A"/"B"
+    when blind). ``view`` (the preference buttons) goes under the last part.
     """
-    texts = {"base": base.text.strip(), "finetuned": finetuned.text.strip()}
-    texts = {label: text or "_(empty answer)_" for label, text in texts.items()}
-    sources = sources_block(finetuned.sources or base.sources)  # the same passages: shown once
+    texts = {
+        label: answer.text.strip() or "_(empty answer)_"
+        for label, answer in zip(sides.labels, answers, strict=True)
+    }
+    sources = sources_block(answers[0].sources or answers[1].sources)  # the same: shown once
     if all(len(text) <= EMBED_FIELD_LIMIT for text in texts.values()):
         embed = discord.Embed(title=_shorten(question, 256), colour=discord.Colour.blue())
         for label, text in texts.items():
@@ -401,7 +454,7 @@ def _status_embed(engine: Engine) -> discord.Embed:
     embed = discord.Embed(title="Freeski bot status", colour=discord.Colour.green())
     rows = {
         "Model": status.model,
-        "Adapter": status.adapter or "none (base only)",
+        "Adapters": _adapters_line(engine.models()),
         "Backend": f"{status.backend} on {status.device}",
         "Ready": "yes" if status.ready else "loading…",
         "Queue": f"{status.queue_depth}/{status.queue_size} waiting, batches of up to {status.max_batch}",
@@ -413,6 +466,18 @@ def _status_embed(engine: Engine) -> discord.Embed:
     for name, value in rows.items():
         embed.add_field(name=name, value=_shorten(value, EMBED_FIELD_LIMIT), inline=True)
     return embed
+
+
+def _adapters_line(served: ServedModels) -> str:
+    """``v1 1a2b3c4d, v2 5e6f7a8b (default)``: each served adapter, its short hash, the default."""
+    if not served.adapters:
+        return "none (base only)"
+    return ", ".join(
+        f"{a.name}"
+        + (f" `{a.weights_hash[:8]}`" if a.weights_hash else "")
+        + (" (default)" if a.name == served.default else "")
+        for a in served.adapters
+    )
 
 
 def _shorten(text: str, limit: int) -> str:

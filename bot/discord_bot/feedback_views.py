@@ -26,6 +26,7 @@ import discord
 from bot.feedback import metrics
 from bot.feedback.aio import AsyncFeedbackStore
 from bot.feedback.ids import new_answer_id, new_pair_id
+from bot.feedback.leaderboard import HeadToHead
 from bot.feedback.provenance import Provenance, provenance_for
 from bot.feedback.records import (
     AnswerVote,
@@ -36,7 +37,9 @@ from bot.feedback.records import (
     Rating,
     UnknownAnswer,
     UnknownPair,
+    VoteChoice,
 )
+from bot.serving.adapters import BASE, ServedModels
 from bot.serving.engine import Answer, Message
 from bot.serving.settings import EngineSettings
 from freeski_common.errors import UserError
@@ -45,17 +48,23 @@ log = logging.getLogger(__name__)
 
 ACK_BUDGET_S = 2.0  # answer in place until then; later, defer and follow up (Discord allows 3 s)
 ID = r"[A-Za-z0-9_-]{1,64}"
-# fb:a:<answer id>:up|down (👍/👎 on one answer), fb:p:<pair id>:<choice> (a /compare's pair)
+# fb:a:<answer id>:up|down (👍/👎 on one answer), fb:p:<pair id>:<choice> (a /compare's pair:
+# side a or b, a tie or both bad; base|finetuned are the buttons of pairs shown before sides)
 VOTE_TEMPLATE = (
     rf"fb:(?:a:(?P<answer>{ID}):(?P<rating>up|down)"
-    rf"|p:(?P<pair>{ID}):(?P<choice>base|finetuned|both_bad))"
+    rf"|p:(?P<pair>{ID}):(?P<choice>a|b|tie|both_bad|base|finetuned))"
 )
 
 RATING_EMOJI: dict[str, str] = {"up": "👍", "down": "👎"}
+# The buttons under a /compare, in order.
+PAIR_CHOICES: tuple[Choice, ...] = ("a", "b", "tie", "both_bad")
 CHOICE_LABELS: dict[str, str] = {
+    "a": "A is better",
+    "b": "B is better",
+    "tie": "Tie",
+    "both_bad": "Both bad",
     "base": "Base is better",
     "finetuned": "Finetuned is better",
-    "both_bad": "Both bad",
 }
 GONE = "Sorry, I no longer have that answer on record, so this vote can't be counted."
 OFF = "Voting is switched off on this bot right now."
@@ -97,10 +106,10 @@ class VoteButton(
 
     def _count(self, feedback: DiscordFeedback, voter: str) -> Awaitable[str]:
         vote = self.vote
-        # cast: VOTE_TEMPLATE admits only the values of Rating and Choice.
+        # cast: VOTE_TEMPLATE admits only the values of Rating and VoteChoice.
         if vote["answer"]:
             return feedback.vote_answer(vote["answer"], voter, cast(Rating, vote["rating"]))
-        return feedback.vote_pair(vote["pair"], voter, cast(Choice, vote["choice"]))
+        return feedback.vote_pair(vote["pair"], voter, cast(VoteChoice, vote["choice"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
         """Count the click and tell the clicker, privately, within Discord's deadline."""
@@ -170,33 +179,26 @@ class DiscordFeedback:
         await self.store.close()
 
     def answer_view_for(self, messages: Sequence[Message], answer: Answer) -> discord.ui.View:
-        """Queue the record of ``answer`` to ``messages`` and return its 👍/👎 buttons."""
+        """Queue the record of ``answer`` to ``messages`` and return its 👍/👎 buttons.
+
+        The answer is recorded under the adapter that wrote it and its weights' hash.
+        """
         answer_id = new_answer_id()
         self.store.record_answer_soon(
-            self.provenance.record(
-                messages,
-                answer.text,
-                answer.variant,
-                "discord",
-                answer_id=answer_id,
-                sources=answer.sources,
-            )
+            self.provenance.of_answer(messages, answer, "discord", answer_id=answer_id)
         )
         return _buttons(self.button, (f"fb:a:{answer_id}:{rating}" for rating in RATING_EMOJI))
 
-    def pair_view_for(
-        self, messages: Sequence[Message], base: Answer, finetuned: Answer
-    ) -> discord.ui.View:
-        """Queue the record of a ``/compare``'s two answers and return its preference buttons."""
+    def pair_view_for(self, messages: Sequence[Message], a: Answer, b: Answer) -> discord.ui.View:
+        """Queue the record of a ``/compare``'s two answers, ``a`` shown first, and return
+        its buttons: A is better, B is better, tie, both bad."""
         pair_id = new_pair_id()
         self.store.record_pair_soon(
-            self.provenance.record(messages, base.text, "base", "discord", sources=base.sources),
-            self.provenance.record(
-                messages, finetuned.text, "finetuned", "discord", sources=finetuned.sources
-            ),
+            self.provenance.of_answer(messages, a, "discord"),
+            self.provenance.of_answer(messages, b, "discord"),
             pair_id,
         )
-        return _buttons(self.button, (f"fb:p:{pair_id}:{choice}" for choice in CHOICE_LABELS))
+        return _buttons(self.button, (f"fb:p:{pair_id}:{choice}" for choice in PAIR_CHOICES))
 
     async def vote_answer(self, answer_id: str, voter: str, rating: Rating) -> str:
         outcome: AnswerVote = await self.store.vote_answer(answer_id, voter, rating)
@@ -207,29 +209,41 @@ class DiscordFeedback:
             f"{verb} {RATING_EMOJI[rating]}: this answer has {counts.up} 👍 and {counts.down} 👎."
         )
 
-    async def vote_pair(self, pair_id: str, voter: str, choice: Choice) -> str:
+    async def vote_pair(self, pair_id: str, voter: str, choice: VoteChoice) -> str:
+        """Count the vote and tell the voter which model wrote which side (the blind reveal)."""
         outcome: PairVote = await self.store.vote_pair(pair_id, voter, choice)
+        pair = await self.store.get_pair(pair_id)
         await self._republish()
         c = outcome.counts
         verb = _verb(outcome.previous, choice)
+        a, b = pair.a.variant, pair.b.variant
         return (
-            f"{verb} “{CHOICE_LABELS[choice]}”. Votes so far: base {c.base}, "
-            f"finetuned {c.finetuned}, both bad {c.both_bad}."
+            f"{verb} “{CHOICE_LABELS[choice]}”. A was **{a}**, B was **{b}**. Votes so far: "
+            f"A ({a}) {c.a}, B ({b}) {c.b}, tie {c.tie}, both bad {c.both_bad}."
         )
 
     async def summary(self) -> FeedbackSummary:
         """Votes on the adapter this bot serves now."""
         return await self.store.summary(self.provenance.adapter)
 
-    async def status_rows(self) -> dict[str, str]:
-        """The ``/status`` lines: votes and the finetuned-vs-base win rate of the current adapter."""
-        s = await self.summary()
-        rate = (
-            f"{s.win_rate:.0%} of {s.decided} votes" if s.win_rate is not None else "no votes yet"
-        )
+    async def status_rows(self, served: ServedModels) -> dict[str, str]:
+        """The ``/status`` lines: each served adapter's votes and its results against base.
+
+        Read from the leaderboard, so they count as ``python -m bot feedback
+        leaderboard`` does; only the weights served now are shown (an adapter's
+        earlier weights under the same name are other entries there).
+        """
+        board = await self.store.leaderboard()
+        now = {a.name: a.weights_hash for a in served.adapters}
+        votes = [
+            f"{s.model.label}: {s.up} 👍 / {s.down} 👎 on {s.answers} answers"
+            for s in board.standings
+            if s.model.name == BASE or now.get(s.model.name, "") in (None, s.model.weights)
+        ]
+        results = [f"{h.model.label}: {_rate(h)}" for h in board.against_base_of(now).values()]
         return {
-            "Votes (this adapter)": f"{s.up} 👍 / {s.down} 👎 on {s.answers} answers",
-            "Finetuned vs base": f"{rate} ({s.both_bad} both bad, {s.pairs_voted} comparisons)",
+            "Votes": "\n".join(votes) or "no answers recorded yet",
+            "Vs base": "\n".join(results) or "no comparisons with base yet",
         }
 
     async def _republish(self) -> None:
@@ -237,6 +251,17 @@ class DiscordFeedback:
             metrics.publish(await self.summary())
         except FeedbackError:
             log.warning("could not refresh the feedback metrics", exc_info=True)
+
+
+def _rate(h: HeadToHead) -> str:
+    """``62% of 13 votes (95% 40–80%), 2 both bad``: the win rate, ties counted half."""
+    if h.win_rate is None or h.interval is None:
+        return f"no decided votes yet ({h.both_bad} both bad)"
+    low, high = h.interval.low, h.interval.high
+    return (
+        f"{h.win_rate:.0%} of {h.decided} votes (95% {low:.0%}–{high:.0%}), "
+        f"{h.ties} ties, {h.both_bad} both bad"
+    )
 
 
 def _verb(previous: str | None, new: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bot.feedback.store import feedback_db_from_env
 from bot.serving.env import (
+    env_bool,
     env_int,
     env_str,
     load_env_file,
@@ -59,6 +60,11 @@ class BotSettings:
     metrics_host: str = "127.0.0.1"
     log_level: LogLevel = "INFO"
     feedback_db: Path | None = None  # None: no vote buttons
+    # /compare hides which model wrote which side until a vote is cast (and /compare blind:…).
+    compare_blind: bool = False
+    # Who may use /adapters (load, unload, promote): these users, and members with these roles.
+    admin_user_ids: tuple[int, ...] = ()
+    admin_role_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_env(cls, *, require_token: bool = True) -> BotSettings:
@@ -87,4 +93,7 @@ class BotSettings:
             metrics_host=metrics_host_from_env(),
             log_level=log_level_from_env(),
             feedback_db=feedback_db_from_env(),
+            compare_blind=env_bool("COMPARE_BLIND", cls.compare_blind),
+            admin_user_ids=tuple(env_id_list("ADMIN_USER_IDS")),
+            admin_role_ids=tuple(env_id_list("ADMIN_ROLE_IDS")),
         )

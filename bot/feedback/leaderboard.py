@@ -27,7 +27,7 @@ How votes count, everywhere here and in :class:`FeedbackSummary`:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +142,23 @@ class Leaderboard:
             for h in self.head_to_heads
             if BASE in (h.model.name, h.opponent.name) and h.model.name != h.opponent.name
         ]
+
+    def against_base_of(self, served: Mapping[str, str | None]) -> dict[str, HeadToHead]:
+        """The results against ``base`` of the weights served now, by served name.
+
+        ``served`` maps each adapter's name to its weights hash; an earlier
+        adapter under the same name is another entry and is left out. A hash
+        of None (weights a remote server holds) takes the name's entry with
+        the most votes.
+        """
+        rows: dict[str, HeadToHead] = {}
+        for h in self.against_base():
+            name = h.model.name
+            if name not in served or served[name] not in (None, h.model.weights):
+                continue
+            if name not in rows or h.votes > rows[name].votes:
+                rows[name] = h
+        return rows
 
     def to_json(self) -> dict[str, Any]:
         return {

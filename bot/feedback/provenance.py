@@ -14,7 +14,7 @@ from typing import Any
 
 from bot.feedback.ids import new_answer_id
 from bot.feedback.records import AdapterRef, AnswerRecord, Source, source_refs
-from bot.serving.engine import Message
+from bot.serving.engine import Answer, Message
 from bot.serving.settings import EngineSettings
 
 
@@ -82,6 +82,35 @@ class Provenance:
             thread_key=thread_key,
             sources=source_refs(sources),
         )
+
+    def of_answer(
+        self,
+        conversation: Sequence[Message],
+        answer: Answer,
+        source: Source,
+        *,
+        answer_id: str | None = None,
+    ) -> AnswerRecord:
+        """The record of an engine's ``answer``, under the name and weights that wrote it.
+
+        An answer asked of ``finetuned`` is recorded under the adapter it
+        resolved to, with the hash the engine read its weights under, so an
+        adapter loaded or promoted at runtime is told apart without rebuilding
+        this provenance. An engine that cannot hash the weights (an
+        OpenAI-compatible server's) leaves the hash to a configured local copy
+        (``ADAPTER_PATH`` beside ``INFERENCE_BACKEND=openai``), if there is one.
+        """
+        served = answer.adapter
+        name = served.name if served is not None else answer.variant
+        record = self.record(
+            conversation, answer.text, name, source, answer_id=answer_id, sources=answer.sources
+        )
+        if served is None:
+            return record
+        adapter = AdapterRef(path=served.path, hash=served.weights_hash)
+        if served.weights_hash is None and record.adapter.hash is not None:
+            adapter = record.adapter  # a local copy of the remote adapter, hashed at start
+        return dataclasses.replace(record, adapter=adapter)
 
 
 def provenance_for(settings: EngineSettings) -> Provenance:

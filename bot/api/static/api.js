@@ -22,9 +22,13 @@ export class ApiFailure extends Error {
 const DOWN = "Cannot reach the server: is python -m bot api still running? Reload the page when it is.";
 const CUT = "The connection broke before the answer was complete: try again.";
 
-/** Resolves when the API accepts this tab's token (or needs none). */
-export async function checkAccess() {
-  await request("/v1/models", { method: "GET" });
+/**
+ * The models served now, as GET /v1/models lists them (`{id, root, parent}` each);
+ * resolves once the API accepts this tab's token (or needs none).
+ */
+export async function servedModels() {
+  const body = await (await request("/v1/models", { method: "GET" })).json();
+  return Array.isArray(body.data) ? body.data : [];
 }
 
 /** The engine's status from /healthz (it needs no token); null when the server is not there. */

@@ -1,7 +1,8 @@
 // The chat page: the conversation lives in this tab and is the context sent with
 // each question; answers stream from the API; base, finetuned or both side by side.
+// With several adapters served, a picker chooses which one answers as "Finetuned".
 
-import { ApiFailure, apiToken, checkAccess, engineStatus, sendFeedback, streamChat } from "./api.js";
+import { ApiFailure, apiToken, engineStatus, sendFeedback, servedModels, streamChat } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 
 const VARIANTS = ["base", "finetuned"];
@@ -26,10 +27,12 @@ const ui = {
   token: byId("token"),
   tokenMessage: byId("token-message"),
   newChat: byId("new-chat"),
+  adapterPicker: byId("adapter-picker"),
+  adapter: byId("adapter"),
 };
 const feedbackOn = document.body.dataset.feedback === "on";
 
-/** Every turn of this chat: `{question, answers: {variant: {text, id, ok}}}`. */
+/** Every turn of this chat: `{question, models: {variant: model}, answers: {variant: {text, id, ok}}}`. */
 let turns = [];
 /** The AbortControllers of the answers being streamed. */
 const inFlight = new Set();
@@ -63,10 +66,15 @@ function contextFor(variant, earlier) {
   return messages.slice(keep);
 }
 
+/** The model the "finetuned" side asks: the picked adapter, or the default one. */
+function finetunedModel() {
+  return ui.adapterPicker.hidden || !ui.adapter.value ? "finetuned" : ui.adapter.value;
+}
+
 async function ask(question) {
   const variants = currentMode() === "compare" ? VARIANTS : [currentMode()];
   const earlier = turns.slice();
-  const turn = { question, answers: {} };
+  const turn = { question, models: { base: "base", finetuned: finetunedModel() }, answers: {} };
   turns.push(turn);
   const view = turnView(turn, variants);
   setBusy(true);
@@ -80,7 +88,12 @@ async function ask(question) {
 function turnView(turn, variants) {
   const article = element("article", "turn");
   const answers = element("div", variants.length > 1 ? "answers compare" : "answers");
-  const slots = Object.fromEntries(variants.map((variant) => [variant, answerSlot(variant)]));
+  const slots = Object.fromEntries(
+    variants.map((variant) => {
+      const model = turn.models[variant];
+      return [variant, answerSlot(variant, model === variant ? LABELS[variant] : model)];
+    }),
+  );
   answers.append(...Object.values(slots).map((slot) => slot.node));
   article.append(element("div", "question", turn.question), answers);
   ui.transcript.append(article);
@@ -97,7 +110,7 @@ function turnView(turn, variants) {
       slot.start();
       try {
         const done = await streamChat({
-          model: variant,
+          model: turn.models[variant],
           messages: [...contextFor(variant, earlier), { role: "user", content: turn.question }],
           signal: controller.signal,
           onText: (piece) => {
@@ -130,12 +143,12 @@ function turnView(turn, variants) {
   return view;
 }
 
-function answerSlot(variant) {
+function answerSlot(variant, label) {
   const node = element("section", "answer");
   node.dataset.variant = variant;
   const body = element("div", "body");
   const footer = element("div", "footer");
-  node.append(element("h2", "label", LABELS[variant]), body, footer);
+  node.append(element("h2", "label", label), body, footer);
   return {
     node,
     start() {
@@ -207,11 +220,15 @@ function thumbs(completionId) {
 }
 
 /** "Which is better?" under a compared pair. */
+/** Which answer is better: side a is the base's, side b the adapter's (by its name when picked). */
 function preference(turn) {
-  const pair = { base_answer_id: turn.answers.base.id, finetuned_answer_id: turn.answers.finetuned.id };
+  const pair = { a_answer_id: turn.answers.base.id, b_answer_id: turn.answers.finetuned.id };
+  const model = turn.models.finetuned;
+  const name = model === "finetuned" ? LABELS.finetuned : model;
   return voteButtons("Which is better?", [
-    ["Base", "Base is better", { ...pair, choice: "base" }],
-    ["Finetuned", "Finetuned is better", { ...pair, choice: "finetuned" }],
+    ["Base", "Base is better", { ...pair, choice: "a" }],
+    [name, `${name} is better`, { ...pair, choice: "b" }],
+    ["Tie", "Both are as good", { ...pair, choice: "tie" }],
     ["Both bad", "Both are bad", { ...pair, choice: "both_bad" }],
   ]);
 }
@@ -272,8 +289,9 @@ function askForToken(message) {
 
 /** Check this tab's token (if any) against the API; ask for one when it is needed. */
 async function unlock() {
+  let models;
   try {
-    await checkAccess();
+    models = await servedModels();
   } catch (error) {
     if (!(error instanceof ApiFailure)) throw error;
     if (error.kind === "auth") {
@@ -286,9 +304,34 @@ async function unlock() {
     return;
   }
   showNotice("");
+  offerAdapters(models);
   ui.tokenForm.hidden = true;
   ui.askForm.hidden = false;
   ui.question.focus();
+}
+
+/**
+ * With several adapters, offer each by its own name (those GET /v1/models lists with
+ * parent "base" and themselves as root), the default one chosen; with one or none, no picker.
+ */
+function offerAdapters(models) {
+  const adapters = models.filter((m) => m.parent === "base" && m.root === m.id && m.id !== "finetuned");
+  const defaultName = models.find((m) => m.id === "finetuned")?.root;
+  const picked = ui.adapter.value;
+  ui.adapter.replaceChildren(
+    ...adapters.map((m) => new Option(m.id === defaultName ? `${m.id} (default)` : m.id, m.id)),
+  );
+  ui.adapter.value = adapters.some((m) => m.id === picked) ? picked : (defaultName ?? "");
+  ui.adapterPicker.hidden = adapters.length < 2;
+}
+
+/** Adapters come and go while the server runs: list them again when the picker is opened. */
+async function refreshAdapters() {
+  try {
+    offerAdapters(await servedModels());
+  } catch {
+    // keep the list shown; a question will say what is wrong
+  }
 }
 
 /** Without an adapter only the base model answers: offer only that. */
@@ -332,6 +375,8 @@ ui.newChat.addEventListener("click", () => {
   setBusy(false);
   ui.question.focus();
 });
+
+ui.adapter.addEventListener("focus", refreshAdapters);
 
 offerVariants();
 unlock();
