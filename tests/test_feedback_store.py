@@ -382,17 +382,21 @@ def test_the_schema_checks_served_names_and_sides_itself(store: FeedbackStore) -
     db.close()
 
 
-def test_provenance_stamps_each_served_name_with_its_own_adapter() -> None:
+def test_an_answer_is_recorded_under_the_adapter_that_wrote_it() -> None:
+    """``finetuned`` resolves to the adapter behind it; base keeps the process's stamp."""
     from bot.feedback.provenance import Provenance
+    from bot.serving.adapters import ServedAdapter
+    from bot.serving.engine import Answer
 
-    one = Provenance("tiny", ADAPTER)
-    assert one.record(QUESTION, "x", "base", "api").adapter == ADAPTER  # as before
-    several = one.with_adapter("base", AdapterRef()).with_adapter("v1", V1).with_adapter("v2", V2)
-    assert several.record(QUESTION, "x", "v2", "api").adapter == V2
-    assert several.record(QUESTION, "x", "base", "api").adapter == AdapterRef()
-    retrained = AdapterRef("runs/v2/adapter", "2222cccc")
-    assert several.with_adapter("v2", retrained).adapter_for("v2") == retrained
-    assert several.without_adapter("v1").adapter_for("v1") == ADAPTER
+    provenance = Provenance("tiny", ADAPTER)
+    served = ServedAdapter("v2", "runs/v2/adapter", "2222bbbb")
+    record = provenance.of_answer(QUESTION, Answer("x", "finetuned", adapter=served), "api")
+    assert (record.variant, record.adapter) == ("v2", V2)
+    base = provenance.of_answer(QUESTION, Answer("x", "base"), "api")
+    assert (base.variant, base.adapter) == ("base", ADAPTER)  # as before several adapters
+    unhashed = ServedAdapter("v2", "v2")  # an OpenAI server's adapter: no weights to hash here
+    remote = provenance.of_answer(QUESTION, Answer("x", "v2", adapter=unhashed), "api")
+    assert remote.adapter == ADAPTER  # the local copy hashed at start
 
 
 # ---- schema 2 → 3 -------------------------------------------------------------------------

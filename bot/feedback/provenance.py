@@ -8,7 +8,7 @@ end so a Discord vote and an API vote on the same adapter land in one bucket.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,36 +20,17 @@ from bot.serving.settings import EngineSettings
 
 @dataclass(frozen=True)
 class Provenance:
-    """The base model, the adapters by served name, and the settings of this process.
+    """The base model, the configured adapter and the settings of this process.
 
-    ``adapter`` is what a process serving one adapter stamps on every answer
-    (base answers included, as before several adapters were served);
-    ``adapters`` names each served adapter's ref (and ``base`` no adapter)
-    when several are served, and wins over ``adapter`` for the names it holds.
+    ``adapter`` is what :meth:`record` stamps (base answers included, as
+    before several adapters were served); :meth:`of_answer` stamps the
+    adapter the engine says wrote the answer, which is how several adapters,
+    loaded or promoted at runtime, are told apart.
     """
 
     model: str
     adapter: AdapterRef
     settings: dict[str, Any] = field(default_factory=dict)
-    adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
-
-    def adapter_for(self, name: str) -> AdapterRef:
-        """The adapter behind served name ``name``."""
-        return self.adapters.get(name, self.adapter)
-
-    def with_adapter(self, name: str, adapter: AdapterRef) -> Provenance:
-        """This provenance with ``name`` (re-)pointed at ``adapter``: after a load or a promotion.
-
-        Hash the new weights first (:meth:`AdapterRef.from_path`), off the event
-        loop; the store then keeps the re-pointed name's votes apart.
-        """
-        return dataclasses.replace(self, adapters={**self.adapters, name: adapter})
-
-    def without_adapter(self, name: str) -> Provenance:
-        """This provenance once ``name`` is unloaded."""
-        return dataclasses.replace(
-            self, adapters={k: v for k, v in self.adapters.items() if k != name}
-        )
 
     def record(
         self,
@@ -65,9 +46,9 @@ class Provenance:
     ) -> AnswerRecord:
         """The record of one answer served as ``variant``; ``sources`` are the passages shown.
 
-        ``variant`` is the served name: ``base``, or the adapter's own name (an
-        answer asked of the alias ``finetuned`` is recorded under the adapter
-        it resolved to, so a promotion never mixes two adapters' votes).
+        ``variant`` is the name it is recorded under: ``base`` or an adapter's
+        own name (:meth:`of_answer` resolves the alias ``finetuned`` to the
+        adapter behind it, so a promotion never mixes two adapters' votes).
         """
         return AnswerRecord(
             conversation=list(conversation),
@@ -75,7 +56,7 @@ class Provenance:
             variant=variant,
             model=self.model,
             source=source,
-            adapter=self.adapter_for(variant),
+            adapter=self.adapter,
             settings=self.settings,
             answer_id=answer_id or new_answer_id(),
             pair_id=pair_id,
