@@ -201,6 +201,43 @@ async def test_an_adapter_loaded_at_runtime_answers_as_at_start_and_changes_no_o
     assert await alone(engine, ["base", "v1", "v2", "v3"]) == at_start
 
 
+async def test_a_loading_adapters_stacks_are_built_while_answers_keep_decoding(
+    engine_of: Any, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """The batched-LoRA stacks of an adapter being loaded are built off the worker's thread:
+    held back there, they keep the adapter unserved while a whole answer runs to its end."""
+    import threading
+
+    from bot.serving.batched_lora import Stacking
+
+    at_start = await alone(await engine_of(adapters), ["v1", "v2"])
+    engine = await engine_of({"v1": adapters["v1"]})
+    streamed_alone = key(await engine.generate(OTHER, variant="v1"))
+    building = threading.Event()
+    go_on = threading.Event()
+    threads: list[str] = []
+    build = Stacking.build
+
+    def held_build(self: Stacking) -> Any:
+        threads.append(threading.current_thread().name)
+        building.set()
+        go_on.wait(60)
+        return build(self)
+
+    monkeypatch.setattr(Stacking, "build", held_build)
+    loading = asyncio.ensure_future(engine.load_adapter("v2", adapters["v2"]))
+    assert await asyncio.to_thread(building.wait, 60), "the stacks were never built"
+    answer = await asyncio.wait_for(engine.generate(OTHER, variant="v1"), 60)
+    assert key(answer) == streamed_alone, "a whole answer ran while the stacks were held"
+    assert not loading.done() and "v2" not in engine.models().names, "not served before its stacks"
+    with pytest.raises(UnknownModel):
+        await engine.generate(QUESTION, variant="v2")
+    go_on.set()
+    await loading
+    assert "inference-worker" not in threads
+    assert await alone(engine, ["v1", "v2"]) == at_start
+
+
 async def test_unloading_lets_running_answers_finish_and_changes_no_other(
     engine_of: Any, adapters: dict[str, Path]
 ):

@@ -45,6 +45,17 @@ class _Copies:
     modules: list[Any]
 
 
+@dataclass(eq=False)
+class _Factors:
+    """One adapter's factors in one LoRA layer, as peft holds them, and the slot they go to."""
+
+    slot: int
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r], unscaled
+    scale: float
+    size: tuple[int, int]  # the layer's (in, out) features
+
+
 class BatchedLora:
     """The stacked adapters of one model and the hooks that apply them per row."""
 
@@ -61,14 +72,31 @@ class BatchedLora:
     @classmethod
     def build(cls, model: Any, names: Sequence[str]) -> BatchedLora | None:
         """Stack ``names``' factors over every LoRA layer of ``model``; None if a layout is not covered."""
+        stacking = cls.stacking(model, names)
+        return stacking.build() if stacking else None
+
+    @classmethod
+    def stacking(
+        cls, model: Any, names: Sequence[str], onto: BatchedLora | None = None
+    ) -> Stacking | None:
+        """What stacking ``names`` onto ``onto``'s adapters takes; None if a layout is not covered.
+
+        Only this walk over the model's modules needs the model's thread (it
+        collects references, copies nothing); :meth:`Stacking.build`, the
+        allocations and copies that grow with every adapter's size, runs on
+        any thread while the model keeps decoding with ``onto``.
+        """
         import torch
         from peft.tuners.lora import LoraLayer
         from peft.utils.other import ModulesToSaveWrapper
 
         if not isinstance(model, torch.nn.Module):
             return None
-        slots = {name: i + 1 for i, name in enumerate(names)}
-        layers: dict[Any, _Stacked] = {}
+        all_names = [
+            *(onto.slots if onto else ()),
+            *(n for n in names if not onto or n not in onto.slots),
+        ]
+        added: dict[Any, list[_Factors]] = {}
         copies: dict[Any, _Copies] = {}
         module: Any
         for module in model.modules():
@@ -78,31 +106,37 @@ class BatchedLora:
                     [None]
                     + [
                         own[n] if n in own and own[n] is not module.original_module else None
-                        for n in names
+                        for n in all_names
                     ]
                 )
                 continue
             if not isinstance(module, LoraLayer):
                 continue
-            present = [n for n in names if n in module.lora_A]
+            present = [n for n in all_names[len(onto.slots) if onto else 0 :] if n in module.lora_A]
             if (
                 module.lora_embedding_A
                 or any(module.use_dora.get(n) or module.lora_bias.get(n) for n in present)
                 or any(not isinstance(module.lora_A[n], torch.nn.Linear) for n in present)
             ):
                 return None
-            weight: Any = module.lora_A[present[0]].weight if present else None
-            if weight is None:
-                continue
-            r_max = max(module.r[n] for n in present)
-            a = weight.new_zeros(len(names) + 1, r_max, module.in_features)
-            b = weight.new_zeros(len(names) + 1, module.out_features, r_max)
-            for n in present:
-                r = module.r[n]
-                a[slots[n], :r] = module.lora_A[n].weight
-                b[slots[n], :, :r] = module.lora_B[n].weight * module.scaling[n]
-            layers[module] = _Stacked(a, b)
-        return cls(slots, layers, copies)
+            layer: Any = module  # peft types its sub-layers loosely
+            if present:
+                added[module] = [
+                    _Factors(
+                        slot=all_names.index(n) + 1,
+                        a=layer.lora_A[n].weight,
+                        b=layer.lora_B[n].weight,
+                        scale=layer.scaling[n],
+                        size=(layer.in_features, layer.out_features),
+                    )
+                    for n in present
+                ]
+        return Stacking(onto, {n: i + 1 for i, n in enumerate(all_names)}, added, copies)
+
+    @property
+    def nbytes(self) -> int:
+        """What the stacks hold, in bytes (each adapter's factors are also in peft's layers)."""
+        return sum(s.a.nbytes + s.b.nbytes for s in self._layers.values())
 
     def hold(self, names: Sequence[str], device: Any) -> None:
         """Apply each of ``names`` (one per row; the base's is not in ``slots``) from now on."""
@@ -145,3 +179,50 @@ class BatchedLora:
             if copy is not None:
                 output = output.index_copy(0, rows, copy(x[rows]))
         return output
+
+
+@dataclass(eq=False)
+class Stacking:
+    """Adapters to stack onto a :class:`BatchedLora` (or onto none): references, nothing copied yet.
+
+    :meth:`build` reads only these references and ``onto``'s stacks, which
+    nothing changes once made, so it is safe off the model's thread; the
+    result serves the same rows the same way whichever adapters were
+    stacked first (each slice is the layer's own factors, the rest zeros).
+    """
+
+    onto: BatchedLora | None
+    slots: dict[str, int]
+    added: dict[Any, list[_Factors]]  # LoRA layer → the new adapters' factors in it
+    copies: dict[Any, _Copies]
+    built: BatchedLora | None = None  # what build made, kept for whoever swaps it in
+
+    def build(self) -> BatchedLora:
+        """The new stacks: ``onto``'s, copied, and every added adapter's slice."""
+        import torch
+
+        old = self.onto._layers if self.onto else {}
+        count = len(self.slots) + 1
+        layers: dict[Any, _Stacked] = {}
+        for layer in [*old, *(layer for layer in self.added if layer not in old)]:
+            kept, factors = old.get(layer), self.added.get(layer, [])
+            like = kept.a if kept is not None else factors[0].a
+            in_features, out_features = (
+                (kept.a.shape[2], kept.b.shape[1]) if kept is not None else factors[0].size
+            )
+            r_max = max([kept.a.shape[1]] if kept is not None else [], default=0)
+            r_max = max([r_max, *(f.a.shape[0] for f in factors)])
+            with torch.inference_mode():  # as the passes that read them
+                a = like.new_zeros(count, r_max, in_features)
+                b = like.new_zeros(count, out_features, r_max)
+                if kept is not None:
+                    slots, rank = kept.a.shape[:2]
+                    a[:slots, :rank] = kept.a
+                    b[:slots, :, :rank] = kept.b
+                for f in factors:
+                    r = f.a.shape[0]
+                    a[f.slot, :r] = f.a
+                    b[f.slot, :, :r] = f.b * f.scale
+            layers[layer] = _Stacked(a, b)
+        self.built = BatchedLora(dict(self.slots), layers, dict(self.copies))
+        return self.built

@@ -134,7 +134,7 @@ class LocalEngine:
         for spec in self.settings.adapter_specs:
             weights = self._read(spec.name, spec.path, tokenizer)
             try:
-                runner.attach(spec.name, weights)
+                runner.attach(spec.name, weights)  # the worker's first pass stacks them all
             except AdapterRejected as error:
                 raise UserError(f"adapter {spec.name}: {error}") from None
             self._served[spec.name] = _served(spec.name, spec.path, weights.weights_hash)

@@ -12,7 +12,9 @@ ends. It never decides who runs, and never waits.
 Adapter routing goes by name, one per row: peft's ``"__base__"`` turns LoRA
 off for that row, any other name picks a loaded adapter, and rows of any
 mix of adapters share a pass. Adapters join and leave between two steps
-(:meth:`ModelRunner.attach`, :meth:`ModelRunner.detach`), on this thread.
+(:meth:`ModelRunner.attach`, :meth:`ModelRunner.detach`), on this thread;
+the batched-LoRA stacks that serve a new adapter are built on another and
+only swapped in here (:meth:`ModelRunner.install`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from bot.serving.batch import DecodeBatch
-from bot.serving.batched_lora import BatchedLora
+from bot.serving.batched_lora import BatchedLora, Stacking
 from bot.serving.context import ConversationError, lone_surrogate_at, trim_oldest_first
 from bot.serving.engine import AdapterRejected, EngineError, InvalidRequest, Message, Sampling
 from bot.serving.row_text import RowText
@@ -115,6 +117,9 @@ class ModelRunner:
         # False when a layout is not covered (peft routes then).
         self._batched: BatchedLora | Literal[False] | None = None
         self._batched_names: list[str] | None = None
+        # Whether rows go through batched LoRA (when the layouts allow); see use_batched_lora.
+        self._use_batched = True
+        self._batched_on = True  # the routing the held state was set up for
         self._overhead: float | None = None  # the template's tokens per turn, once measured
 
     # ---- rows ---------------------------------------------------------------------------
@@ -285,7 +290,27 @@ class ModelRunner:
             self._activate(names[0])
         self._hold_adapter_names(names if len(distinct) > 1 else None, kwargs)
 
+    @property
+    def stacked_bytes(self) -> int:
+        """What batched LoRA's stacks hold now, in bytes (0 before a pass with adapters, or
+        with peft routing): the memory it adds beside peft's own copy of the factors."""
+        return self._batched.nbytes if self._batched else 0
+
+    def use_batched_lora(self, enabled: bool) -> None:
+        """Route mixed rows through batched LoRA (the default) or through peft's own routing.
+
+        The switch exists to measure one against the other
+        (``benchmarks/multi_adapter.py``); it takes effect at the next pass,
+        on this runner's thread, so any thread may flip it.
+        """
+        self._use_batched = enabled
+
     def _batched_lora(self) -> BatchedLora | None:
+        if self._use_batched != self._batched_on:  # switched: let go what the other way held
+            self.restore()
+            self._batched, self._batched_on = None, self._use_batched
+        if not self._use_batched:
+            return None
         if self._batched is None:
             self._batched = BatchedLora.build(self.model, self.adapter_names) or False
             if not self._batched:
@@ -336,7 +361,7 @@ class ModelRunner:
 
     # ---- adapters joining and leaving ---------------------------------------------------
 
-    def attach(self, name: str, weights: AdapterWeights) -> None:
+    def attach(self, name: str, weights: AdapterWeights) -> Stacking | None:
         """Add adapter ``name`` between two steps; refuses one that does not fit this base.
 
         The routing held across steps (adapters off, per-row hooks) covers
@@ -344,15 +369,53 @@ class ModelRunner:
         first and set again, over the new layers too, by the next pass; the
         active adapter is set again for the same reason (a layer peft wraps
         anew starts with the new adapter active).
+
+        Returns what stacking ``name`` for batched LoRA takes (None with
+        peft's routing): build it on any thread, then :meth:`install` it
+        here. Copying every adapter's factors into new stacks grows with the
+        adapters served (most of a SmolLM2 load's pause when it ran here);
+        meanwhile the other adapters' rows run on the stacks they had, and
+        none runs on ``name``, which is not served before it is installed.
         """
         mismatch = adapter_mismatch(self.model, weights, self.base_model)
         if mismatch:
             raise AdapterRejected(f"the adapter at {weights.path} cannot serve here: {mismatch}")
         self.restore()
-        self._batched = None
         active = getattr(self.model, "active_adapter", None)
         self.model = attach_adapter(self.model, name, weights)
         self.model.set_adapter(active if isinstance(active, str) else name)
+        if self._batched is False or not self._use_batched:
+            return None
+        onto = self._batched or None
+        stacking = BatchedLora.stacking(
+            self.model, [name] if onto else self.adapter_names, onto=onto
+        )
+        if stacking is None:  # a layout batched LoRA does not cover: the next pass says so
+            self._batched = None
+        return stacking
+
+    def install(self, stacking: Stacking | None) -> None:
+        """Swap in the stacks :meth:`attach` asked for, built (or, if not yet, built here).
+
+        Stacks made onto what is no longer served (an adapter came or went
+        meanwhile, or the routing was switched) are dropped; the next pass
+        builds the current ones here, slower but the same.
+        """
+        if stacking is None:
+            return
+        current = self._batched or None
+        if (
+            stacking.onto is current
+            and self._batched is not False
+            and self._use_batched == self._batched_on
+        ):
+            stacks = stacking.built or stacking.build()
+            if current is not None:
+                current.release()
+            self._batched, self._batched_names = stacks, None
+        elif self._batched and any(n not in self._batched.slots for n in self.adapter_names):
+            self.restore()
+            self._batched = None
 
     def detach(self, name: str) -> None:
         """Delete adapter ``name`` (no row runs on it any more) and free its weights."""

@@ -19,8 +19,9 @@ routing, token choice and where an answer ends — is the
 :class:`~bot.serving.model_runner.ModelRunner`'s.
 
 Adapters join and leave while answers stream. Whatever changes the model
-(attaching an adapter read off this thread, deleting one) is a command the
-loop runs between two decoding steps; an adapter being unloaded is refused
+(attaching an adapter read off this thread, swapping in the batched-LoRA
+stacks built off it, deleting one) is a command the loop runs between two
+decoding steps; an adapter being unloaded is refused
 to new requests at once and deleted once no row runs on it any more.
 
 The thread owns the model and the tokenizer: nothing else calls torch or
@@ -65,6 +66,8 @@ from finetune.modeling import BASE_ADAPTER_NAME, AdapterWeights
 
 if TYPE_CHECKING:
     import torch
+
+    from bot.serving.batched_lora import Stacking
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +303,47 @@ class InferenceWorker:
             self._loading.discard(name)
 
     def attach_adapter(self, name: str, weights: AdapterWeights, on_done: OnAdapterDone) -> None:
-        """Attach a reserved adapter between two steps; ``on_done`` hears when it answers."""
+        """Attach a reserved adapter between two steps; ``on_done`` hears when it answers.
+
+        Three steps, so answers in flight pause only for what must touch the
+        model: peft's new layers are made between two steps, the
+        batched-LoRA stacks that serve the adapter are built on a thread of
+        their own while decoding goes on, and swapping them in (which makes
+        the adapter served) is again a step's pause.
+        """
 
         def attach() -> None:
             try:
-                self.runner.attach(name, weights)
+                stacking = self.runner.attach(name, weights)
+            except BaseException:
+                self.release_adapter(name)
+                raise
+            threading.Thread(
+                target=self._stack_then_serve,
+                args=(name, stacking, on_done),
+                name=f"stack adapter {name}",
+                daemon=True,
+            ).start()
+
+        def refused(error: BaseException | None) -> None:
+            if error is not None:  # on success, the swap reports
+                on_done(error)
+
+        self._command(attach, refused)
+
+    def _stack_then_serve(
+        self, name: str, stacking: Stacking | None, on_done: OnAdapterDone
+    ) -> None:
+        """Off the worker's thread: build ``name``'s stacks, then swap them in and serve it."""
+        if stacking is not None:
+            try:
+                stacking.build()
+            except Exception:  # install builds them on the worker's thread instead
+                log.exception("stacking adapter %s off the worker's thread failed", name)
+
+        def serve() -> None:
+            try:
+                self.runner.install(stacking)
             except BaseException:
                 self.release_adapter(name)
                 raise
@@ -314,7 +353,10 @@ class InferenceWorker:
                 if self._default is None:  # the first adapter of a base-only server
                     self._default = name
 
-        self._command(attach, on_done)
+        try:
+            self._command(serve, on_done)
+        except EngineUnavailable as error:
+            on_done(error)
 
     def detach_adapter(self, name: str, on_done: OnAdapterDone) -> None:
         """Refuse ``name`` to new requests now; delete it once the rows on it have ended."""
