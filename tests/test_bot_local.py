@@ -71,8 +71,8 @@ async def test_mention_and_compare_through_the_tiny_model(
         )
         base, finetuned = await engine.compare(messages)
         fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
-        assert fields == {
-            "base": base.text or "_(empty answer)_",
-            "finetuned": finetuned.text or "_(empty answer)_",
+        assert fields == {  # side A is base, B the default adapter, each under its name
+            "A: base": base.text or "_(empty answer)_",
+            "B: finetuned": finetuned.text or "_(empty answer)_",
         }
         assert engine.status().batches_served >= 3

@@ -260,8 +260,9 @@ async def discord_round(
         interaction = await fake.slash_command("compare", {"question": QUESTION[0]["content"]})
         original = await fake.wait_for(lambda: final_comparison(fake, interaction["token"]), 90)
         fields = {f["name"]: f["value"] for f in original["embeds"][0]["fields"]}
+        labels = {"base": "A: base", "finetuned": "B: finetuned"}
         for variant, text in want.items():  # the bot may add a "cut at the length limit" note
-            assert fields[variant].startswith(text.strip())
+            assert fields[labels[variant]].startswith(text.strip())
 
         # The server dies after the first words of a long answer.
         chunks = await api_client.chat.completions.create(
