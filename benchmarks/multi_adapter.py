@@ -90,29 +90,14 @@ def base_model(name: str, workdir: Path) -> Path:
 
 def save_adapters(base: Path, workdir: Path, names: list[str]) -> dict[str, Path]:
     """One random rank-16 all-linear adapter per name, each from its own seed, saved as runs save."""
-    import torch
-    from peft import LoraConfig
+    from finetune.tiny_model import save_random_adapter
 
-    from finetune.modeling import (
-        QuantOptions,
-        attach_new_adapter,
-        load_base_model,
-        load_tokenizer,
-        save_adapter,
-    )
-
-    model = load_base_model(base, quant=QuantOptions(load_in_4bit=False), device="cpu")
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    peft_model = attach_new_adapter(model, lora)
-    tokenizer = load_tokenizer(base)
-    paths: dict[str, Path] = {}
-    for seed, name in enumerate(names, start=1):
-        torch.manual_seed(seed)
-        for module_name, module in peft_model.named_modules():
-            if ".lora_" in module_name and isinstance(module, torch.nn.Linear):
-                module.reset_parameters()  # A and B random (kaiming), as init_lora_weights=False
-        paths[name] = save_adapter(peft_model, workdir / name, tokenizer)
-    return paths
+    return {
+        name: save_random_adapter(
+            base, workdir / name, seed=seed, r=16, lora_alpha=32, target_modules="all-linear"
+        )
+        for seed, name in enumerate(names, start=1)
+    }
 
 
 def question(i: int) -> list[dict[str, str]]:

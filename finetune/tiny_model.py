@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
 
@@ -234,3 +234,40 @@ def build_tiny_model(
         + "\n"
     )
     return out
+
+
+def save_random_adapter(
+    base: str | Path, out: str | Path, *, seed: int, lora_b_scale: float = 20.0, **lora: Any
+) -> Path:
+    """A LoRA adapter for ``base`` with random weights, saved as a run saves its ``adapter/``.
+
+    Where tests and benchmarks need adapters that answer differently (to
+    check routing, exactness or throughput), training each would cost
+    minutes and prove nothing more. ``lora`` is ``peft.LoraConfig``'s
+    arguments (rank, alpha, targets, ``modules_to_save``); B is scaled by
+    ``lora_b_scale`` so the adapter's effect shows in greedy answers, and a
+    trained module copy is perturbed too.
+    """
+    import torch
+    from peft import LoraConfig
+
+    from finetune.modeling import (
+        QuantOptions,
+        attach_new_adapter,
+        load_base_model,
+        load_tokenizer,
+        save_adapter,
+    )
+
+    torch.manual_seed(seed)
+    model = load_base_model(base, quant=QuantOptions(load_in_4bit=False), device="cpu")
+    peft_model = attach_new_adapter(
+        model, LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora)
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(lora_b_scale)
+            elif "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return save_adapter(peft_model, Path(out), load_tokenizer(base))

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,33 +43,60 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
     Random B matrices make the finetuned variant differ from the base without training.
     """
-    import torch
-    from peft import LoraConfig
+    from finetune.tiny_model import save_random_adapter
 
-    from finetune.modeling import (
-        QuantOptions,
-        attach_new_adapter,
-        load_base_model,
-        load_tokenizer,
-        save_adapter,
-    )
-
-    torch.manual_seed(0)
-    model = load_base_model(tiny_model_dir, quant=QuantOptions(load_in_4bit=False))
-    config = LoraConfig(
+    return save_random_adapter(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("tiny-adapter"),
+        seed=0,
         r=8,
         lora_alpha=16,
         target_modules="all-linear",
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
     )
-    peft_model = attach_new_adapter(model, config)
-    with torch.no_grad():  # make the adapter's effect clearly visible in greedy output
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20.0)
-    return save_adapter(
-        peft_model, tmp_path_factory.mktemp("tiny-adapter"), load_tokenizer(tiny_model_dir)
+
+
+# How the three adapters of `tiny_adapters` differ: rank, alpha, what they adapt, and a
+# trained lm_head copy (v2), so serving them together covers every mix peft allows.
+TINY_ADAPTERS: dict[str, dict[str, Any]] = {
+    "v1": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+    "v2": {
+        "r": 4,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["lm_head"],
+    },
+    "v3": {"r": 16, "lora_alpha": 8, "target_modules": ["gate_proj", "down_proj"]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Three adapters for the tiny model, made differently (``TINY_ADAPTERS``), by name."""
+    from finetune.tiny_model import save_random_adapter
+
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    return {
+        name: save_random_adapter(tiny_model_dir, root / name, seed=seed, **lora)
+        for seed, (name, lora) in enumerate(TINY_ADAPTERS.items(), start=1)
+    }
+
+
+@pytest.fixture(scope="session")
+def other_base_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter of another base: a tiny model of another width, which serving must refuse."""
+    from finetune.tiny_model import TinyModelSpec, build_tiny_model, save_random_adapter
+
+    other = build_tiny_model(
+        tmp_path_factory.mktemp("other-base"), spec=TinyModelSpec(hidden_size=128)
+    )
+    return save_random_adapter(
+        other,
+        tmp_path_factory.mktemp("other") / "adapter",
+        seed=7,
+        r=4,
+        target_modules="all-linear",
     )
 
 

@@ -32,65 +32,11 @@ QUESTION: list[Message] = [{"role": "user", "content": "Which skis for park and 
 OTHER: list[Message] = [{"role": "user", "content": "How do I wax my board at home?"}]
 ANSWER_TOKENS = 24
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0, "max_new_tokens": ANSWER_TOKENS}
-# How each adapter differs: rank, alpha, what it adapts, and a trained lm_head copy for v2.
-LORAS: dict[str, dict[str, Any]] = {
-    "v1": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "v2": {
-        "r": 4,
-        "lora_alpha": 4,
-        "target_modules": ["q_proj", "v_proj"],
-        "modules_to_save": ["lm_head"],
-    },
-    "v3": {"r": 16, "lora_alpha": 8, "target_modules": ["gate_proj", "down_proj"]},
-}
-
-
-def save_random_adapter(base: Path, out: Path, seed: int, **lora: Any) -> Path:
-    """An adapter with random, clearly non-zero weights, saved as a run saves one."""
-    import torch
-    from peft import LoraConfig
-
-    from finetune.modeling import (
-        QuantOptions,
-        attach_new_adapter,
-        load_base_model,
-        load_tokenizer,
-        save_adapter,
-    )
-
-    torch.manual_seed(seed)
-    model = load_base_model(base, quant=QuantOptions(load_in_4bit=False))
-    config = LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora)
-    peft_model = attach_new_adapter(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20.0)
-            elif "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * 0.5)
-    return save_adapter(peft_model, out, load_tokenizer(base))
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: save_random_adapter(tiny_model_dir, root / name, seed, **lora)
-        for seed, (name, lora) in enumerate(LORAS.items(), start=1)
-    }
-
-
-@pytest.fixture(scope="module")
-def other_base_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An adapter trained on another base: a tiny model of another width."""
-    from finetune.tiny_model import TinyModelSpec, build_tiny_model
-
-    other = build_tiny_model(
-        tmp_path_factory.mktemp("other-base"), spec=TinyModelSpec(hidden_size=128)
-    )
-    return save_random_adapter(
-        other, tmp_path_factory.mktemp("other") / "adapter", 7, r=4, target_modules="all-linear"
-    )
+def adapters(tiny_adapters: dict[str, Path]) -> dict[str, Path]:
+    return tiny_adapters
 
 
 def settings(base: Path, adapters: dict[str, Path], **more: Any) -> EngineSettings:

@@ -27,7 +27,6 @@ from bot.feedback.store import FeedbackStore
 from finetune.fingerprint import adapter_weights_hash
 from tests.loopback import ApiProcess, bot_api, serve_app
 from tests.scripted_engine import ScriptedEngine
-from tests.test_adapters import LORAS, save_random_adapter
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,12 +36,8 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("api-adapters")
-    return {
-        name: save_random_adapter(tiny_model_dir, root / name, seed, **lora)
-        for seed, (name, lora) in enumerate(LORAS.items(), start=1)
-    }
+def adapters(tiny_adapters: dict[str, Path]) -> dict[str, Path]:
+    return tiny_adapters
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +185,11 @@ def test_bad_loads_and_unloads_are_a_400_saying_why(
     server: ApiProcess,
     client: OpenAI,
     adapters: dict[str, Path],
-    tiny_model_dir: Path,
+    other_base_adapter: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from finetune.tiny_model import TinyModelSpec, build_tiny_model
-
     not_an_adapter = tmp_path_factory.mktemp("empty")
-    other = build_tiny_model(tmp_path_factory.mktemp("other"), spec=TinyModelSpec(hidden_size=128))
-    foreign = save_random_adapter(other, tmp_path_factory.mktemp("foreign") / "a", 7, r=4)
+    foreign = other_base_adapter
     refusals = [
         ("load_lora_adapter", {"lora_name": "x", "lora_path": str(not_an_adapter)}, "missing"),
         ("load_lora_adapter", {"lora_name": "x", "lora_path": str(foreign)}, "trained on"),
