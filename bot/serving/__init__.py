@@ -6,7 +6,8 @@ Front ends (the Discord bot, the HTTP API, the console) talk to an
 - :class:`~bot.serving.local_engine.LocalEngine` over the
   :mod:`~bot.serving.worker` — one thread owns one quantized model and its
   named adapters (:mod:`~bot.serving.adapters`), rows of any of them batched
-  together; the worker schedules and loads or unloads adapters between steps,
+  together; the worker schedules and loads or unloads adapters between steps
+  (which names answer: :mod:`~bot.serving.served_adapters`),
   its :mod:`~bot.serving.model_runner` runs each step, applying each row's
   adapter with :mod:`~bot.serving.batched_lora`;
 - :class:`~bot.serving.openai_engine.OpenAIEngine` — any OpenAI-compatible

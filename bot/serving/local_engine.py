@@ -251,10 +251,10 @@ class LocalEngine:
                 tuple(_served(s.name, s.path, None) for s in specs),
                 self.settings.default_adapter_name,
             )
-        names = worker.served_names()
+        names = worker.adapters.names()
         return ServedModels(
             tuple(self._served.get(n) or _served(n, None, None) for n in names),
-            worker.default_adapter,
+            worker.adapters.default,
         )
 
     async def load_adapter(self, name: str, path: str | os.PathLike[str]) -> ServedAdapter:
@@ -262,7 +262,7 @@ class LocalEngine:
         problem = adapter_name_problem(name)
         if problem:
             raise AdapterRejected(problem)
-        worker.reserve_adapter(name)
+        worker.adapters.reserve(name)
         try:
             try:
                 weights = await asyncio.to_thread(self._read, name, path, worker.runner.tokenizer)
@@ -272,8 +272,8 @@ class LocalEngine:
             self._served[name] = served  # before it answers, so no answer lacks it
             await self._on_worker(lambda done: worker.attach_adapter(name, weights, done))
         except BaseException:
-            worker.release_adapter(name)
-            if name not in worker.served_names():
+            worker.adapters.release(name)
+            if name not in worker.adapters.names():
                 self._served.pop(name, None)
             raise
         log.info("adapter %s loaded from %s (weights %s)", name, weights.path, served.weights_hash)
@@ -291,7 +291,7 @@ class LocalEngine:
         log.info("adapter %s unloaded", name)
 
     async def set_default(self, name: str) -> ServedModels:
-        self.worker.set_default(name)
+        self.worker.adapters.set_default(name)
         log.info("adapter %s is now the default (%s)", name, FINETUNED)
         return self.models()
 

@@ -44,10 +44,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from bot.serving import metrics
-from bot.serving.adapters import BASE, FINETUNED
 from bot.serving.batch import DecodeBatch
 from bot.serving.engine import (
-    AdapterRejected,
     Answer,
     EngineBusy,
     EngineError,
@@ -57,10 +55,10 @@ from bot.serving.engine import (
     Message,
     RequestTooLong,
     Sampling,
-    UnknownModel,
     Variant,
 )
 from bot.serving.model_runner import ModelRunner, RowState
+from bot.serving.served_adapters import OnAdapterDone, ServedAdapters
 from finetune.generation import GenerationSettings
 from finetune.modeling import BASE_ADAPTER_NAME, AdapterWeights
 
@@ -102,9 +100,6 @@ class GenerationRequest:
     done: bool = False
     adapter: str | None = None  # the adapter the worker resolved it to; None for the base
 
-
-# Done (None) or why not: how an adapter command's caller hears back, on the worker thread.
-OnAdapterDone = Callable[[BaseException | None], None]
 
 # Why a row leaves the batch before its answer ended by itself.
 Ended = Literal["cancelled", "timeout"]
@@ -164,15 +159,13 @@ class InferenceWorker:
             base_model=base_model,
             max_context_tokens=max_context_tokens,
         )
-        # The served adapters, guarded by _cond: which answer (not being unloaded), which
-        # are being loaded (their names taken), and the one "finetuned" means.
-        self._adapters: list[str] = self.runner.adapter_names
-        self._loading: set[str] = set()
-        self._unloading: dict[str, OnAdapterDone] = {}
-        self._default = default_adapter or (self._adapters[0] if self._adapters else None)
-        if self._default is not None and self._default not in self._adapters:
-            raise ValueError(f"default adapter {self._default!r} is not one of {self._adapters}")
-        self.max_adapters = max_adapters
+        self._cond = threading.Condition()
+        self.adapters = ServedAdapters(
+            self.runner.adapter_names,
+            default_adapter,
+            max_adapters=max_adapters,
+            lock=self._cond,
+        )
         # Model changes to run between two steps, each with whom to tell how it went.
         self._commands: deque[tuple[Callable[[], None], OnAdapterDone]] = deque()
         self.max_batch = max_batch
@@ -192,7 +185,6 @@ class InferenceWorker:
         self._running: list[_Row] = []  # the batch's rows plus those being prefilled
         self._batch: DecodeBatch | None = None  # the worker thread's alone
         self._steps = 0
-        self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -214,7 +206,7 @@ class InferenceWorker:
         """
         with self._cond:
             for request in requests:
-                request.adapter = self._resolve(request.variant)
+                request.adapter = self.adapters.resolve(request.variant)
         group = [
             _Row(
                 request=r,
@@ -260,48 +252,6 @@ class InferenceWorker:
 
     # ---- adapters (any thread) ----------------------------------------------------------
 
-    def _resolve(self, model: Variant) -> str | None:
-        """The adapter a request for ``model`` runs with (None: the base); holds ``_cond``."""
-        if model == BASE:
-            return None
-        name = self._default if model == FINETUNED else model
-        if name is not None and name in self._adapters and name not in self._unloading:
-            return name
-        if model == FINETUNED:
-            raise UnknownModel(
-                "no finetuned adapter is loaded (ADAPTER_PATH is unset): ask the base model"
-            )
-        served = [BASE, FINETUNED] if self._default else [BASE]
-        served += self.served_names()
-        raise UnknownModel(f"no model is served as {model!r}: ask one of {', '.join(served)}")
-
-    def served_names(self) -> list[str]:
-        """The adapters that take requests now (loaded, not being unloaded), in load order."""
-        with self._cond:
-            return [n for n in self._adapters if n not in self._unloading]
-
-    @property
-    def default_adapter(self) -> str | None:
-        return self._default
-
-    def reserve_adapter(self, name: str) -> None:
-        """Take ``name`` for an adapter about to be loaded, or say why it cannot be."""
-        with self._cond:
-            if name in self._adapters or name in self._loading:
-                raise AdapterRejected(
-                    f"an adapter named {name!r} is already served: unload it first or pick another name"
-                )
-            if len(self._adapters) + len(self._loading) >= self.max_adapters:
-                raise AdapterRejected(
-                    f"{self.max_adapters} adapters are served already (MAX_ADAPTERS): unload one first"
-                )
-            self._loading.add(name)
-
-    def release_adapter(self, name: str) -> None:
-        """Give back a name :meth:`reserve_adapter` took for a load that did not happen."""
-        with self._cond:
-            self._loading.discard(name)
-
     def attach_adapter(self, name: str, weights: AdapterWeights, on_done: OnAdapterDone) -> None:
         """Attach a reserved adapter between two steps; ``on_done`` hears when it answers.
 
@@ -316,7 +266,7 @@ class InferenceWorker:
             try:
                 stacking = self.runner.attach(name, weights)
             except BaseException:
-                self.release_adapter(name)
+                self.adapters.release(name)
                 raise
             threading.Thread(
                 target=self._stack_then_serve,
@@ -345,13 +295,9 @@ class InferenceWorker:
             try:
                 self.runner.install(stacking)
             except BaseException:
-                self.release_adapter(name)
+                self.adapters.release(name)
                 raise
-            with self._cond:
-                self._loading.discard(name)
-                self._adapters.append(name)
-                if self._default is None:  # the first adapter of a base-only server
-                    self._default = name
+            self.adapters.serve(name)
 
         try:
             self._command(serve, on_done)
@@ -361,21 +307,8 @@ class InferenceWorker:
     def detach_adapter(self, name: str, on_done: OnAdapterDone) -> None:
         """Refuse ``name`` to new requests now; delete it once the rows on it have ended."""
         with self._cond:
-            if name not in self._adapters or name in self._unloading:
-                raise UnknownModel(f"no adapter is served as {name!r}")
-            if name == self._default:
-                raise AdapterRejected(
-                    f"{name!r} is the default adapter ('finetuned'): make another the default first"
-                )
-            self._unloading[name] = on_done
+            self.adapters.mark_unloading(name, on_done)
             self._cond.notify()
-
-    def set_default(self, name: str) -> None:
-        """Make ``name`` the adapter of every ``finetuned`` request submitted from now on."""
-        with self._cond:
-            if name not in self._adapters or name in self._unloading:
-                raise UnknownModel(f"no adapter is served as {name!r}")
-            self._default = name
 
     def _command(self, command: Callable[[], None], on_done: OnAdapterDone) -> None:
         with self._cond:
@@ -478,7 +411,7 @@ class InferenceWorker:
                 and not self._dropped
                 and self._batch is None
                 and not self._commands
-                and not self._unloading
+                and not self.adapters.unloading
                 and not self._stopping
             ):
                 self._cond.wait()
@@ -487,7 +420,7 @@ class InferenceWorker:
                 and not self._dropped
                 and self._batch is None
                 and not self._commands
-                and not self._unloading
+                and not self.adapters.unloading
             ):
                 return False  # stopping, and everything is answered
             if self._batch is None and not self._stopping:
@@ -525,13 +458,13 @@ class InferenceWorker:
             else:
                 on_done(None)
         with self._cond:
-            if not self._unloading:
+            if not self.adapters.unloading:
                 return
             in_use = {r.adapter for group in self._pending for r in group}
             in_use.update(r.adapter for r in self._running)
             if self._batch is not None:
                 in_use.update(r.adapter for r in self._batch.rows)
-            unused = [n for n in self._unloading if n not in in_use]
+            unused = self.adapters.unused_unloading(in_use)
         for name in unused:
             failure: BaseException | None = None
             try:
@@ -539,17 +472,13 @@ class InferenceWorker:
             except Exception as exc:
                 log.exception("unloading adapter %s failed", name)
                 failure = exc
-            with self._cond:
-                on_done = self._unloading.pop(name)
-                if failure is None:
-                    self._adapters.remove(name)
-            on_done(failure)
+            self.adapters.unloaded(name, deleted=failure is None)(failure)
 
     def _refuse_adapter_changes(self) -> None:
         """The loop has ended: adapter changes still waiting will not happen."""
         with self._cond:
             commands, self._commands = list(self._commands), deque()
-            unloading, self._unloading = list(self._unloading.values()), {}
+            unloading = self.adapters.abandon_unloading()
         stopped = EngineUnavailable("the bot is shutting down")
         for on_done in [*unloading, *(on_done for _, on_done in commands)]:
             on_done(stopped)
