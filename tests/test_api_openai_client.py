@@ -182,7 +182,12 @@ def queue_depth(api_url: str) -> int:
 
 def test_a_full_queue_is_429_with_retry_after(api_url: str, client: OpenAI) -> None:
     """QUEUE_SIZE=1, MAX_BATCH=1: one answer running, one waiting, the third is turned away."""
-    running = client.chat.completions.create(model="base", messages=QUESTION, stream=True)
+    running = client.chat.completions.create(
+        model="base",
+        messages=QUESTION,
+        stream=True,
+        temperature=0,  # greedy: runs to its length
+    )
     first = next(iter(running))  # the worker is generating this one now
     assert first.choices[0].delta.role == "assistant"
     waiting = threading.Thread(

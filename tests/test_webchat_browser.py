@@ -77,7 +77,9 @@ def tiny_api(
         "INFERENCE_BACKEND": "local",
         "BASE_MODEL": str(tiny_model_dir),
         "ADAPTER_PATH": str(tiny_adapter_dir),
-        "MAX_NEW_TOKENS": "64",  # long enough to stream over several frames on a fast machine
+        # Long enough that the answer streams over many reads and frames even on a fast, idle
+        # machine (at 64 tokens the whole answer once arrived in one read).
+        "MAX_NEW_TOKENS": "256",
         "TEMPERATURE": "0",
         "API_TOKEN": TOKEN,
         "LOG_LEVEL": "DEBUG",
