@@ -43,18 +43,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from worker_throughput import QUESTIONS, SPECS  # the same model and questions
+
 from bot.serving.local_engine import LocalEngine
 from bot.serving.settings import EngineSettings
-from finetune.tiny_model import TinyModelSpec, build_tiny_model
+from finetune.tiny_model import build_tiny_model
 
-# The tiny model of benchmarks/worker_throughput.py: big enough that a pass is real work.
-TINY = TinyModelSpec(
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-)
+TINY = SPECS["bench"]  # worker_throughput.py's model: big enough that a pass is real work
 ADAPTERS = ["a1", "a2", "a3", "a4"]  # served for the mixes; a fifth is loaded mid-stream
 LOADED_LATE = "a5"
 # How the rows are spread: row i runs on mix[i % len(mix)].
@@ -65,16 +60,6 @@ MIXES: dict[str, list[str]] = {
     "four adapters": ADAPTERS,
     "base + four adapters": ["base", *ADAPTERS],
 }
-QUESTIONS = [
-    "What length skis should I get for park if I'm 180 cm?",
-    "Is it worth waxing my skis myself?",
-    "How do I stop my tips crossing in powder?",
-    "Which bindings are best for a first touring setup, and how heavy should they be?",
-    "Are twin tips okay for carving on groomers?",
-    "How often should I sharpen my edges?",
-    "What's the difference between rocker and camber?",
-    "Any tips for skiing moguls without burning my legs?",
-]
 
 
 def base_model(name: str, workdir: Path) -> Path:
